@@ -1,0 +1,122 @@
+// Package debugsrv is tailderp's /debug: pprof, metrics (expvar JSON at
+// /debug/vars, Prometheus text at /debug/varz and /metrics), derpserver's
+// consistency and traffic checks, the list of admitted clients, and the
+// tailnet node's state.
+//
+// It is only ever served on a listener of the embedded tailnet node (see
+// node.Node.Listen), never on the public relay: being on the tailnet is
+// the access control.
+package debugsrv
+
+import (
+	"expvar"
+	"fmt"
+	"html"
+	"io"
+	"net"
+	"net/http"
+	"time"
+
+	"tailscale.com/derp/derpserver"
+	"tailscale.com/tsweb"
+	"tailscale.com/tsweb/varz"
+	"tailscale.com/types/key"
+
+	"github.com/tailderp/tailderp/verify"
+)
+
+// Config is what the debug pages show.
+type Config struct {
+	// Vars are metric sets published under their names, in addition to
+	// the process-wide expvars (Go runtime, STUN, derpserver globals).
+	Vars map[string]expvar.Var
+	// DERP is the relay's server, for /debug/check and /debug/traffic.
+	DERP *derpserver.Server
+	// Verifier, if set, lists admitted clients at /debug/clients.
+	Verifier *verify.Verifier
+	// NodeName names a client's node key on the tailnet ("" if unknown).
+	NodeName func(key.NodePublic) string
+	// Info is shown as key/value lines on /debug/.
+	Info map[string]func() any
+}
+
+// Handler returns the debug handler.
+func Handler(c Config) http.Handler {
+	inner := http.NewServeMux()
+	d := tsweb.Debugger(inner)
+	for k, f := range c.Info {
+		d.KVFunc(k, f)
+	}
+	if c.DERP != nil {
+		d.Handle("check", "DERP consistency check", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if err := c.DERP.ConsistencyCheck(); err != nil {
+				http.Error(w, err.Error(), http.StatusInternalServerError)
+				return
+			}
+			io.WriteString(w, "derp.Server ConsistencyCheck okay\n")
+		}))
+		d.Handle("traffic", "DERP traffic by connection", http.HandlerFunc(c.DERP.ServeDebugTraffic))
+	}
+	if c.Verifier != nil {
+		d.Handle("clients", "Admitted clients", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			serveClients(w, c)
+		}))
+	}
+
+	// The Prometheus endpoints must include our sets, which are not
+	// published process-wide (several relays may share a process), so
+	// they are served here ahead of tsweb's /debug/varz.
+	prom := http.HandlerFunc(varz.ExpvarDoHandler(func(f func(expvar.KeyValue)) {
+		expvar.Do(f)
+		for name, v := range c.Vars {
+			f(expvar.KeyValue{Key: name, Value: v})
+		}
+	}))
+	outer := http.NewServeMux()
+	outer.Handle("/debug/varz", prom)
+	outer.Handle("/metrics", prom)
+	outer.Handle("/debug/vars", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json; charset=utf-8")
+		io.WriteString(w, "{")
+		first := true
+		write := func(kv expvar.KeyValue) {
+			if !first {
+				io.WriteString(w, ",")
+			}
+			first = false
+			fmt.Fprintf(w, "\n%q: %s", kv.Key, kv.Value)
+		}
+		expvar.Do(write)
+		for name, v := range c.Vars {
+			write(expvar.KeyValue{Key: name, Value: v})
+		}
+		io.WriteString(w, "\n}\n")
+	}))
+	outer.Handle("/", inner)
+	return outer
+}
+
+func serveClients(w http.ResponseWriter, c Config) {
+	w.Header().Set("Content-Type", "text/html; charset=utf-8")
+	io.WriteString(w, "<html><body><h1>Admitted clients</h1><table><tr><th>node key</th><th>tailnet name</th><th>from</th><th>admitted</th><th>connected</th></tr>\n")
+	for _, a := range c.Verifier.Recent() {
+		name := ""
+		if c.NodeName != nil {
+			name = c.NodeName(a.Key)
+		}
+		connected := ""
+		if c.DERP != nil && c.DERP.IsClientConnectedForTest(a.Key) {
+			connected = "yes"
+		}
+		fmt.Fprintf(w, "<tr><td>%s</td><td>%s</td><td>%s</td><td>%s</td><td>%s</td></tr>\n",
+			html.EscapeString(a.Key.ShortString()), html.EscapeString(name), html.EscapeString(a.From.String()),
+			a.At.UTC().Format(time.RFC3339), connected)
+	}
+	io.WriteString(w, "</table></body></html>\n")
+}
+
+// Serve serves h on ln until ln is closed.
+func Serve(ln net.Listener, h http.Handler) error {
+	srv := &http.Server{Handler: h, ReadTimeout: 30 * time.Second, WriteTimeout: 5 * time.Minute}
+	return srv.Serve(ln)
+}

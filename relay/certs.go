@@ -1,0 +1,83 @@
+package relay
+
+import (
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"fmt"
+	"net/http"
+	"path/filepath"
+	"regexp"
+	"time"
+)
+
+// Certificates is where the relay's TLS certificates come from. Each
+// certificate mode (ACME, manual files, self-signed) is one implementation.
+//
+// It is the shape of autocert.Manager: GetCertificate goes into a
+// tls.Config and is called on every handshake, so an implementation can
+// swap certificates (renewal, reload) without a restart; HTTPHandler wraps
+// the port-80 handler so ACME HTTP-01 challenges can be answered.
+type Certificates interface {
+	// GetCertificate returns the certificate for a TLS handshake.
+	GetCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate, error)
+	// HTTPHandler returns a handler for port 80 that answers the
+	// certificate authority's HTTP-01 challenges and passes every other
+	// request to fallback.
+	HTTPHandler(fallback http.Handler) http.Handler
+}
+
+// currentCert is implemented by Certificates that can describe the
+// certificate they serve (all of ours), for metrics and logs.
+type currentCert interface {
+	Current() (CertInfo, bool)
+}
+
+// alpnCertificates is implemented by Certificates that need extra TLS
+// ALPN protocols offered (ACME's TLS-ALPN-01 uses "acme-tls/1").
+type alpnCertificates interface {
+	ALPNProtocols() []string
+}
+
+// CertName returns the pin a Tailscale client uses to accept a
+// certificate no public CA signed: "sha256-raw:" and the hex SHA-256 of
+// the DER bytes. It goes into the DERP node's CertName field.
+func CertName(der []byte) string {
+	return fmt.Sprintf("sha256-raw:%x", sha256.Sum256(der))
+}
+
+// unsafeFileChars are stripped from a hostname to name its files, as
+// derper does, so a certificate laid out for derper is found here too.
+var unsafeFileChars = regexp.MustCompile(`[^a-zA-Z0-9-.]`)
+
+// CertPaths returns where manual mode looks for the certificate and key
+// of hostname in dir: <dir>/<hostname>.crt and <dir>/<hostname>.key.
+func CertPaths(dir, hostname string) (crt, key string) {
+	base := unsafeFileChars.ReplaceAllString(hostname, "")
+	return filepath.Join(dir, base+".crt"), filepath.Join(dir, base+".key")
+}
+
+// leafOf returns the parsed leaf of c.
+func leafOf(c *tls.Certificate) (*x509.Certificate, error) {
+	if c.Leaf != nil {
+		return c.Leaf, nil
+	}
+	if len(c.Certificate) == 0 {
+		return nil, fmt.Errorf("no certificate in chain")
+	}
+	return x509.ParseCertificate(c.Certificate[0])
+}
+
+// CertInfo describes the certificate a relay is serving, for logs,
+// metrics and the derpMap snippet.
+type CertInfo struct {
+	Subject  string
+	NotAfter time.Time
+	// CertName is the pin of the leaf ("sha256-raw:<hex>"); clients need
+	// it only for a certificate no public CA signed.
+	CertName string
+}
+
+func certInfo(leaf *x509.Certificate) CertInfo {
+	return CertInfo{Subject: leaf.Subject.CommonName, NotAfter: leaf.NotAfter, CertName: CertName(leaf.Raw)}
+}

@@ -1,0 +1,302 @@
+// Package relay is tailderp's public side: a DERP relay over HTTPS built on
+// tailscale.com/derp/derpserver, with its certificates, the plain-HTTP
+// port, captive-portal and latency probes, and a neutral home page.
+//
+// A Server is configured through its exported fields and run with Start
+// and Close:
+//
+//	certs, _ := relay.LoadManualCerts("/var/lib/tailderp/certs", "derp.example.com", logger)
+//	s := &relay.Server{Addr: ":443", HTTPPort: 80, Certs: certs, PrivateKey: k, Admitter: v}
+//	if err := s.Start(); err != nil { ... } // listening; serving in the background
+//	defer s.Close()
+//
+// The relay never serves /debug: that lives on the tailnet (see package
+// debugsrv). Who may relay is decided by the Admitter (see package verify).
+package relay
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"expvar"
+	"fmt"
+	"log"
+	"log/slog"
+	"net"
+	"net/http"
+	"strconv"
+	"sync"
+	"time"
+
+	"tailscale.com/derp/derpserver"
+	"tailscale.com/metrics"
+	"tailscale.com/net/ktimeout"
+	"tailscale.com/types/key"
+
+	"github.com/tailderp/tailderp/internal/logs"
+)
+
+// Defaults for the TCP settings, as derper sets them.
+const (
+	// DefaultTCPKeepAlive is long to spare mobile batteries; DERP has its
+	// own application-level keepalive.
+	DefaultTCPKeepAlive = 10 * time.Minute
+	// DefaultTCPUserTimeout is short so a dead connection is dropped
+	// promptly.
+	DefaultTCPUserTimeout = 15 * time.Second
+)
+
+// Server is a DERP relay listening on the public internet.
+//
+// Its exported fields may be changed until Start is called.
+type Server struct {
+	// Addr is the HTTPS listen address, ":443" if empty. "host:0" picks
+	// a free port (see LocalAddr).
+	Addr string
+
+	// HTTPPort is the plain-HTTP port, on the same IP as Addr: it answers
+	// ACME HTTP-01 challenges and /generate_204, and redirects the rest to
+	// HTTPS. -1 disables it; 0 picks a free port.
+	HTTPPort int
+
+	// Certs supplies the TLS certificates. Required.
+	Certs Certificates
+
+	// PrivateKey is the relay's DERP identity. Required; see
+	// LoadOrCreateKey.
+	PrivateKey key.NodePrivate
+
+	// Admitter decides which clients may relay. Nil admits everyone: an
+	// open relay that anyone who finds it can use.
+	Admitter Admitter
+
+	// Home is what "/" serves: "" a neutral page, "blank" an empty page,
+	// or an http(s) URL to redirect to.
+	Home string
+
+	// MeshKey, if set, is the shared secret (64 hex digits) of a relay
+	// fleet: clients presenting it are mesh peers and skip admission.
+	MeshKey string
+
+	// TCPKeepAlive, TCPUserTimeout and TCPWriteTimeout tune client
+	// connections; zero means derper's defaults (10 min, 15 s, 2 s).
+	TCPKeepAlive    time.Duration
+	TCPUserTimeout  time.Duration
+	TCPWriteTimeout time.Duration
+
+	// Logger receives the relay's logs; nil discards them.
+	Logger *slog.Logger
+
+	derp     *derpserver.Server
+	https    *http.Server
+	http80   *http.Server
+	lnHTTPS  net.Listener
+	ln80     net.Listener
+	serveErr chan error
+	wg       sync.WaitGroup
+	closeMu  sync.Mutex
+	closed   bool
+}
+
+// Start binds the listeners and serves in the background. A port that is
+// already in use is reported here, naming the address.
+func (s *Server) Start() error {
+	if s.Certs == nil {
+		return errors.New("relay: no certificates configured")
+	}
+	if s.PrivateKey.IsZero() {
+		return errors.New("relay: no DERP private key")
+	}
+	if s.Logger == nil {
+		s.Logger = logs.Discard()
+	}
+	addr := s.Addr
+	if addr == "" {
+		addr = ":443"
+	}
+	listenHost, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("relay: -a %q: want host:port, :port or [ipv6]:port: %w", addr, err)
+	}
+	home, err := homeHandler(s.Home)
+	if err != nil {
+		return err
+	}
+
+	s.derp = derpserver.New(s.PrivateKey, derpLogf(s.Logger))
+	if s.TCPWriteTimeout != 0 {
+		s.derp.SetTCPWriteTimeout(s.TCPWriteTimeout)
+	}
+	if s.MeshKey != "" {
+		if err := s.derp.SetMeshKey(s.MeshKey); err != nil {
+			return fmt.Errorf("relay: mesh key: %w", err)
+		}
+	}
+	derpHandler := derpserver.AddWebSocketSupport(s.derp, derpserver.Handler(s.derp))
+	if s.Admitter != nil {
+		if err := installAdmission(s.derp); err != nil {
+			return err
+		}
+		derpHandler = withAdmitter(s.Admitter, derpHandler)
+	}
+
+	mux := http.NewServeMux()
+	mux.Handle("/derp", derpHandler)
+	mux.HandleFunc("/derp/probe", derpserver.ProbeHandler)
+	mux.HandleFunc("/derp/latency-check", derpserver.ProbeHandler)
+	mux.HandleFunc("/generate_204", derpserver.ServeNoContent)
+	mux.HandleFunc("/robots.txt", robotsTxt)
+	mux.Handle("/", home)
+
+	lc := net.ListenConfig{
+		Control:   ktimeout.UserTimeout(orDefault(s.TCPUserTimeout, DefaultTCPUserTimeout)),
+		KeepAlive: orDefault(s.TCPKeepAlive, DefaultTCPKeepAlive),
+	}
+	// MPTCP does not support TCP_USER_TIMEOUT (derper, 2025-02).
+	lc.SetMultipathTCP(false)
+
+	tlsConfig := &tls.Config{
+		MinVersion:     tls.VersionTLS12,
+		NextProtos:     []string{"http/1.1"}, // DERP upgrades an HTTP/1.1 connection
+		GetCertificate: s.Certs.GetCertificate,
+	}
+	if a, ok := s.Certs.(alpnCertificates); ok {
+		tlsConfig.NextProtos = append(tlsConfig.NextProtos, a.ALPNProtocols()...)
+	}
+	s.derp.ModifyTLSConfigToAddMetaCert(tlsConfig)
+
+	errorLog := log.New(slogWriter{s.Logger}, "", 0)
+	s.https = &http.Server{
+		Handler:   mux,
+		TLSConfig: tlsConfig,
+		ErrorLog:  errorLog,
+		// Deadlines are cleared when derpserver hijacks the connection;
+		// until then they bound TLS handshakes and stuck requests.
+		ReadTimeout:  30 * time.Second,
+		WriteTimeout: 30 * time.Second,
+	}
+	s.lnHTTPS, err = lc.Listen(context.Background(), "tcp", addr)
+	if err != nil {
+		return fmt.Errorf("relay: -a %s: cannot listen (is another server using the port?): %w", addr, err)
+	}
+	s.serveErr = make(chan error, 2)
+	if s.HTTPPort >= 0 {
+		addr80 := net.JoinHostPort(listenHost, strconv.Itoa(s.HTTPPort))
+		s.ln80, err = lc.Listen(context.Background(), "tcp", addr80)
+		if err != nil {
+			s.lnHTTPS.Close()
+			return fmt.Errorf("relay: -http-port %d: cannot listen on %s (is another server using the port? -http-port -1 turns it off): %w", s.HTTPPort, addr80, err)
+		}
+		mux80 := http.NewServeMux()
+		mux80.HandleFunc("/generate_204", derpserver.ServeNoContent)
+		mux80.Handle("/", s.Certs.HTTPHandler(http.HandlerFunc(s.redirectToHTTPS)))
+		s.http80 = &http.Server{
+			Handler:      mux80,
+			ErrorLog:     errorLog,
+			ReadTimeout:  30 * time.Second,
+			WriteTimeout: 30 * time.Second,
+		}
+		s.serve(func() error { return s.http80.Serve(s.ln80) })
+	}
+	s.serve(func() error { return s.https.ServeTLS(s.lnHTTPS, "", "") })
+	s.Logger.Info("relay: serving DERP over HTTPS", "addr", s.lnHTTPS.Addr().String(), "http", s.HTTPAddr())
+	return nil
+}
+
+func (s *Server) serve(f func() error) {
+	s.wg.Go(func() {
+		if err := f(); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			s.serveErr <- err
+		}
+	})
+}
+
+// Err returns a channel that receives an error if a listener fails while
+// serving.
+func (s *Server) Err() <-chan error { return s.serveErr }
+
+// redirectToHTTPS sends plain-HTTP visitors to the HTTPS port.
+func (s *Server) redirectToHTTPS(w http.ResponseWriter, r *http.Request) {
+	host := r.Host
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		host = h
+	}
+	if host == "" {
+		http.NotFound(w, r)
+		return
+	}
+	if _, port, _ := net.SplitHostPort(s.lnHTTPS.Addr().String()); port != "443" {
+		host = net.JoinHostPort(host, port)
+	} else if ip := net.ParseIP(host); ip != nil && ip.To4() == nil {
+		host = "[" + host + "]"
+	}
+	http.Redirect(w, r, "https://"+host+r.URL.RequestURI(), http.StatusFound)
+}
+
+// LocalAddr is the address the HTTPS listener is bound to.
+func (s *Server) LocalAddr() net.Addr { return s.lnHTTPS.Addr() }
+
+// HTTPAddr is the address of the plain-HTTP listener, or "" when off.
+func (s *Server) HTTPAddr() string {
+	if s.ln80 == nil {
+		return ""
+	}
+	return s.ln80.Addr().String()
+}
+
+// DERP returns the underlying derpserver, for debug pages and mesh.
+func (s *Server) DERP() *derpserver.Server { return s.derp }
+
+// ExpVar returns the relay's metrics: derpserver's plus the certificate's
+// expiry, for the debug server to publish.
+func (s *Server) ExpVar() expvar.Var {
+	m := new(metrics.Set)
+	m.Set("derp", s.derp.ExpVar(false))
+	if c, ok := s.Certs.(currentCert); ok {
+		m.Set("gauge_cert_not_after_unix_seconds", expvar.Func(func() any {
+			info, ok := c.Current()
+			if !ok {
+				return 0
+			}
+			return info.NotAfter.Unix()
+		}))
+	}
+	return m
+}
+
+// Close stops accepting connections, closes every client, and waits up to
+// the deadline of ctx for the listeners to finish.
+func (s *Server) Close(ctx context.Context) error {
+	s.closeMu.Lock()
+	if s.closed {
+		s.closeMu.Unlock()
+		return nil
+	}
+	s.closed = true
+	s.closeMu.Unlock()
+
+	var errs []error
+	// Shutdown closes the listeners first, then waits for requests that
+	// are not hijacked; derp.Close closes the hijacked DERP connections.
+	shutdown := func(h *http.Server) {
+		if h != nil {
+			if err := h.Shutdown(ctx); err != nil {
+				h.Close()
+			}
+		}
+	}
+	var wg sync.WaitGroup
+	wg.Go(func() { shutdown(s.https) })
+	wg.Go(func() { shutdown(s.http80) })
+	errs = append(errs, s.derp.Close())
+	wg.Wait()
+	s.wg.Wait()
+	return errors.Join(errs...)
+}
+
+func orDefault(d, def time.Duration) time.Duration {
+	if d == 0 {
+		return def
+	}
+	return d
+}

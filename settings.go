@@ -1,0 +1,130 @@
+package main
+
+import (
+	"flag"
+	"fmt"
+	"io"
+	"strings"
+)
+
+// setting is one configuration knob: a flag, the environment variable
+// that sets it when the flag is not given, and older names (derper's,
+// popular derper images') that still work.
+type setting struct {
+	flag    string   // flag name, without "-"; "" for environment-only settings
+	env     string   // primary environment variable
+	aliases []string // other environment variables accepted, in order
+	group   string   // heading in --help
+	usage   string
+	bind    func(fs *flag.FlagSet, name, usage string) // defines the flag
+	secret  bool                                      // never print the value
+	target  *string                                   // for environment-only settings
+}
+
+// Groups in --help order.
+var settingGroups = []string{"Relay", "Certificates", "Tailnet node", "Admission", "derpMap snippet", "Logging"}
+
+func strVar(p *string, def string) func(*flag.FlagSet, string, string) {
+	return func(fs *flag.FlagSet, name, usage string) { fs.StringVar(p, name, def, usage) }
+}
+
+func intVar(p *int, def int) func(*flag.FlagSet, string, string) {
+	return func(fs *flag.FlagSet, name, usage string) { fs.IntVar(p, name, def, usage) }
+}
+
+func boolVar(p *bool, def bool) func(*flag.FlagSet, string, string) {
+	return func(fs *flag.FlagSet, name, usage string) { fs.BoolVar(p, name, def, usage) }
+}
+
+// parseSettings fills the config from args, then from the environment
+// for every flag not given on the command line. It returns a clear error
+// naming the flag or variable on bad input.
+func parseSettings(fs *flag.FlagSet, settings []setting, args []string, getenv func(string) string) error {
+	byFlag := map[string]*setting{}
+	for i := range settings {
+		s := &settings[i]
+		if s.flag != "" {
+			s.bind(fs, s.flag, s.usage)
+			byFlag[s.flag] = s
+		}
+	}
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	given := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { given[f.Name] = true })
+	for i := range settings {
+		s := &settings[i]
+		if s.flag != "" && given[s.flag] {
+			continue
+		}
+		name, val := lookupEnv(s, getenv)
+		if name == "" {
+			continue
+		}
+		if s.flag == "" {
+			*s.target = val
+			continue
+		}
+		if err := fs.Set(s.flag, val); err != nil {
+			shown := val
+			if s.secret {
+				shown = "(hidden)"
+			}
+			return fmt.Errorf("%s=%q: %v (it sets -%s: %s)", name, shown, err, s.flag, s.usage)
+		}
+	}
+	return nil
+}
+
+func lookupEnv(s *setting, getenv func(string) string) (name, val string) {
+	for _, n := range append([]string{s.env}, s.aliases...) {
+		if n == "" {
+			continue
+		}
+		if v := getenv(n); v != "" {
+			return n, v
+		}
+	}
+	return "", ""
+}
+
+// printUsage writes --help: the subcommands, then the settings by group,
+// each with its environment variable.
+func printUsage(w io.Writer, fs *flag.FlagSet, settings []setting) {
+	fmt.Fprintf(w, `tailderp: a DERP relay for one tailnet, with its own embedded tailnet node.
+
+Usage:
+  tailderp [flags]            run the relay
+  tailderp derpmap [flags]    print the derpMap snippet for the tailnet policy and exit
+  tailderp check [flags] [URL] check a relay from here (see tailderp check -h)
+  tailderp -version           print the version and exit
+
+Every flag can also be set by the environment variable shown beside it;
+a flag on the command line wins.
+`)
+	for _, g := range settingGroups {
+		fmt.Fprintf(w, "\n%s:\n", g)
+		for _, s := range settings {
+			if s.group != g {
+				continue
+			}
+			names := s.env
+			if len(s.aliases) > 0 {
+				names += " (or " + strings.Join(s.aliases, ", ") + ")"
+			}
+			if s.flag == "" {
+				fmt.Fprintf(w, "  env %s\n", names)
+				fmt.Fprintf(w, "    \t%s\n", s.usage)
+				continue
+			}
+			f := fs.Lookup(s.flag)
+			def := ""
+			if f.DefValue != "" && f.DefValue != "false" {
+				def = fmt.Sprintf(" (default %s)", f.DefValue)
+			}
+			fmt.Fprintf(w, "  -%s  [env %s]\n", s.flag, names)
+			fmt.Fprintf(w, "    \t%s%s\n", s.usage, def)
+		}
+	}
+}
