@@ -17,8 +17,8 @@ type setting struct {
 	group   string   // heading in --help
 	usage   string
 	bind    func(fs *flag.FlagSet, name, usage string) // defines the flag
-	secret  bool                                      // never print the value
-	target  *string                                   // for environment-only settings
+	secret  bool                                       // never print the value
+	target  *string                                    // for environment-only settings
 }
 
 // Groups in --help order.

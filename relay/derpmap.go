@@ -56,7 +56,7 @@ func DERPRegion(rc RegionConfig, n NodeInfo) *tailcfg.DERPRegion {
 func PolicySnippet(r *tailcfg.DERPRegion) ([]byte, error) {
 	type policy struct {
 		DERPMap struct {
-			OmitDefaultRegions bool                         `json:"OmitDefaultRegions"`
+			OmitDefaultRegions bool                           `json:"OmitDefaultRegions"`
 			Regions            map[string]*tailcfg.DERPRegion `json:"Regions"`
 		} `json:"derpMap"`
 	}
