@@ -4,21 +4,38 @@
 // Nothing in it is fake: the coordination server is Tailscale's own test
 // control server ([testcontrol.Server]) behind an [httptest.Server], and the
 // nodes are real [tsnet.Server]s (userspace WireGuard, magicsock, netstack).
-// The DERP map handed out by the control server names the relay under test, so
-// every packet between two nodes crosses that relay.
+// The DERP map handed out by the control server names only the relay under
+// test, and [SetTestEnv] takes UDP away from the nodes, so every packet
+// between two nodes crosses that relay. Bringing up control and two nodes
+// takes well under 100 ms.
 //
-// Everything binds and dials loopback only. A typical test:
+// A typical test:
 //
-//	testtailnet.SetTestEnv(t) // first: some knobs are only honoured before nodes start
+//	testtailnet.SetTestEnv(t) // first: some knobs only count before nodes start
 //	relay := startRelay(t)    // the relay under test, on 127.0.0.1
 //	ctl := testtailnet.NewControl(t, testtailnet.DERPRegion(relay.DERPPort, relay.STUNPort, ""))
 //	a := ctl.NewNode(t, "a")
 //	b := ctl.NewNode(t, "b")
 //	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 //	defer cancel()
-//	if err := testtailnet.AwaitPeer(ctx, a, testtailnet.NodeKey(t, b)); err != nil {
+//	if err := testtailnet.AwaitPeer(ctx, b, testtailnet.NodeKey(t, a)); err != nil {
 //		t.Fatal(err)
 //	}
+//	// Wait until the relay has both nodes connected (its own hook), then
+//	// dial a's Tailscale IP with b.HTTPClient() or b.Dial.
+//
+// Before sending, wait until the relay has both nodes connected: a relay
+// drops packets for a node that is not connected yet, and WireGuard retries
+// its handshake only after 5 s. NewNode returns once the node is Running,
+// which implies that its own connection to its home relay is up, but not
+// that the relay has registered it (nor that an admission check passed).
+//
+// The nodes never use the relay's STUN port: they have no UDP socket, and
+// control marks them only-tcp-443, so their netcheck measures the relay over
+// HTTPS. Test the relay's STUN directly.
+//
+// Everything dials loopback only and binds loopback only, save one
+// vestigial listener per node (see [SetTestEnv]).
 //
 // Set TAILDERP_TEST_VERBOSE=1 (or run with -v) to see the control server's and
 // the nodes' logs through t.Logf.
@@ -175,9 +192,15 @@ func nodeCapabilities() *tailcfg.NodeCapMap {
 // runs with -v or TAILDERP_TEST_VERBOSE is set; otherwise they are discarded.
 // Up is bounded by 30s. The node is closed by t.Cleanup. Any error is fatal.
 //
-// Call [SetTestEnv] before the first NewNode of a test.
+// [SetTestEnv] must have been called first (NewNode fails the test
+// otherwise).
 func (c *Control) NewNode(t testing.TB, hostname string) *tsnet.Server {
 	t.Helper()
+	if !envknob.Bool("TS_DEBUG_ALWAYS_USE_DERP") {
+		// Without it the nodes find a direct UDP path on this host and the
+		// relay under test carries (almost) nothing: a silently wrong test.
+		t.Fatalf("testtailnet: NewNode(%q): call SetTestEnv(t) before starting nodes", hostname)
+	}
 	logf := testLogf(t)
 	s := &tsnet.Server{
 		Dir:        t.TempDir(),
@@ -248,13 +271,23 @@ var testKnobs = []struct{ name, value string }{
 //   - TS_PANIC_IF_HIT_MAIN_CONTROL=1: a node pointed at Tailscale's real
 //     control server panics rather than dial it.
 //
-// Knobs that Tailscale reads once at program start are also pushed into
-// envknob's cache and restored afterwards. Like t.Setenv, SetTestEnv cannot
-// be used in parallel tests (it panics), and the knobs are process-wide.
+// TS_DEBUG_ALWAYS_USE_DERP and TS_DISABLE_PORTMAPPER are read by
+// envknob.RegisterBool in package variables, once at program start: a plain
+// t.Setenv or os.Setenv in a test comes too late and is silently ignored
+// (measured: nodes then talk directly over UDP and the relay sees almost no
+// data). SetTestEnv therefore also pushes every knob into envknob's cache
+// (envknob.Setenv) and restores it afterwards. Like t.Setenv, SetTestEnv
+// cannot be used in parallel tests (it panics); the knobs are process-wide.
 //
-// Not covered by any knob (documented for whoever audits a failure):
-// util/cloudenv probes 169.254.169.254 on Linux hosts whose DMI data says
-// Azure/Hyper-V or old GCP; only the ts_omit_cloud build tag turns that off.
+// Not covered by any knob (for whoever audits a test's network use):
+//   - each tsnet node opens a kernel TCP listener for its peer API on
+//     0.0.0.0 (port 32768 + a hash of its Tailscale IP, else random); tsnet
+//     serves the peer API through netstack anyway, so nothing reaches it,
+//     but it is the one non-loopback bind. Run tests in an empty network
+//     namespace if that matters.
+//   - util/cloudenv probes 169.254.169.254 on Linux hosts whose DMI data
+//     says Azure/Hyper-V or old GCP; only the ts_omit_cloud build tag turns
+//     that off.
 func SetTestEnv(t testing.TB) {
 	t.Helper()
 	for _, k := range testKnobs {

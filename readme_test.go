@@ -1,0 +1,56 @@
+package main
+
+import (
+	"bytes"
+	"os"
+	"strings"
+	"testing"
+)
+
+// TestREADMESettingsTable keeps the README's settings table equal to the
+// settings the binary has. Run with UPDATE_README=1 to rewrite it.
+func TestREADMESettingsTable(t *testing.T) {
+	const begin, end = "<!-- settings:begin -->\n", "<!-- settings:end -->"
+	readme, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := string(readme)
+	i, j := strings.Index(s, begin), strings.Index(s, end)
+	if i < 0 || j < i {
+		t.Fatalf("README.md has no %q … %q block", begin, end)
+	}
+	var table bytes.Buffer
+	writeSettingsTable(&table)
+	want := table.String() + "\n"
+	got := s[i+len(begin) : j]
+	if got == want {
+		return
+	}
+	if os.Getenv("UPDATE_README") != "" {
+		s = s[:i+len(begin)] + want + s[j:]
+		if err := os.WriteFile("README.md", []byte(s), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return
+	}
+	t.Errorf("README.md settings table is out of date; run UPDATE_README=1 go test -run TestREADMESettingsTable .\n--- want ---\n%s", want)
+}
+
+// TestHelpNamesEverySetting checks that --help shows every flag with its
+// environment variable, and every environment-only setting.
+func TestHelpNamesEverySetting(t *testing.T) {
+	var stderr bytes.Buffer
+	if code := realMain([]string{"-help"}, func(string) string { return "" }, &bytes.Buffer{}, &stderr); code != 0 {
+		t.Fatalf("-help exit %d", code)
+	}
+	help := stderr.String()
+	for _, s := range settingsFor(&config{}) {
+		if s.flag != "" && !strings.Contains(help, "-"+s.flag+"  [env "+s.env) {
+			t.Errorf("--help does not show -%s with env %s", s.flag, s.env)
+		}
+		if s.flag == "" && !strings.Contains(help, "env "+s.env) {
+			t.Errorf("--help does not show env %s", s.env)
+		}
+	}
+}

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The project's test command (README: Testing). Every test is offline and
+# binds loopback only; benchmarks run briefly as a smoke test, never as
+# timed assertions.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export TS_NO_LOGS_NO_SUPPORT=true
+go test -race -count=1 -timeout 20m ./...
+go test -run '^$' -bench . -benchtime 100x -timeout 10m ./...
