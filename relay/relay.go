@@ -189,6 +189,9 @@ func (s *Server) Start() error {
 		}
 		mux80 := http.NewServeMux()
 		mux80.HandleFunc("/generate_204", derpserver.ServeNoContent)
+		// Never hint that /debug exists, not even by redirecting.
+		mux80.Handle("/debug/", http.NotFoundHandler())
+		mux80.Handle("/metrics", http.NotFoundHandler())
 		mux80.Handle("/", s.Certs.HTTPHandler(http.HandlerFunc(s.redirectToHTTPS)))
 		s.http80 = &http.Server{
 			Handler:      mux80,

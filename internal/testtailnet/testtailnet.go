@@ -27,8 +27,9 @@
 // Before sending, wait until the relay has both nodes connected: a relay
 // drops packets for a node that is not connected yet, and WireGuard retries
 // its handshake only after 5 s. NewNode returns once the node is Running,
-// which implies that its own connection to its home relay is up, but not
-// that the relay has registered it (nor that an admission check passed).
+// which means it has chosen the relay as its home, not that it has finished
+// connecting to it (observed both ways round), let alone passed any
+// admission check.
 //
 // The nodes never use the relay's STUN port: they have no UDP socket, and
 // control marks them only-tcp-443, so their netcheck measures the relay over
@@ -52,6 +53,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"net"
 	"net/http/httptest"
 	"os"
 	"sync"
@@ -131,7 +133,7 @@ type Control struct {
 
 // NewControl starts a control server on 127.0.0.1 that requires AuthKey
 // (random, "tskey-auth-test-<hex>") and hands out derpMap in every map
-// response. It is closed by t.Cleanup.
+// response; derpMap must not be empty. It is closed by t.Cleanup.
 //
 // Every node sees every other node, whether or not they belong to the same
 // user: testcontrol puts all nodes in one tailnet's netmap with an allow-all
@@ -142,7 +144,20 @@ func NewControl(t testing.TB, derpMap *tailcfg.DERPMap) *Control {
 	if _, err := rand.Read(b[:]); err != nil {
 		t.Fatalf("testtailnet: random auth key: %v", err)
 	}
-	c := &Control{AuthKey: "tskey-auth-test-" + hex.EncodeToString(b[:])}
+	return NewControlOn(t, nil, derpMap, "tskey-auth-test-"+hex.EncodeToString(b[:]))
+}
+
+// NewControlOn is NewControl serving on ln (nil: a new 127.0.0.1:0
+// listener) and requiring authKey. A test uses it to bring control up on a
+// port a node is already trying, e.g. to show that the node logs in once
+// control comes back.
+func NewControlOn(t testing.TB, ln net.Listener, derpMap *tailcfg.DERPMap, authKey string) *Control {
+	t.Helper()
+	if derpMap == nil || len(derpMap.Regions) == 0 {
+		// testcontrol documents a nil map as "use the production DERP map".
+		t.Fatal("testtailnet: NewControl needs a DERP map (see DERPRegion)")
+	}
+	c := &Control{AuthKey: authKey}
 	c.Server = &testcontrol.Server{
 		DERPMap:                 derpMap,
 		RequireAuthKey:          c.AuthKey,
@@ -151,6 +166,10 @@ func NewControl(t testing.TB, derpMap *tailcfg.DERPMap) *Control {
 	}
 	// httptest listens on 127.0.0.1:0 (falling back to [::1]:0).
 	hs := httptest.NewUnstartedServer(c.Server)
+	if ln != nil {
+		hs.Listener.Close()
+		hs.Listener = ln
+	}
 	c.Server.HTTPTestServer = hs
 	hs.Start()
 	// Nodes created after this point are closed first (cleanups run last
@@ -237,8 +256,9 @@ var testKnobs = []struct{ name, value string }{
 	// direct UDP path would otherwise win and the relay would carry no
 	// data. magicsock then binds no UDP socket at all (it uses a
 	// block-forever conn), so nodes also never listen on 0.0.0.0/[::] and
-	// never send disco pings or STUN over UDP; netcheck falls back to
-	// HTTPS (and ICMP) latency probes of the relay on 127.0.0.1.
+	// never send disco pings or STUN over UDP. (Paired with the
+	// only-tcp-443 node attribute NewControl hands out, netcheck measures
+	// the relay over HTTPS at once; see nodeCapabilities.)
 	// Read once at init: needs envknob.Setenv.
 	{"TS_DEBUG_ALWAYS_USE_DERP", "true"},
 

@@ -1,0 +1,239 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"tailscale.com/derp/derphttp"
+	"tailscale.com/net/netmon"
+	"tailscale.com/tailcfg"
+	"tailscale.com/tsnet"
+	"tailscale.com/types/key"
+
+	"github.com/tailderp/tailderp/internal/testtailnet"
+)
+
+// tailnetWithRelay starts tailderp in a fresh tailnet and waits for its
+// node to be up. env and args go to tailderp.
+func tailnetWithRelay(t *testing.T, o relayOpts) (*relayProc, *testtailnet.Control) {
+	t.Helper()
+	testtailnet.SetTestEnv(t)
+	p := newRelay(t, o)
+	ctl := testtailnet.NewControl(t, testtailnet.DERPRegion(p.HTTPSPort, p.STUNPort, p.CertName))
+	p.cmd.Env = append(p.cmd.Env, "TAILSCALE_AUTH_KEY="+ctl.AuthKey, "TAILSCALE_CONTROL_URL="+ctl.URL)
+	p.start()
+	p.waitNodeRunning()
+	return p, ctl
+}
+
+// serveHello serves "hello from <name>" over HTTP on node's tailnet port 80.
+func serveHello(t *testing.T, n *tsnet.Server, name string) {
+	t.Helper()
+	ln, err := n.Listen("tcp", ":80")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "hello from "+name)
+	})}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+}
+
+// fetchOverTailnet GETs url through node, retrying until it answers 200 or
+// ctx ends: the relay must first have both ends connected.
+func fetchOverTailnet(ctx context.Context, node *tsnet.Server, url string) (string, error) {
+	c := node.HTTPClient()
+	var lastErr error
+	for ctx.Err() == nil {
+		rctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+		req, _ := http.NewRequestWithContext(rctx, "GET", url, nil)
+		res, err := c.Do(req)
+		if err == nil {
+			b, rerr := io.ReadAll(res.Body)
+			res.Body.Close()
+			cancel()
+			if rerr == nil && res.StatusCode == 200 {
+				return string(b), nil
+			}
+			lastErr = fmt.Errorf("status %d, read %v", res.StatusCode, rerr)
+		} else {
+			cancel()
+			lastErr = err
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return "", fmt.Errorf("GET %s: %w (last error: %v)", url, ctx.Err(), lastErr)
+}
+
+// relayTailnetIP finds tailderp's node among node's peers.
+func relayTailnetIP(ctx context.Context, t *testing.T, node *tsnet.Server) string {
+	t.Helper()
+	lc, err := node.LocalClient()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for ctx.Err() == nil {
+		st, err := lc.Status(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range st.Peer {
+			if p.HostName == "127-0-0-1" && len(p.TailscaleIPs) > 0 {
+				return p.TailscaleIPs[0].String()
+			}
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatal("tailderp's node never appeared among the peers")
+	return ""
+}
+
+// metric returns the value of the Prometheus sample name in body, or -1.
+func metric(body, name string) float64 {
+	for line := range strings.SplitSeq(body, "\n") {
+		if rest, ok := strings.CutPrefix(line, name+" "); ok {
+			v, err := strconv.ParseFloat(strings.TrimSpace(rest), 64)
+			if err == nil {
+				return v
+			}
+		}
+	}
+	return -1
+}
+
+// strangerRefused connects a derphttp client with a fresh key to the
+// relay and reports whether the relay closed it without relaying.
+func connectStranger(ctx context.Context, t *testing.T, p *relayProc) (key.NodePublic, error) {
+	t.Helper()
+	k := key.NewNode()
+	// Dial the way a Tailscale client does: by DERP region, with the
+	// relay's self-signed certificate pinned by CertName.
+	region := testtailnet.DERPRegion(p.HTTPSPort, p.STUNPort, p.CertName).Regions[testtailnet.RegionID]
+	c := derphttp.NewRegionClient(k, t.Logf, netmon.NewStatic(), func() *tailcfg.DERPRegion { return region })
+	defer c.Close()
+	if err := c.Connect(ctx); err != nil {
+		return k.Public(), err
+	}
+	// The relay decides after the client sends its key; a refused client
+	// is disconnected, so its first Recv fails.
+	errc := make(chan error, 1)
+	go func() {
+		for {
+			if _, err := c.Recv(); err != nil {
+				errc <- err
+				return
+			}
+		}
+	}()
+	select {
+	case err := <-errc:
+		return k.Public(), err
+	case <-time.After(5 * time.Second):
+		return k.Public(), nil
+	}
+}
+
+// TestTailnetThroughTailderp is the heart of tailderp: two nodes of the
+// tailnet talk through it (no direct path), strangers and another
+// tailnet's node are refused, and /debug is on the tailnet only.
+func TestTailnetThroughTailderp(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	p, ctl := tailnetWithRelay(t, relayOpts{httpPort: true})
+
+	a := ctl.NewNode(t, "a")
+	b := ctl.NewNode(t, "b")
+	serveHello(t, a, "a")
+	if err := testtailnet.AwaitPeer(ctx, b, testtailnet.NodeKey(t, a)); err != nil {
+		t.Fatal(err)
+	}
+	aIP, _ := a.TailscaleIPs()
+	body, err := fetchOverTailnet(ctx, b, "http://"+aIP.String()+"/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if body != "hello from a" {
+		t.Fatalf("body = %q", body)
+	}
+
+	// /debug from the tailnet.
+	relayIP := relayTailnetIP(ctx, t, b)
+	varz, err := fetchOverTailnet(ctx, b, "http://"+relayIP+"/debug/varz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := metric(varz, "tailderp_admission_admitted"); got < 2 {
+		t.Errorf("tailderp_admission_admitted = %v, want >= 2 (a and b)\n%s", got, varz)
+	}
+	if got := metric(varz, "tailderp_relay_derp_packets_sent"); got <= 0 {
+		t.Errorf("tailderp_relay_derp_packets_sent = %v, want > 0: traffic did not go through the relay", got)
+	}
+	if got := metric(varz, `tailderp_node_state{state="running"}`); got != 1 {
+		t.Errorf(`node state running = %v, want 1`, got)
+	}
+	if _, err := fetchOverTailnet(ctx, b, "http://"+relayIP+"/metrics"); err != nil {
+		t.Errorf("/metrics on the tailnet: %v", err)
+	}
+	clients, err := fetchOverTailnet(ctx, b, "http://"+relayIP+"/debug/clients")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(clients, testtailnet.NodeKey(t, a).ShortString()) {
+		t.Errorf("/debug/clients does not list a:\n%s", clients)
+	}
+
+	// /debug is not public, whatever the request claims.
+	pc := publicClient()
+	for _, u := range []string{p.url("/debug/varz"), p.url("/debug/"), p.url("/metrics"),
+		fmt.Sprintf("http://127.0.0.1:%d/debug/varz", p.HTTPPort), fmt.Sprintf("http://127.0.0.1:%d/metrics", p.HTTPPort)} {
+		for _, xff := range []string{"", "100.64.0.1"} {
+			code, _ := get(ctx, t, pc, u, "X-Forwarded-For", xff)
+			if code != 404 {
+				t.Errorf("GET %s (X-Forwarded-For %q) = %d, want 404", u, xff, code)
+			}
+		}
+	}
+
+	// A stranger with a random key is refused.
+	stranger, err := connectStranger(ctx, t, p)
+	if err == nil {
+		t.Fatal("stranger's connection stayed open: not refused")
+	}
+	p.waitLog("reason="+"not_in_tailnet", 5*time.Second)
+	if !strings.Contains(p.out.String(), stranger.ShortString()) {
+		t.Errorf("refusal log does not name the stranger's key %s", stranger.ShortString())
+	}
+
+	// A node of another tailnet whose DERP map also names tailderp is refused.
+	other := testtailnet.NewControl(t, testtailnet.DERPRegion(p.HTTPSPort, p.STUNPort, p.CertName))
+	foreign := other.NewNode(t, "foreign")
+	fk := testtailnet.NodeKey(t, foreign)
+	p.waitLog("key="+fk.ShortString(), 15*time.Second)
+
+	varz, err = fetchOverTailnet(ctx, b, "http://"+relayIP+"/debug/varz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := metric(varz, `tailderp_admission_refused{reason="not_in_tailnet"}`); got < 2 {
+		t.Errorf("refused not_in_tailnet = %v, want >= 2 (stranger and foreign node)", got)
+	}
+	if got := metric(varz, `tailderp_admission_refused{reason="not_in_tailnet"}`); got < 0 {
+		t.Logf("varz:\n%s", varz)
+	}
+
+	// SIGTERM: a clean, prompt exit.
+	start := time.Now()
+	if err := p.stop(); err != nil {
+		t.Fatalf("exit after SIGTERM: %v", err)
+	}
+	if d := time.Since(start); d > 6*time.Second {
+		t.Errorf("took %v to exit after SIGTERM", d)
+	}
+}
