@@ -206,7 +206,7 @@ func TestRestartWithoutKey(t *testing.T) {
 	// testcontrol with RequireAuthKey demands the key on every register,
 	// so lift the requirement here. The node count below still proves no
 	// new device was registered.
-	ctl.Server.RequireAuthKey = ""
+	ctl.SetRequireAuthKey("")
 
 	p2 := newRelay(t, relayOpts{stateDir: p.StateDir})
 	p2.HTTPSPort, p2.STUNPort = p.HTTPSPort, p.STUNPort

@@ -54,6 +54,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/http"
 	"net/http/httptest"
 	"os"
 	"sync"
@@ -129,6 +130,22 @@ type Control struct {
 	// (testcontrol's RequireAuthKey). Any other key makes registration fail
 	// with the error "invalid authkey".
 	AuthKey string
+
+	// mu orders SetRequireAuthKey before the requests that follow it:
+	// every request passes through mu before reaching Server.
+	mu sync.Mutex
+}
+
+// SetRequireAuthKey changes the key the control server demands ("" for
+// none) for requests that arrive from now on. testcontrol demands it on
+// every registration, even the re-registration of a known node that
+// Tailscale's control server accepts without a key; a restart test lifts
+// it this way. Writing Server.RequireAuthKey directly would race with the
+// server's goroutines.
+func (c *Control) SetRequireAuthKey(k string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.Server.RequireAuthKey = k
 }
 
 // NewControl starts a control server on 127.0.0.1 that requires AuthKey
@@ -165,7 +182,12 @@ func NewControlOn(t testing.TB, ln net.Listener, derpMap *tailcfg.DERPMap, authK
 		Logf:                    testLogf(t),
 	}
 	// httptest listens on 127.0.0.1:0 (falling back to [::1]:0).
-	hs := httptest.NewUnstartedServer(c.Server)
+	hs := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		c.mu.Lock()
+		//lint:ignore SA2001 an empty critical section is the point: it orders SetRequireAuthKey before this request
+		c.mu.Unlock()
+		c.Server.ServeHTTP(w, r)
+	}))
 	if ln != nil {
 		hs.Listener.Close()
 		hs.Listener = ln
