@@ -175,6 +175,8 @@ func realMain(args []string, getenv func(string) string, stdout, stderr io.Write
 			return 0
 		case "derpmap":
 			return runDERPMap(args[1:], getenv, stdout, stderr)
+		case "check":
+			return runCheck(args[1:], getenv, stdout, stderr)
 		}
 	}
 	cfg, err := loadConfig("tailderp", args, getenv, stderr)
