@@ -338,6 +338,9 @@ func (c *config) tailnetHostname() string {
 
 // run serves until ctx ends (SIGTERM/SIGINT: nil) or something fails.
 func run(ctx context.Context, cfg *config, logger *slog.Logger, out io.Writer) error {
+	logger.Info("tailderp starting", "version", version, "hostname", cfg.Hostname, "certmode", cfg.CertMode,
+		"addr", cfg.Addr, "state_dir", cfg.StateDir, "verify_clients", cfg.VerifyClients,
+		"control_url", cfg.ControlURL, "auth_key", authKeyState(cfg), "dev", cfg.Dev)
 	if cfg.VerifyClients || !cfg.Dev {
 		if err := checkWritableDir(cfg.StateDir); err != nil {
 			return err
@@ -433,6 +436,18 @@ func run(ctx context.Context, cfg *config, logger *slog.Logger, out io.Writer) e
 		return err
 	case err := <-rs.Err():
 		return fmt.Errorf("relay: %w", err)
+	}
+}
+
+// authKeyState says whether an auth key was given, never what it is.
+func authKeyState(cfg *config) string {
+	switch {
+	case cfg.AuthKey == "":
+		return "none"
+	case strings.HasPrefix(cfg.AuthKey, "tskey-client-"):
+		return "oauth-client-secret"
+	default:
+		return "set"
 	}
 }
 
