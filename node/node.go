@@ -275,6 +275,9 @@ func (n *Node) watch() error {
 			case ipn.Running:
 				n.setState(StateRunning)
 			case ipn.NeedsLogin, ipn.NeedsMachineAuth:
+				if n.State() == StateRunning {
+					n.Logger.Error("node: logged out by the control server (node key expired, or the device was removed); clients are refused until it logs in again: disable key expiry for this node in the admin console, and restart with a new TAILSCALE_AUTH_KEY if it was removed")
+				}
 				n.keys.reset()
 				n.setState(StateNeedsLogin)
 				if *note.State == ipn.NeedsMachineAuth {
