@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"os"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -68,7 +69,7 @@ func LoadManualCerts(dir, hostname string, logger *slog.Logger) (*ManualCerts, e
 	}
 	st, err := m.stat()
 	if err != nil {
-		return nil, fmt.Errorf("relay: -certmode manual: %w (put the certificate and key there, or use -certmode letsencrypt)", err)
+		return nil, fmt.Errorf("relay: -certmode manual: %w (put the certificate at %s and its key at %s, or use -certmode letsencrypt)", err, crt, key)
 	}
 	lc, err := m.load(st)
 	if err != nil {
@@ -114,7 +115,7 @@ func (m *ManualCerts) load(st pairStamp) (*loadedCert, error) {
 
 // GetCertificate implements Certificates.
 func (m *ManualCerts) GetCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
-	if !m.isIP && hello.ServerName != "" && hello.ServerName != m.hostname {
+	if !m.isIP && hello.ServerName != "" && !strings.EqualFold(strings.TrimSuffix(hello.ServerName, "."), m.hostname) {
 		// Refuse names we do not serve: a scanner learns nothing, and a
 		// misconfigured client fails loudly instead of on a name check.
 		return nil, fmt.Errorf("relay: no certificate for %q", hello.ServerName)

@@ -189,7 +189,10 @@ func (s *Server) Start() error {
 		}
 		mux80 := http.NewServeMux()
 		mux80.HandleFunc("/generate_204", derpserver.ServeNoContent)
+		mux80.HandleFunc("/derp/probe", derpserver.ProbeHandler)
+		mux80.HandleFunc("/derp/latency-check", derpserver.ProbeHandler)
 		// Never hint that /debug exists, not even by redirecting.
+		mux80.Handle("/debug", http.NotFoundHandler())
 		mux80.Handle("/debug/", http.NotFoundHandler())
 		mux80.Handle("/metrics", http.NotFoundHandler())
 		mux80.Handle("/", s.Certs.HTTPHandler(http.HandlerFunc(s.redirectToHTTPS)))

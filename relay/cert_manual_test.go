@@ -1,0 +1,415 @@
+package relay_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"log/slog"
+	"math/big"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"tailscale.com/derp/derphttp"
+	"tailscale.com/net/netmon"
+	"tailscale.com/types/key"
+	"tailscale.com/types/logger"
+
+	"github.com/tailderp/tailderp/relay"
+)
+
+const testHost = "derp.test.example"
+
+// pair is a certificate and its key, as an operator's tooling leaves them.
+type pair struct {
+	certPEM, keyPEM []byte
+	cert            *x509.Certificate
+}
+
+// newPair makes a self-signed certificate for names (DNS names or IPs)
+// with the test's own code, so the relay's generator is not under test
+// here.
+func newPair(t *testing.T, names ...string) pair {
+	t.Helper()
+	priv, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	serial, _ := rand.Int(rand.Reader, big.NewInt(1<<62))
+	tmpl := &x509.Certificate{
+		SerialNumber: serial,
+		Subject:      pkix.Name{CommonName: names[0]},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(24 * time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	for _, n := range names {
+		if ip := net.ParseIP(n); ip != nil {
+			tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
+		} else {
+			tmpl.DNSNames = append(tmpl.DNSNames, n)
+		}
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &priv.PublicKey, priv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyDER, err := x509.MarshalPKCS8PrivateKey(priv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, _ := x509.ParseCertificate(der)
+	return pair{
+		certPEM: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
+		keyPEM:  pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}),
+		cert:    cert,
+	}
+}
+
+// fileClock hands out strictly increasing modification times. File
+// timestamps have the kernel's tick granularity, so two writes in one test
+// can share one; real replacements are far apart, and the reload check
+// compares times and sizes.
+type fileClock struct {
+	mu   sync.Mutex
+	next time.Time
+}
+
+func newFileClock() *fileClock { return &fileClock{next: time.Now().Add(-time.Hour)} }
+
+// replace atomically replaces path with data (temporary file + rename, as
+// certbot, acme.sh and Kubernetes secret mounts all avoid a half-written
+// file) and gives it the next modification time.
+func (c *fileClock) replace(t *testing.T, path string, data []byte) {
+	t.Helper()
+	tmp := path + ".new"
+	if err := os.WriteFile(tmp, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c.mu.Lock()
+	mt := c.next
+	c.next = c.next.Add(time.Second)
+	c.mu.Unlock()
+	if err := os.Chtimes(tmp, mt, mt); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// writePair puts p where manual mode looks for hostname's files in dir.
+func (c *fileClock) writePair(t *testing.T, dir, hostname string, p pair) {
+	t.Helper()
+	crt, key := relay.CertPaths(dir, hostname)
+	c.replace(t, crt, p.certPEM)
+	c.replace(t, key, p.keyPEM)
+}
+
+// logRecorder is a slog handler keeping every record.
+type logRecorder struct {
+	mu   sync.Mutex
+	recs []slog.Record
+}
+
+func (r *logRecorder) Enabled(context.Context, slog.Level) bool { return true }
+func (r *logRecorder) Handle(_ context.Context, rec slog.Record) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.recs = append(r.recs, rec.Clone())
+	return nil
+}
+func (r *logRecorder) WithAttrs([]slog.Attr) slog.Handler { return r }
+func (r *logRecorder) WithGroup(string) slog.Handler      { return r }
+
+// count returns how many records at level have a message containing msg.
+func (r *logRecorder) count(level slog.Level, msg string) int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	n := 0
+	for _, rec := range r.recs {
+		if rec.Level == level && strings.Contains(rec.Message, msg) {
+			n++
+		}
+	}
+	return n
+}
+
+// presented does a TLS handshake with addr, sending serverName as SNI
+// ("" sends none), and returns the leaf the server presented.
+func presented(t *testing.T, addr, serverName string) (*x509.Certificate, error) {
+	t.Helper()
+	d := &tls.Dialer{
+		NetDialer: &net.Dialer{Timeout: waitFor},
+		// Not verifying here: these checks compare the exact bytes.
+		Config: &tls.Config{ServerName: serverName, InsecureSkipVerify: true},
+	}
+	c, err := d.DialContext(context.Background(), "tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	return c.(*tls.Conn).ConnectionState().PeerCertificates[0], nil
+}
+
+// mustPresent fails the test unless the server at addr presents want.
+func mustPresent(t *testing.T, addr string, want *x509.Certificate, why string) {
+	t.Helper()
+	got, err := presented(t, addr, testHost)
+	if err != nil {
+		t.Fatalf("%s: handshake: %v", why, err)
+	}
+	if !bytes.Equal(got.Raw, want.Raw) {
+		t.Fatalf("%s: server presents serial %v, want serial %v", why, got.SerialNumber, want.SerialNumber)
+	}
+}
+
+// clientVia returns a derphttp client for https://<hostname>:<port>/derp
+// that dials addr instead of resolving hostname, trusting only roots.
+func clientVia(t *testing.T, hostname string, addr net.Addr, roots ...*x509.Certificate) *derphttp.Client {
+	t.Helper()
+	_, port, _ := net.SplitHostPort(addr.String())
+	c, err := derphttp.NewClient(key.NewNode(), "https://"+net.JoinHostPort(hostname, port)+"/derp", logger.Discard, netmon.NewStatic())
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	for _, r := range roots {
+		pool.AddCert(r)
+	}
+	c.TLSConfig = &tls.Config{RootCAs: pool}
+	c.SetURLDialer(func(ctx context.Context, network, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, network, addr.String())
+	})
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+func TestManualCertsReloadWhileServing(t *testing.T) {
+	dir := t.TempDir()
+	clock := newFileClock()
+	first, second, third := newPair(t, testHost), newPair(t, testHost), newPair(t, testHost)
+	clock.writePair(t, dir, testHost, first)
+	crtPath, keyPath := relay.CertPaths(dir, testHost)
+
+	logs := &logRecorder{}
+	certs, err := relay.LoadManualCerts(dir, testHost, slog.New(logs))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := startRelay(t, certs)
+	addr := s.LocalAddr().String()
+	mustPresent(t, addr, first.cert, "at start")
+
+	// A renewal: both files replaced. The next handshake has it.
+	clock.writePair(t, dir, testHost, second)
+	mustPresent(t, addr, second.cert, "after replacing both files")
+	if got, want := mustCurrent(t, certs).CertName, relay.CertName(second.cert.Raw); got != want {
+		t.Errorf("Current().CertName = %s, want %s", got, want)
+	}
+	if logs.count(slog.LevelInfo, "reloaded") != 1 {
+		t.Errorf("want one info line about the reload, got %d", logs.count(slog.LevelInfo, "reloaded"))
+	}
+	// A real client that trusts only the new certificate connects.
+	early := watch(clientVia(t, testHost, s.LocalAddr(), second.cert))
+	early.mustBeAdmitted(t)
+
+	// Broken replacements keep the last good certificate, with one
+	// warning per broken version (not one per handshake).
+	broken := []struct {
+		name     string
+		crt, key []byte
+	}{
+		{"garbage certificate", []byte("-----BEGIN CERTIFICATE-----\nnot base64 at all\n"), second.keyPEM},
+		{"key of another certificate", third.certPEM, second.keyPEM},
+		{"empty key file", second.certPEM, nil},
+	}
+	for i, b := range broken {
+		clock.replace(t, crtPath, b.crt)
+		clock.replace(t, keyPath, b.key)
+		for range 3 {
+			mustPresent(t, addr, second.cert, b.name)
+		}
+		if got := logs.count(slog.LevelWarn, "still serving the previous certificate"); got != i+1 {
+			t.Errorf("%s: %d warnings so far, want %d (one per broken version)", b.name, got, i+1)
+		}
+	}
+
+	// Fixed: the next handshake has the new pair.
+	clock.writePair(t, dir, testHost, third)
+	mustPresent(t, addr, third.cert, "after fixing the files")
+	// A new client trusting only the third certificate connects, and the
+	// one connected before all of this is still connected.
+	watch(clientVia(t, testHost, s.LocalAddr(), third.cert)).mustBeAdmitted(t)
+	select {
+	case err := <-early.err:
+		t.Errorf("client connected before the replacements was cut off: %v", err)
+	default:
+	}
+}
+
+func mustCurrent(t *testing.T, certs *relay.ManualCerts) relay.CertInfo {
+	t.Helper()
+	info, ok := certs.Current()
+	if !ok {
+		t.Fatal("Current() not ok")
+	}
+	return info
+}
+
+func TestManualCertsVanishedFilesKeepServing(t *testing.T) {
+	// Mid-renewal a tool may delete before it writes: keep serving.
+	dir := t.TempDir()
+	clock := newFileClock()
+	p := newPair(t, testHost)
+	clock.writePair(t, dir, testHost, p)
+	certs, err := relay.LoadManualCerts(dir, testHost, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := startRelay(t, certs)
+	crt, key := relay.CertPaths(dir, testHost)
+	os.Remove(crt)
+	os.Remove(key)
+	mustPresent(t, s.LocalAddr().String(), p.cert, "with the files gone")
+}
+
+func TestLoadManualCertsErrors(t *testing.T) {
+	a, b := newPair(t, testHost), newPair(t, testHost)
+	other := newPair(t, "other.test.example")
+	tests := []struct {
+		name     string
+		hostname string
+		crt, key []byte // nil: file absent
+		// want are substrings of the error; "$crt" and "$key" stand for
+		// the two paths.
+		want []string
+	}{
+		{"mismatched certificate and key", testHost, a.certPEM, b.keyPEM,
+			[]string{"$crt", "$key", "-certmode manual"}},
+		{"certificate for another name", testHost, other.certPEM, other.keyPEM,
+			[]string{testHost, "$crt", "-hostname"}},
+		{"certificate without the IP", "192.0.2.10", a.certPEM, a.keyPEM,
+			[]string{"192.0.2.10", "-hostname"}},
+		{"no files", testHost, nil, nil,
+			[]string{"$crt", "-certmode letsencrypt"}},
+		{"no key file", testHost, a.certPEM, nil,
+			[]string{"$key", "-certmode letsencrypt"}},
+		{"no certificate file", testHost, nil, a.keyPEM,
+			[]string{"$crt", "-certmode letsencrypt"}},
+		{"garbage certificate", testHost, []byte("hello"), a.keyPEM,
+			[]string{"$crt"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := t.TempDir()
+			crt, key := relay.CertPaths(dir, tt.hostname)
+			if tt.crt != nil {
+				os.WriteFile(crt, tt.crt, 0o644)
+			}
+			if tt.key != nil {
+				os.WriteFile(key, tt.key, 0o600)
+			}
+			certs, err := relay.LoadManualCerts(dir, tt.hostname, nil)
+			if err == nil {
+				t.Fatalf("LoadManualCerts succeeded (serving %v), want an error", mustCurrent(t, certs).Subject)
+			}
+			for _, w := range tt.want {
+				w = strings.NewReplacer("$crt", crt, "$key", key).Replace(w)
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error does not mention %q:\n%v", w, err)
+				}
+			}
+		})
+	}
+}
+
+func TestCertPathsMatchDerper(t *testing.T) {
+	// derper's layout, so a directory set up for derper works unchanged.
+	tests := []struct{ host, base string }{
+		{"derp.example.com", "derp.example.com"},
+		{"203.0.113.7", "203.0.113.7"},
+		{"2001:db8::1", "2001db81"},
+		{"../../etc/passwd", "....etcpasswd"},
+	}
+	for _, tt := range tests {
+		crt, key := relay.CertPaths("/certs", tt.host)
+		if want := filepath.Join("/certs", tt.base+".crt"); crt != want {
+			t.Errorf("CertPaths(%q) crt = %s, want %s", tt.host, crt, want)
+		}
+		if want := filepath.Join("/certs", tt.base+".key"); key != want {
+			t.Errorf("CertPaths(%q) key = %s, want %s", tt.host, key, want)
+		}
+	}
+}
+
+func TestManualCertsSNI(t *testing.T) {
+	dir := t.TempDir()
+	p := newPair(t, testHost)
+	newFileClock().writePair(t, dir, testHost, p)
+	certs, err := relay.LoadManualCerts(dir, testHost, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := startRelay(t, certs)
+	tests := []struct {
+		sni    string
+		served bool
+	}{
+		{testHost, true},
+		// Scanners and clients dialing the IP send no name: served, so
+		// they are not a log line each.
+		{"", true},
+		// DNS names are case-insensitive (RFC 4343); an operator's
+		// derpMap may spell the name with capitals.
+		{strings.ToUpper(testHost), true},
+		{"other.test.example", false},
+		{"derp.test.example.evil", false},
+		{"sub." + testHost, false},
+	}
+	for _, tt := range tests {
+		t.Run("sni="+tt.sni, func(t *testing.T) {
+			leaf, err := presented(t, s.LocalAddr().String(), tt.sni)
+			switch {
+			case tt.served && err != nil:
+				t.Errorf("handshake refused: %v", err)
+			case tt.served && !bytes.Equal(leaf.Raw, p.cert.Raw):
+				t.Errorf("served another certificate: %v", leaf.Subject)
+			case !tt.served && err == nil:
+				t.Errorf("served %v, want the handshake refused", leaf.Subject)
+			}
+		})
+	}
+}
+
+func TestManualCertsHostnameCase(t *testing.T) {
+	// -hostname typed with capitals (TAILSCALE_DERP_HOSTNAME=Derp.Example.com)
+	// loads: certificate name checks ignore case. Clients then send the name
+	// in whatever case their derpMap has, usually lower: they must be served.
+	const typed = "DERP.Test.Example"
+	dir := t.TempDir()
+	p := newPair(t, testHost)
+	newFileClock().writePair(t, dir, typed, p)
+	certs, err := relay.LoadManualCerts(dir, typed, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := startRelay(t, certs)
+	for _, sni := range []string{testHost, typed} {
+		if _, err := presented(t, s.LocalAddr().String(), sni); err != nil {
+			t.Errorf("-hostname %s, SNI %s: handshake refused: %v", typed, sni, err)
+		}
+	}
+}
