@@ -9,7 +9,10 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"strings"
+	"sync"
 	"sync/atomic"
+	"time"
 
 	"golang.org/x/crypto/acme"
 	"golang.org/x/crypto/acme/autocert"
@@ -31,7 +34,9 @@ type ACMEConfig struct {
 	// Email is the optional contact the CA may send expiry notices to.
 	Email string
 	// DirectoryURL is the CA's ACME directory; empty means Let's Encrypt
-	// production. Staging, ZeroSSL, step-ca or Pebble work the same.
+	// production. Staging, ZeroSSL, step-ca or Pebble work the same
+	// (x/crypto v0.58.0 or later: earlier autocert needed the CA to send a
+	// Location header when finalizing an order, golang/go#77704).
 	DirectoryURL string
 	// RootCAs, if non-nil, is the set of roots trusted for the HTTPS
 	// connection to DirectoryURL (a private CA's own bundle). Nil means
@@ -51,7 +56,16 @@ type ACMECerts struct {
 	m        *autocert.Manager
 	logger   *slog.Logger
 	last     atomic.Pointer[CertInfo]
+
+	// failures are logged when the error changes, and otherwise at most
+	// once a minute: during a CA outage every handshake fails.
+	failMu   sync.Mutex
+	lastFail string
+	failLog  *logs.Limiter
 }
+
+// ACMERequestTimeout bounds each request to the ACME CA.
+const ACMERequestTimeout = 30 * time.Second
 
 // NewACME returns ACME certificates for cfg. It checks the settings and
 // creates the cache directory; it does not contact the CA.
@@ -72,15 +86,21 @@ func NewACME(cfg ACMEConfig) (*ACMECerts, error) {
 	if logger == nil {
 		logger = logs.Discard()
 	}
-	client := &acme.Client{DirectoryURL: cfg.DirectoryURL, UserAgent: "tailderp"}
+	// A CA that accepts connections and then stalls must not hold
+	// handshakes for autocert's whole 5-minute issuance budget.
+	tr := http.DefaultTransport.(*http.Transport).Clone()
 	if cfg.RootCAs != nil {
-		tr := http.DefaultTransport.(*http.Transport).Clone()
 		tr.TLSClientConfig = &tls.Config{RootCAs: cfg.RootCAs}
-		client.HTTPClient = &http.Client{Transport: tr}
+	}
+	client := &acme.Client{
+		DirectoryURL: cfg.DirectoryURL,
+		UserAgent:    "tailderp",
+		HTTPClient:   &http.Client{Transport: tr, Timeout: ACMERequestTimeout},
 	}
 	return &ACMECerts{
 		hostname: cfg.Hostname,
 		logger:   logger,
+		failLog:  logs.NewLimiter(1, time.Minute),
 		m: &autocert.Manager{
 			Prompt:     autocert.AcceptTOS,
 			Cache:      autocert.DirCache(cfg.CacheDir),
@@ -102,8 +122,8 @@ func (a *ACMECerts) GetCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate
 	}
 	c, err := a.m.GetCertificate(hello)
 	if err != nil {
-		if hello.ServerName == a.hostname {
-			a.logger.Warn("relay: ACME certificate not available", "hostname", a.hostname, "err", err)
+		if strings.EqualFold(hello.ServerName, a.hostname) {
+			a.noteFailure(err)
 		}
 		return nil, err
 	}
@@ -114,6 +134,25 @@ func (a *ACMECerts) GetCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate
 		}
 	}
 	return c, nil
+}
+
+// noteFailure logs a failure to get the certificate: each new error at
+// once, a repeated one at most once a minute. While autocert backs off
+// after a failure it answers "missing certificate"; the cause logged
+// before stays the one worth reading, so that answer is not logged as new.
+func (a *ACMECerts) noteFailure(err error) {
+	msg := err.Error()
+	a.failMu.Lock()
+	isNew := msg != a.lastFail && !strings.Contains(msg, "missing certificate")
+	if isNew {
+		a.lastFail = msg
+	}
+	cause := a.lastFail
+	a.failMu.Unlock()
+	if ok, suppressed := a.failLog.Allow(time.Now()); ok || isNew {
+		a.logger.Warn("relay: ACME certificate not available; handshakes for the hostname fail until it is",
+			"hostname", a.hostname, "err", cause, "failures_not_logged", suppressed)
+	}
 }
 
 // Current describes the last certificate served; ok is false before the

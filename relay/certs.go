@@ -79,5 +79,15 @@ type CertInfo struct {
 }
 
 func certInfo(leaf *x509.Certificate) CertInfo {
-	return CertInfo{Subject: leaf.Subject.CommonName, NotAfter: leaf.NotAfter, CertName: CertName(leaf.Raw)}
+	subject := leaf.Subject.CommonName
+	// Newer CA profiles (Let's Encrypt's tlsserver, shortlived) leave the
+	// common name empty; the names are in the SANs.
+	switch {
+	case subject != "":
+	case len(leaf.DNSNames) > 0:
+		subject = leaf.DNSNames[0]
+	case len(leaf.IPAddresses) > 0:
+		subject = leaf.IPAddresses[0].String()
+	}
+	return CertInfo{Subject: subject, NotAfter: leaf.NotAfter, CertName: CertName(leaf.Raw)}
 }
