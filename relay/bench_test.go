@@ -133,3 +133,44 @@ func BenchmarkConnectParallel(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkConnectAlternating connects to a relay without admission and
+// to one with admission in turn, one client each per iteration, in
+// alternating order, so both see the same machine noise: the side-by-side
+// comparison the p50 metrics are for.
+func BenchmarkConnectAlternating(b *testing.B) {
+	connectOff, _ := benchRelay(b, false)
+	connectOn, allow := benchRelay(b, true)
+	keys := make([]key.NodePrivate, 2*b.N)
+	for i := range keys {
+		keys[i] = key.NewNode()
+		allow(keys[i].Public())
+	}
+	off := make([]time.Duration, 0, b.N)
+	on := make([]time.Duration, 0, b.N)
+	ctx := context.Background()
+	measure := func(connect func(context.Context, key.NodePrivate) error, k key.NodePrivate, into *[]time.Duration) {
+		t0 := time.Now()
+		if err := connect(ctx, k); err != nil {
+			b.Fatal(err)
+		}
+		*into = append(*into, time.Since(t0))
+	}
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		if i%2 == 0 {
+			measure(connectOff, keys[2*i], &off)
+			measure(connectOn, keys[2*i+1], &on)
+		} else {
+			measure(connectOn, keys[2*i+1], &on)
+			measure(connectOff, keys[2*i], &off)
+		}
+	}
+	b.StopTimer()
+	slices.Sort(off)
+	slices.Sort(on)
+	p50off, p50on := off[len(off)/2], on[len(on)/2]
+	b.ReportMetric(float64(p50off.Microseconds()), "p50-off-µs")
+	b.ReportMetric(float64(p50on.Microseconds()), "p50-on-µs")
+	b.ReportMetric(float64((p50on - p50off).Microseconds()), "p50-delta-µs")
+}
