@@ -111,9 +111,9 @@ func settingsFor(c *config) []setting {
 		{flag: "dev", env: "DEV", group: "Relay", bind: boolVar(&c.Dev, false),
 			usage: "try it out: serve on 127.0.0.1:3340 with a self-signed certificate, no port 80, and no tailnet node unless a key is set"},
 
-		{flag: "certmode", env: "CERTMODE", aliases: []string{"DERP_CERT_MODE"}, group: "Certificates", bind: strVar(&c.CertMode, "letsencrypt"),
+		{flag: "certmode", env: "CERTMODE", aliases: []string{"TAILSCALE_DERP_CERTMODE", "CERT_MODE", "DERP_CERT_MODE"}, group: "Certificates", bind: strVar(&c.CertMode, "letsencrypt"),
 			usage: "letsencrypt (any ACME CA; automatic, renewed in the background) or manual (<certdir>/<hostname>.crt and .key, reloaded when they change; self-signed and generated when -hostname is an IP)"},
-		{flag: "certdir", env: "CERTDIR", aliases: []string{"DERP_CERT_DIR"}, group: "Certificates", bind: strVar(&c.CertDir, ""),
+		{flag: "certdir", env: "CERTDIR", aliases: []string{"CERT_DIR", "DERP_CERT_DIR"}, group: "Certificates", bind: strVar(&c.CertDir, ""),
 			usage: "certificate directory (default <state-dir>/certs)"},
 		{flag: "acme-email", env: "ACME_EMAIL", group: "Certificates", bind: strVar(&c.ACMEEmail, ""),
 			usage: "contact address for the ACME account (expiry notices); optional"},
@@ -362,6 +362,12 @@ func run(ctx context.Context, cfg *config, logger *slog.Logger, out io.Writer) e
 	var n *node.Node
 	var verifier *verify.Verifier
 	if cfg.VerifyClients {
+		// tsnet's log policy looks for a writable place under HOME or the
+		// working directory unless told; in a read-only container with no
+		// HOME it panics. The node's state directory is the right place.
+		if os.Getenv("TS_LOGS_DIR") == "" {
+			os.Setenv("TS_LOGS_DIR", cfg.nodeDir())
+		}
 		if cfg.NoLogsNoSupport || (cfg.ControlURL != "" && cfg.ControlURL != ipn.DefaultControlURL) {
 			envknob.SetNoLogsNoSupport()
 		}

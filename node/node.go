@@ -213,7 +213,8 @@ func (n *Node) run() {
 			close(n.started)
 			break
 		}
-		ts.Close()
+		// No Close: tsnet cleans up after a failed Start itself, and its
+		// Close panics on a server whose Start failed early (v1.102.5).
 		msg := n.redact(err.Error())
 		var netErr net.Error
 		var urlErr *url.Error
