@@ -317,9 +317,9 @@ var testKnobs = []struct{ name, value string }{
 // envknob.RegisterBool in package variables, once at program start: a plain
 // t.Setenv or os.Setenv in a test comes too late and is silently ignored
 // (measured: nodes then talk directly over UDP and the relay sees almost no
-// data). SetTestEnv therefore also pushes every knob into envknob's cache
-// (envknob.Setenv) and restores it afterwards. Like t.Setenv, SetTestEnv
-// cannot be used in parallel tests (it panics); the knobs are process-wide.
+// data). SetTestEnv therefore sets every knob through envknob.Setenv
+// (which sets the process environment too, so subprocesses inherit it),
+// once per test process, and leaves it set: the knobs are process-wide.
 //
 // Not covered by any knob (for whoever audits a test's network use):
 //   - each tsnet node opens a kernel TCP listener for its peer API on
@@ -333,13 +333,15 @@ var testKnobs = []struct{ name, value string }{
 func SetTestEnv(t testing.TB) {
 	t.Helper()
 	for _, k := range testKnobs {
-		prev := os.Getenv(k.name)
-		// t.Setenv first: it refuses parallel tests and registers the
-		// restore of the real environment, which runs after (cleanups are
-		// last in, first out) the envknob restore below.
-		t.Setenv(k.name, k.value)
+		// Set once and kept for the rest of the test process: the process
+		// environment remembers that it was done. Restoring (or setting
+		// again) would write envknob's registered values while goroutines
+		// that tsnet leaves behind after Close (the port mapper's, say)
+		// still read them: a data race, found by -race in CI.
+		if os.Getenv(k.name) == k.value {
+			continue
+		}
 		envknob.Setenv(k.name, k.value)
-		t.Cleanup(func() { envknob.Setenv(k.name, prev) })
 	}
 }
 
