@@ -1,33 +1,66 @@
 // Package check tells whether a DERP relay works, from where the check
-// runs: one line per property with ✓ or ✗ and what was measured. The
-// Docker HEALTHCHECK uses its cheapest form, Local.
+// runs: one line per property with ✓ or ✗ and what was measured.
+//
+//   - Local is the cheap liveness form the Docker HEALTHCHECK uses.
+//   - Run is the full check of a relay by its derpMap node: DNS, TLS and
+//     certificate (CA-signed name or CertName pin, days to expiry),
+//     /generate_204, admission (a stranger is refused, or two fresh clients
+//     exchange packets through it), latency, STUN.
+//   - Load puts bounded load on a relay you own and measures it:
+//     throughput, connects, idle memory, STUN (see load.go).
 package check
 
 import (
 	"context"
 	"crypto/tls"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
+	"os"
+	"syscall"
 	"time"
 
 	"tailscale.com/net/stun"
 )
 
 // Result is the outcome of one check.
+//
+// OK is false for a failure and for a warning (Warn: works now, but needs
+// attention soon, like a certificate about to expire). Skipped marks a
+// check that was not run: with OK true because it does not apply (STUN
+// turned off), with OK false because an earlier check failed and this one
+// could not run without it.
 type Result struct {
-	Name  string `json:"name"`
-	OK    bool   `json:"ok"`
-	Value string `json:"value,omitempty"` // what was measured, e.g. "204 in 1.3ms"
-	Err   string `json:"error,omitempty"`
+	Name    string `json:"name"`
+	OK      bool   `json:"ok"`
+	Warn    bool   `json:"warn,omitempty"`
+	Skipped bool   `json:"skipped,omitempty"`
+	Value   string `json:"value,omitempty"` // what was measured, e.g. "204 in 1.3ms"
+	Err     string `json:"error,omitempty"`
+}
+
+// Mark is the result's symbol: ✓ passed, ✗ failed, ⚠ warning, – skipped.
+func (r Result) Mark() string {
+	switch {
+	case r.Skipped:
+		return "–"
+	case r.Warn:
+		return "⚠"
+	case r.OK:
+		return "✓"
+	default:
+		return "✗"
+	}
 }
 
 // Report is a list of results; it passes when every result does.
 type Report []Result
 
-// OK reports whether every check passed.
+// OK reports whether every check passed (a warning does not).
 func (r Report) OK() bool {
 	for _, res := range r {
 		if !res.OK {
@@ -37,14 +70,22 @@ func (r Report) OK() bool {
 	return len(r) > 0
 }
 
+// Failed returns the results that failed or warned, skipped ones left
+// out: the lines to look at.
+func (r Report) Failed() []Result {
+	var out []Result
+	for _, res := range r {
+		if !res.OK && !res.Skipped {
+			out = append(out, res)
+		}
+	}
+	return out
+}
+
 // WriteText writes one line per result, failures marked ✗.
 func (r Report) WriteText(w io.Writer) {
 	for _, res := range r {
-		mark := "✓"
-		if !res.OK {
-			mark = "✗"
-		}
-		line := fmt.Sprintf("%s %s", mark, res.Name)
+		line := fmt.Sprintf("%s %s", res.Mark(), res.Name)
 		if res.Value != "" {
 			line += ": " + res.Value
 		}
@@ -123,47 +164,86 @@ func probe204(ctx context.Context, addr, serverName string) Result {
 		return res
 	}
 	res.OK = true
-	res.Value = fmt.Sprintf("204 in %v", d.Round(10*time.Microsecond))
+	res.Value = fmt.Sprintf("204 in %v", roundDur(d))
 	return res
 }
 
 func stunBinding(ctx context.Context, addr string) Result {
 	res := Result{Name: "stun " + addr}
-	ua, err := net.ResolveUDPAddr("udp", addr)
+	mapped, rtt, err := stunQuery(ctx, addr, 2*time.Second)
 	if err != nil {
 		res.Err = err.Error()
 		return res
 	}
-	c, err := net.ListenUDP("udp", nil)
+	res.OK = true
+	res.Value = fmt.Sprintf("mapped %v in %v", mapped, roundDur(rtt))
+	return res
+}
+
+// stunQuery sends Tailscale's STUN binding request to addr and returns the
+// mapped address and the round trip time of the answer. It retries twice
+// (UDP may lose a packet) within wait. The socket is connected, so an ICMP
+// "port unreachable" fails it at once instead of after wait.
+func stunQuery(ctx context.Context, addr string, wait time.Duration) (netip.AddrPort, time.Duration, error) {
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "udp", addr)
 	if err != nil {
-		res.Err = err.Error()
-		return res
+		return netip.AddrPort{}, 0, err
 	}
 	defer c.Close()
-	deadline := time.Now().Add(2 * time.Second)
-	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
-		deadline = d
-	}
-	c.SetDeadline(deadline)
-	tx := stun.NewTxID()
-	t0 := time.Now()
-	if _, err := c.WriteToUDP(stun.Request(tx), ua); err != nil {
-		res.Err = err.Error()
-		return res
+	deadline := time.Now().Add(wait)
+	if dl, ok := ctx.Deadline(); ok && dl.Before(deadline) {
+		deadline = dl
 	}
 	buf := make([]byte, 1500)
-	for {
-		n, err := c.Read(buf)
-		if err != nil {
-			res.Err = "no answer: " + err.Error()
-			return res
+	const tries = 3
+	for try := range tries {
+		tx := stun.NewTxID()
+		t0 := time.Now()
+		if _, err := c.Write(stun.Request(tx)); err != nil {
+			return netip.AddrPort{}, 0, stunErr(addr, err)
 		}
-		gotTx, mapped, err := stun.ParseResponse(buf[:n])
-		if err != nil || gotTx != tx {
-			continue
+		// Each try waits its share of what is left.
+		tryDeadline := t0.Add(time.Until(deadline) / time.Duration(tries-try))
+		c.SetReadDeadline(tryDeadline)
+		for {
+			n, err := c.Read(buf)
+			if err != nil {
+				if ne, ok := err.(net.Error); ok && ne.Timeout() && try < tries-1 {
+					break // next try
+				}
+				return netip.AddrPort{}, 0, stunErr(addr, err)
+			}
+			gotTx, mapped, err := stun.ParseResponse(buf[:n])
+			if err != nil || gotTx != tx {
+				continue // not ours (a late answer to an earlier try)
+			}
+			return mapped, time.Since(t0), nil
 		}
-		res.OK = true
-		res.Value = fmt.Sprintf("mapped %v in %v", mapped, time.Since(t0).Round(10*time.Microsecond))
-		return res
+	}
+	return netip.AddrPort{}, 0, stunErr(addr, os.ErrDeadlineExceeded)
+}
+
+func stunErr(addr string, err error) error {
+	switch {
+	case errors.Is(err, syscall.ECONNREFUSED):
+		return fmt.Errorf("no answer: nothing listens on UDP %s (connection refused; is STUN on, and -stun-port right?)", addr)
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		return fmt.Errorf("no answer from UDP %s (a firewall dropping UDP, STUN off, or a wrong -stun-port)", addr)
+	}
+	return fmt.Errorf("no answer from UDP %s: %v", addr, err)
+}
+
+// roundDur rounds d for display: 3 significant digits or so.
+func roundDur(d time.Duration) time.Duration {
+	switch {
+	case d >= 100*time.Millisecond:
+		return d.Round(time.Millisecond)
+	case d >= 10*time.Millisecond:
+		return d.Round(100 * time.Microsecond)
+	case d >= time.Millisecond:
+		return d.Round(10 * time.Microsecond)
+	default:
+		return d.Round(time.Microsecond)
 	}
 }

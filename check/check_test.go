@@ -1,0 +1,555 @@
+package check_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"math/big"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"tailscale.com/tailcfg"
+	"tailscale.com/types/key"
+
+	"github.com/tailderp/tailderp/check"
+	"github.com/tailderp/tailderp/relay"
+	"github.com/tailderp/tailderp/stun"
+)
+
+// testRelay is a tailderp relay in this process on 127.0.0.1.
+type testRelay struct {
+	node tailcfg.DERPNode // as a derpMap would describe it
+	pin  string           // CertName of its certificate
+}
+
+type relayOpts struct {
+	certs   relay.Certificates // default: self-signed for 127.0.0.1
+	admit   relay.Admitter     // nil: open relay
+	meshKey string
+	noSTUN  bool
+}
+
+// denyAll refuses every client, like a verifying relay refuses strangers.
+type denyAll struct{}
+
+func (denyAll) Admit(context.Context, key.NodePublic, netip.Addr) bool { return false }
+
+// memCert serves one certificate held in memory.
+type memCert struct{ c *tls.Certificate }
+
+func (m memCert) GetCertificate(*tls.ClientHelloInfo) (*tls.Certificate, error) { return m.c, nil }
+func (m memCert) HTTPHandler(h http.Handler) http.Handler                       { return h }
+
+func startRelay(t *testing.T, o relayOpts) *testRelay {
+	t.Helper()
+	tr := &testRelay{}
+	if o.certs == nil {
+		sc, err := relay.NewSelfSigned("127.0.0.1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		info, _ := sc.Current()
+		tr.pin = info.CertName
+		o.certs = sc
+	}
+	s := &relay.Server{Addr: "127.0.0.1:0", HTTPPort: -1, Certs: o.certs, PrivateKey: key.NewNode(), Admitter: o.admit, MeshKey: o.meshKey}
+	if err := s.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		s.Close(ctx)
+	})
+	tr.node = tailcfg.DERPNode{
+		Name: "900t", RegionID: 900, HostName: "127.0.0.1", IPv4: "127.0.0.1", IPv6: "none",
+		DERPPort: s.LocalAddr().(*net.TCPAddr).Port, STUNPort: -1, CertName: tr.pin,
+	}
+	if !o.noSTUN {
+		ss := &stun.Server{Addr: "127.0.0.1:0"}
+		if err := ss.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { ss.Close() })
+		tr.node.STUNPort = ss.LocalAddr().(*net.UDPAddr).Port
+	}
+	return tr
+}
+
+func run(t *testing.T, tg check.Target) check.Report {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	r := check.Run(ctx, tg)
+	var buf bytes.Buffer
+	r.WriteText(&buf)
+	t.Logf("report:\n%s", buf.String())
+	return r
+}
+
+func result(t *testing.T, r check.Report, name string) check.Result {
+	t.Helper()
+	for _, res := range r {
+		if res.Name == name {
+			return res
+		}
+	}
+	t.Fatalf("no %q result in %+v", name, r)
+	return check.Result{}
+}
+
+// wantOnlyFailure checks that name is the one line marked ✗ (or ⚠), with
+// errSubstr in it, and the report fails.
+func wantOnlyFailure(t *testing.T, r check.Report, name, mark, errSubstr string) {
+	t.Helper()
+	if r.OK() {
+		t.Fatal("report OK, want a failure")
+	}
+	failed := r.Failed()
+	if len(failed) != 1 || failed[0].Name != name {
+		t.Fatalf("failed lines %+v, want only %q", failed, name)
+	}
+	if got := failed[0].Mark(); got != mark {
+		t.Errorf("%s marked %s, want %s", name, got, mark)
+	}
+	if !strings.Contains(failed[0].Err, errSubstr) {
+		t.Errorf("%s error %q, want it to contain %q", name, failed[0].Err, errSubstr)
+	}
+	var buf bytes.Buffer
+	r.WriteText(&buf)
+	if !strings.Contains(buf.String(), mark+" "+name+": ") {
+		t.Errorf("text report does not mark the line %s %s:\n%s", mark, name, buf.String())
+	}
+}
+
+func TestRunOpenRelayPinned(t *testing.T) {
+	tr := startRelay(t, relayOpts{})
+	r := run(t, check.Target{Node: tr.node, Pings: 5})
+	if !r.OK() {
+		t.Fatalf("report failed: %+v", r.Failed())
+	}
+	names := []string{check.NameDNS, check.NameTLS, check.NameCertificate, check.NameGenerate204, check.NameAdmission, check.NameRelay, check.NameLatency, check.NameSTUN}
+	if len(r) != len(names) {
+		t.Fatalf("%d results, want %d", len(r), len(names))
+	}
+	for i, n := range names {
+		if r[i].Name != n || r[i].Mark() != "✓" {
+			t.Errorf("result %d = %s %s, want ✓ %s", i, r[i].Mark(), r[i].Name, n)
+		}
+	}
+	if v := result(t, r, check.NameRelay).Value; !strings.Contains(v, "exchanged 5 packets") {
+		t.Errorf("relay value %q", v)
+	}
+	if v := result(t, r, check.NameAdmission).Value; !strings.Contains(v, "open relay") {
+		t.Errorf("admission value %q", v)
+	}
+	var js bytes.Buffer
+	if err := r.WriteJSON(&js); err != nil {
+		t.Fatal(err)
+	}
+	var decoded struct {
+		OK      bool
+		Results []check.Result
+	}
+	if err := json.Unmarshal(js.Bytes(), &decoded); err != nil || !decoded.OK || len(decoded.Results) != len(names) {
+		t.Fatalf("JSON %s: %v", js.String(), err)
+	}
+}
+
+func TestRunRefusesStrangers(t *testing.T) {
+	tr := startRelay(t, relayOpts{admit: denyAll{}})
+	r := run(t, check.Target{Node: tr.node, Expect: check.ExpectRefused, Pings: 3})
+	if !r.OK() {
+		t.Fatalf("report failed: %+v", r.Failed())
+	}
+	adm := result(t, r, check.NameAdmission)
+	if adm.Mark() != "✓" || !strings.Contains(adm.Value, "refuses clients outside the tailnet") {
+		t.Errorf("admission = %+v", adm)
+	}
+	if rel := result(t, r, check.NameRelay); !rel.Skipped || !rel.OK || !strings.Contains(rel.Value, "-mesh-key-file") {
+		t.Errorf("relay = %+v, want skipped (not applicable) with a hint", rel)
+	}
+}
+
+func TestRunMeshKeyOnVerifyingRelay(t *testing.T) {
+	var raw [32]byte
+	rand.Read(raw[:])
+	mk := hex.EncodeToString(raw[:])
+	tr := startRelay(t, relayOpts{admit: denyAll{}, meshKey: mk})
+	meshKey, err := key.ParseDERPMesh(mk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := run(t, check.Target{Node: tr.node, Expect: check.ExpectRefused, MeshKey: meshKey, Pings: 3})
+	if !r.OK() {
+		t.Fatalf("report failed: %+v", r.Failed())
+	}
+	if rel := result(t, r, check.NameRelay); rel.Skipped || !strings.Contains(rel.Value, "mesh-key clients") {
+		t.Errorf("relay = %+v, want an exchange by mesh clients", rel)
+	}
+}
+
+func TestRunExpectRefusedOnOpenRelay(t *testing.T) {
+	tr := startRelay(t, relayOpts{})
+	r := run(t, check.Target{Node: tr.node, Expect: check.ExpectRefused, Pings: 3})
+	wantOnlyFailure(t, r, check.NameAdmission, "✗", "open to anyone")
+}
+
+func TestRunWrongPin(t *testing.T) {
+	tr := startRelay(t, relayOpts{})
+	n := tr.node
+	n.CertName = "sha256-raw:" + strings.Repeat("ab", 32)
+	r := run(t, check.Target{Node: n, Pings: 3})
+	wantOnlyFailure(t, r, check.NameCertificate, "✗", "pin mismatch: the relay presents "+tr.pin)
+	if adm := result(t, r, check.NameAdmission); !adm.Skipped {
+		t.Errorf("admission = %+v, want skipped (no client can connect)", adm)
+	}
+}
+
+func TestRunSelfSignedWithoutPin(t *testing.T) {
+	tr := startRelay(t, relayOpts{})
+	n := tr.node
+	n.CertName = ""
+	r := run(t, check.Target{Node: n, Pings: 3})
+	wantOnlyFailure(t, r, check.NameCertificate, "✗", `self-signed: Tailscale clients accept it only pinned, with CertName "`+tr.pin+`"`)
+}
+
+func TestRunTrustOnFirstUse(t *testing.T) {
+	tr := startRelay(t, relayOpts{})
+	n := tr.node
+	n.CertName = ""
+	r := run(t, check.Target{Node: n, TrustOnFirstUse: true, Pings: 3})
+	if !r.OK() {
+		t.Fatalf("report failed: %+v", r.Failed())
+	}
+	if v := result(t, r, check.NameCertificate).Value; !strings.Contains(v, tr.pin) {
+		t.Errorf("certificate value %q does not show the pin %s", v, tr.pin)
+	}
+}
+
+// testCA is a private certificate authority.
+type testCA struct {
+	cert *x509.Certificate
+	key  *ecdsa.PrivateKey
+	pool *x509.CertPool
+}
+
+func newCA(t *testing.T) *testCA {
+	t.Helper()
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(1),
+		Subject:               pkix.Name{CommonName: "tailderp test CA"},
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().Add(24 * time.Hour),
+		KeyUsage:              x509.KeyUsageCertSign,
+		BasicConstraintsValid: true,
+		IsCA:                  true,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &k.PublicKey, k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, _ := x509.ParseCertificate(der)
+	pool := x509.NewCertPool()
+	pool.AddCert(c)
+	return &testCA{cert: c, key: k, pool: pool}
+}
+
+// issue returns a certificate for dnsName signed by the CA (or
+// self-signed when ca is nil), valid for validFor from an hour ago.
+func issue(t *testing.T, ca *testCA, dnsName string, validFor time.Duration) *tls.Certificate {
+	t.Helper()
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(time.Now().UnixNano()),
+		Subject:      pkix.Name{CommonName: dnsName},
+		DNSNames:     []string{dnsName},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(validFor),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	if ip := net.ParseIP(dnsName); ip != nil {
+		tmpl.DNSNames, tmpl.IPAddresses = nil, []net.IP{ip}
+	}
+	parent, signer := tmpl, any(k)
+	if ca != nil {
+		parent, signer = ca.cert, ca.key
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, parent, &k.PublicKey, signer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaf, _ := x509.ParseCertificate(der)
+	return &tls.Certificate{Certificate: [][]byte{der}, PrivateKey: k, Leaf: leaf}
+}
+
+func TestRunCASignedCertificate(t *testing.T) {
+	ca := newCA(t)
+	tr := startRelay(t, relayOpts{certs: memCert{issue(t, ca, "relay.test", 90*24*time.Hour)}})
+	// As the derpMap would have it: the name, and the address to dial
+	// (so nothing is resolved).
+	n := tr.node
+	n.HostName, n.CertName = "relay.test", ""
+	r := run(t, check.Target{Node: n, RootCAs: ca.pool, Pings: 3})
+	if !r.OK() {
+		t.Fatalf("report failed: %+v", r.Failed())
+	}
+	if v := result(t, r, check.NameCertificate).Value; !strings.Contains(v, "valid for relay.test, issued by tailderp test CA") {
+		t.Errorf("certificate value %q", v)
+	}
+}
+
+func TestRunWrongCertName(t *testing.T) {
+	ca := newCA(t)
+	tr := startRelay(t, relayOpts{certs: memCert{issue(t, ca, "relay.test", 90*24*time.Hour)}})
+	n := tr.node // HostName 127.0.0.1: not on the certificate
+	n.CertName = ""
+	r := run(t, check.Target{Node: n, RootCAs: ca.pool, Pings: 3})
+	wantOnlyFailure(t, r, check.NameCertificate, "✗", "the certificate is for relay.test, not 127.0.0.1")
+}
+
+func TestRunCertificateExpiresSoon(t *testing.T) {
+	ca := newCA(t)
+	tr := startRelay(t, relayOpts{certs: memCert{issue(t, ca, "relay.test", 5*24*time.Hour)}})
+	n := tr.node
+	n.HostName, n.CertName = "relay.test", ""
+	r := run(t, check.Target{Node: n, RootCAs: ca.pool, Pings: 3})
+	wantOnlyFailure(t, r, check.NameCertificate, "⚠", "expires in under 14 days")
+	// A warning still lets clients in, so the relay is still tested.
+	if rel := result(t, r, check.NameRelay); rel.Mark() != "✓" {
+		t.Errorf("relay = %+v", rel)
+	}
+}
+
+func TestRunSTUNClosed(t *testing.T) {
+	tr := startRelay(t, relayOpts{noSTUN: true})
+	n := tr.node
+	n.STUNPort = closedUDPPort(t)
+	r := run(t, check.Target{Node: n, Pings: 3})
+	wantOnlyFailure(t, r, check.NameSTUN, "✗", "no answer")
+}
+
+func TestRunSTUNOff(t *testing.T) {
+	tr := startRelay(t, relayOpts{noSTUN: true}) // STUNPort -1: the derpMap says no STUN
+	r := run(t, check.Target{Node: tr.node, Pings: 3})
+	if !r.OK() {
+		t.Fatalf("report failed: %+v", r.Failed())
+	}
+	if s := result(t, r, check.NameSTUN); !s.Skipped || s.Mark() != "–" {
+		t.Errorf("stun = %+v, want skipped", s)
+	}
+}
+
+func TestRunStopped(t *testing.T) {
+	n := tailcfg.DERPNode{HostName: "127.0.0.1", IPv4: "127.0.0.1", IPv6: "none", DERPPort: closedTCPPort(t), STUNPort: closedUDPPort(t)}
+	r := run(t, check.Target{Node: n, Pings: 3})
+	if r.OK() {
+		t.Fatal("report OK against a stopped relay")
+	}
+	if tl := result(t, r, check.NameTLS); tl.Mark() != "✗" || !strings.Contains(tl.Err, "connection refused") {
+		t.Errorf("tls = %+v", tl)
+	}
+	for _, name := range []string{check.NameCertificate, check.NameGenerate204, check.NameAdmission, check.NameRelay, check.NameLatency} {
+		if res := result(t, r, name); !res.Skipped || res.OK {
+			t.Errorf("%s = %+v, want skipped", name, res)
+		}
+	}
+}
+
+// closedTCPPort returns a loopback TCP port nothing listens on.
+func closedTCPPort(t *testing.T) int {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// closedUDPPort returns a loopback UDP port nothing listens on.
+func closedUDPPort(t *testing.T) int {
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	return pc.LocalAddr().(*net.UDPAddr).Port
+}
+
+func TestParseURL(t *testing.T) {
+	tests := []struct {
+		in      string
+		want    tailcfg.DERPNode
+		wantErr string
+	}{
+		{in: "https://derp.example.com", want: tailcfg.DERPNode{HostName: "derp.example.com"}},
+		{in: "derp.example.com:8443", want: tailcfg.DERPNode{HostName: "derp.example.com", DERPPort: 8443}},
+		{in: "https://derp.example.com:443/", want: tailcfg.DERPNode{HostName: "derp.example.com"}},
+		{in: "https://192.0.2.1:3340", want: tailcfg.DERPNode{HostName: "192.0.2.1", IPv4: "192.0.2.1", IPv6: "none", DERPPort: 3340}},
+		{in: "https://[2001:db8::1]", want: tailcfg.DERPNode{HostName: "2001:db8::1", IPv4: "none", IPv6: "2001:db8::1"}},
+		{in: "http://derp.example.com", wantErr: "want https"},
+		{in: "https://derp.example.com/some/path", wantErr: "without a path"},
+		{in: "https://derp.example.com:99999", wantErr: "bad port"},
+	}
+	for _, tt := range tests {
+		got, err := check.ParseURL(tt.in)
+		if tt.wantErr != "" {
+			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+				t.Errorf("ParseURL(%q) error %v, want %q", tt.in, err, tt.wantErr)
+			}
+			continue
+		}
+		if err != nil {
+			t.Errorf("ParseURL(%q): %v", tt.in, err)
+			continue
+		}
+		got.Name, got.RegionID = "", 0
+		if got != tt.want {
+			t.Errorf("ParseURL(%q) = %+v, want %+v", tt.in, got, tt.want)
+		}
+	}
+}
+
+func TestPercentiles(t *testing.T) {
+	var ds []time.Duration
+	for i := 100; i >= 1; i-- {
+		ds = append(ds, time.Duration(i))
+	}
+	p := check.Percentiles(ds)
+	if p.P50 != 50 || p.P99 != 99 || p.Max != 100 || p.N != 100 {
+		t.Errorf("Percentiles = %+v", p)
+	}
+	if ds[0] != 100 {
+		t.Error("Percentiles sorted its input")
+	}
+	if p := check.Percentiles([]time.Duration{7}); p.P50 != 7 || p.P99 != 7 {
+		t.Errorf("one value: %+v", p)
+	}
+}
+
+func TestLocal(t *testing.T) {
+	tr := startRelay(t, relayOpts{})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	r := check.Local(ctx, check.LocalTarget{
+		HTTPSAddr: net.JoinHostPort("", strconv.Itoa(tr.node.DERPPort)),
+		STUNAddr:  net.JoinHostPort("0.0.0.0", strconv.Itoa(tr.node.STUNPort)),
+	})
+	if !r.OK() || len(r) != 2 {
+		t.Fatalf("Local = %+v", r)
+	}
+	r = check.Local(ctx, check.LocalTarget{HTTPSAddr: net.JoinHostPort("", strconv.Itoa(tr.node.DERPPort)), STUNAddr: net.JoinHostPort("", strconv.Itoa(closedUDPPort(t)))})
+	if r.OK() || r[1].OK {
+		t.Fatalf("Local with STUN closed = %+v", r)
+	}
+}
+
+// Load.
+
+func TestLoadSmoke(t *testing.T) {
+	tr := startRelay(t, relayOpts{})
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	n := tr.node
+	res, err := check.Load(ctx, check.LoadConfig{
+		Region:           &tailcfg.DERPRegion{RegionID: 900, Nodes: []*tailcfg.DERPNode{&n}},
+		Pairs:            []int{1, 2},
+		Sizes:            []int{64, 1200},
+		InFlight:         4,
+		Duration:         300 * time.Millisecond,
+		MaxPackets:       50,
+		Connects:         3,
+		ParallelConnects: 4,
+		Concurrency:      2,
+		Idle:             3,
+		PID:              os.Getpid(), // the relay runs in this process
+		STUNWorkers:      2,
+		Progress:         t.Logf,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var buf bytes.Buffer
+	res.WriteText(&buf)
+	t.Logf("load:\n%s", buf.String())
+	if res.Idle == nil || res.Idle.N != 3 || res.Idle.RSSBefore <= 0 || res.Idle.RSSAfter <= 0 {
+		t.Errorf("idle = %+v", res.Idle)
+	}
+	if res.ConnectSeq == nil || res.ConnectSeq.N+res.ConnectSeq.Errors == 0 || res.ConnectSeq.Errors != 0 {
+		t.Errorf("connect sequential = %+v", res.ConnectSeq)
+	}
+	if res.ConnectPar == nil || res.ConnectPar.Concurrency != 2 || res.ConnectPar.Errors != 0 {
+		t.Errorf("connect concurrent = %+v", res.ConnectPar)
+	}
+	if len(res.Throughput) != 4 {
+		t.Fatalf("throughput = %+v, want 2 pair counts × 2 sizes", res.Throughput)
+	}
+	for _, tp := range res.Throughput {
+		if tp.Packets <= 0 || tp.Packets > int64(tp.Pairs*50) || tp.Bytes != tp.Packets*int64(tp.Size) {
+			t.Errorf("throughput %+v: want 1 to %d packets of %d bytes", tp, tp.Pairs*50, tp.Size)
+		}
+	}
+	if res.STUN == nil || res.STUN.Answers <= 0 {
+		t.Errorf("stun = %+v", res.STUN)
+	}
+	buf.Reset()
+	if err := res.WriteJSON(&buf); err != nil || !strings.Contains(buf.String(), `"mbps"`) {
+		t.Errorf("JSON %v: %s", err, buf.String())
+	}
+}
+
+func TestLoadRefusesNonLoopback(t *testing.T) {
+	n := &tailcfg.DERPNode{HostName: "192.0.2.1", IPv4: "192.0.2.1"} // TEST-NET-1: never dialled
+	_, err := check.Load(context.Background(), check.LoadConfig{Region: &tailcfg.DERPRegion{RegionID: 900, Nodes: []*tailcfg.DERPNode{n}}})
+	if !errors.Is(err, check.ErrNotLoopback) {
+		t.Fatalf("Load = %v, want ErrNotLoopback", err)
+	}
+}
+
+func TestLoadVerifyingRelay(t *testing.T) {
+	var raw [32]byte
+	rand.Read(raw[:])
+	mk := hex.EncodeToString(raw[:])
+	tr := startRelay(t, relayOpts{admit: denyAll{}, meshKey: mk})
+	n := tr.node
+	cfg := check.LoadConfig{
+		Region: &tailcfg.DERPRegion{RegionID: 900, Nodes: []*tailcfg.DERPNode{&n}},
+		Pairs:  []int{1}, Sizes: []int{64}, InFlight: 2, Duration: 200 * time.Millisecond, MaxPackets: 10,
+		Connects: 1, ParallelConnects: 2, Concurrency: 2, Idle: -1, Skip: []string{"stun"},
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	if _, err := check.Load(ctx, cfg); err == nil || !strings.Contains(err.Error(), "-mesh-key-file") {
+		t.Fatalf("Load with fresh keys on a verifying relay = %v, want a refusal naming -mesh-key-file", err)
+	}
+	cfg.MeshKey, _ = key.ParseDERPMesh(mk)
+	res, err := check.Load(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(res.Throughput) != 1 || res.Throughput[0].Packets == 0 || res.Idle != nil || res.STUN != nil {
+		t.Errorf("result = %+v", res)
+	}
+}

@@ -1,0 +1,351 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/json"
+	"encoding/pem"
+	"fmt"
+	"math/big"
+	"net"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"tailscale.com/tailcfg"
+
+	"github.com/tailderp/tailderp/internal/logs"
+)
+
+// ckBuffer is a bytes.Buffer safe for concurrent use.
+type ckBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (c *ckBuffer) Write(p []byte) (int, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.b.Write(p)
+}
+
+func (c *ckBuffer) String() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.b.String()
+}
+
+// ckServer is a tailderp serving in this process, as `tailderp ARGS` would.
+type ckServer struct {
+	node   *tailcfg.DERPNode // from its derpMap snippet
+	stop   func()
+	logOut *ckBuffer
+}
+
+var ckSnippetRE = regexp.MustCompile(`(?s)--- derpMap[^\n]*\n(\{.*?\n\})\n---\n`)
+
+// ckServe starts tailderp with args (no environment) on loopback and
+// waits until it serves. It stops when the test ends, or at stop().
+func ckServe(t *testing.T, args ...string) *ckServer {
+	t.Helper()
+	var stderr ckBuffer
+	cfg, err := loadConfig("tailderp", args, func(string) string { return "" }, &stderr)
+	if err != nil {
+		t.Fatalf("tailderp %s: %v\n%s", strings.Join(args, " "), err, stderr.String())
+	}
+	s := &ckServer{logOut: &ckBuffer{}}
+	logger, err := logs.New(s.logOut, "text", "info")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out ckBuffer
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- run(ctx, cfg, logger, &out) }()
+	var once sync.Once
+	s.stop = func() {
+		once.Do(func() {
+			cancel()
+			select {
+			case <-done:
+			case <-time.After(10 * time.Second):
+				t.Errorf("tailderp did not stop within 10s")
+			}
+		})
+	}
+	t.Cleanup(s.stop)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if m := ckSnippetRE.FindStringSubmatch(out.String()); m != nil {
+			var policy struct {
+				DERPMap tailcfg.DERPMap `json:"derpMap"`
+			}
+			if err := json.Unmarshal([]byte(m[1]), &policy); err != nil {
+				t.Fatal(err)
+			}
+			for _, r := range policy.DERPMap.Regions {
+				s.node = r.Nodes[0]
+			}
+			return s
+		}
+		select {
+		case err := <-done:
+			t.Fatalf("tailderp exited (%v) before serving:\n%s", err, s.logOut.String())
+		case <-time.After(20 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("tailderp not serving after 10s:\n%s", s.logOut.String())
+		}
+	}
+}
+
+func (s *ckServer) derpPort() string { return fmt.Sprint(s.node.DERPPort) }
+func (s *ckServer) stunPort() string { return fmt.Sprint(s.node.STUNPort) }
+
+// ckIPMode starts tailderp in IP mode on 127.0.0.1 (self-signed
+// certificate, pinned by CertName) as an open relay, and returns it with
+// its state directory.
+func ckIPMode(t *testing.T, extra ...string) (*ckServer, string) {
+	t.Helper()
+	state := t.TempDir()
+	args := append([]string{"-hostname", "127.0.0.1", "-certmode", "manual", "-state-dir", state,
+		"-a", "127.0.0.1:0", "-stun-port", "0", "-http-port", "-1", "-verify-clients=false"}, extra...)
+	return ckServe(t, args...), state
+}
+
+// ckCheck runs `tailderp check ARGS` with env and returns the exit code
+// and output.
+func ckCheck(t *testing.T, env map[string]string, args ...string) (int, string, string) {
+	t.Helper()
+	var stdout, stderr ckBuffer
+	code := runCheck(args, func(k string) string { return env[k] }, &stdout, &stderr)
+	t.Logf("tailderp check %s → exit %d\n%s%s", strings.Join(args, " "), code, stdout.String(), stderr.String())
+	return code, stdout.String(), stderr.String()
+}
+
+// ckLine returns the output line of check name, or fails.
+func ckLine(t *testing.T, out, name string) string {
+	t.Helper()
+	for l := range strings.SplitSeq(out, "\n") {
+		if len(l) > 4 && strings.HasPrefix(strings.SplitN(l, " ", 2)[1], name+":") {
+			return l
+		}
+	}
+	t.Fatalf("no %q line in:\n%s", name, out)
+	return ""
+}
+
+// ckWantFailure checks exit 1 with exactly the line name marked ✗, and
+// every other line passed or skipped.
+func ckWantFailure(t *testing.T, code int, out, name, substr string) {
+	t.Helper()
+	if code != 1 {
+		t.Errorf("exit %d, want 1", code)
+	}
+	line := ckLine(t, out, name)
+	if !strings.HasPrefix(line, "✗ "+name+": ") || !strings.Contains(line, substr) {
+		t.Errorf("line %q, want it marked ✗ and containing %q", line, substr)
+	}
+	for l := range strings.SplitSeq(out, "\n") {
+		if strings.HasPrefix(l, "✗ ") && l != line {
+			t.Errorf("another line failed: %q", l)
+		}
+	}
+}
+
+func ckWantAllGood(t *testing.T, code int, out string) {
+	t.Helper()
+	if code != 0 {
+		t.Fatalf("exit %d, want 0", code)
+	}
+	for _, name := range []string{"dns", "tls", "certificate", "generate_204", "admission", "relay", "latency", "stun"} {
+		if l := ckLine(t, out, name); !strings.HasPrefix(l, "✓ ") {
+			t.Errorf("line %q, want ✓", l)
+		}
+	}
+	if !strings.Contains(out, "all good") {
+		t.Errorf("no \"all good\" in:\n%s", out)
+	}
+}
+
+func TestCheckDev(t *testing.T) {
+	s := ckServe(t, "-dev", "-a", "127.0.0.1:0", "-stun-port", "0")
+	code, out, _ := ckCheck(t, nil, "-dev", "-a", "127.0.0.1:"+s.derpPort(), "-stun-port", s.stunPort(), "-pings", "5")
+	ckWantAllGood(t, code, out)
+	if l := ckLine(t, out, "certificate"); !strings.Contains(l, "sha256-raw:") {
+		t.Errorf("certificate line %q does not show the pin", l)
+	}
+	// -local, the HEALTHCHECK, on the same server.
+	code, out, _ = ckCheck(t, nil, "-local", "-dev", "-a", "127.0.0.1:"+s.derpPort(), "-stun-port", s.stunPort())
+	if code != 0 || strings.Count(out, "✓ ") != 2 {
+		t.Errorf("-local: exit %d:\n%s", code, out)
+	}
+}
+
+func TestCheckIPMode(t *testing.T) {
+	s, state := ckIPMode(t)
+	// From the server's own settings (the environment, as in a container):
+	// the pin comes from its certificate directory.
+	env := map[string]string{
+		"TAILSCALE_DERP_HOSTNAME": "127.0.0.1", "CERTMODE": "manual", "STATE_DIR": state,
+		"ADDR": "127.0.0.1:" + s.derpPort(), "STUN_PORT": s.stunPort(), "VERIFY_CLIENTS": "false",
+	}
+	code, out, _ := ckCheck(t, env, "-pings", "5")
+	ckWantAllGood(t, code, out)
+	if !strings.Contains(ckLine(t, out, "certificate"), "matches the pin "+s.node.CertName[:len("sha256-raw:")+16]) {
+		t.Errorf("certificate line does not name the pin %s", s.node.CertName)
+	}
+	// The same by URL and pin, as from another machine; JSON.
+	code, out, _ = ckCheck(t, nil, "https://127.0.0.1:"+s.derpPort(), "-stun-port", s.stunPort(), "-cert-name", s.node.CertName, "-json", "-pings", "5")
+	var rep struct {
+		OK      bool `json:"ok"`
+		Results []struct {
+			Name string `json:"name"`
+			OK   bool   `json:"ok"`
+		} `json:"results"`
+	}
+	if err := json.Unmarshal([]byte(out), &rep); err != nil {
+		t.Fatalf("JSON: %v\n%s", err, out)
+	}
+	if code != 0 || !rep.OK || len(rep.Results) != 8 {
+		t.Errorf("exit %d, report %+v", code, rep)
+	}
+}
+
+func TestCheckStoppedServer(t *testing.T) {
+	s, _ := ckIPMode(t)
+	s.stop()
+	code, out, _ := ckCheck(t, nil, "https://127.0.0.1:"+s.derpPort(), "-stun=false", "-cert-name", s.node.CertName)
+	ckWantFailure(t, code, out, "tls", "connection refused")
+	if !strings.HasPrefix(ckLine(t, out, "relay"), "– relay: skipped") {
+		t.Errorf("relay line %q, want skipped", ckLine(t, out, "relay"))
+	}
+}
+
+func TestCheckWrongPin(t *testing.T) {
+	s, _ := ckIPMode(t)
+	code, out, _ := ckCheck(t, nil, "https://127.0.0.1:"+s.derpPort(), "-stun-port", s.stunPort(),
+		"-cert-name", "sha256-raw:"+strings.Repeat("0", 64))
+	ckWantFailure(t, code, out, "certificate", "pin mismatch: the relay presents "+s.node.CertName)
+}
+
+func TestCheckWrongCertName(t *testing.T) {
+	// A relay with a certificate for relay.test from a private CA, checked
+	// by its IP address: the name the client checks is not on it.
+	state := t.TempDir()
+	caPEM := ckWriteCASigned(t, filepath.Join(state, "certs"), "relay.test")
+	caFile := filepath.Join(t.TempDir(), "ca.pem")
+	if err := os.WriteFile(caFile, caPEM, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	s := ckServe(t, "-hostname", "relay.test", "-certmode", "manual", "-state-dir", state,
+		"-a", "127.0.0.1:0", "-stun-port", "0", "-http-port", "-1", "-verify-clients=false")
+	code, out, _ := ckCheck(t, nil, "https://127.0.0.1:"+s.derpPort(), "-stun-port", s.stunPort(), "-ca-file", caFile)
+	ckWantFailure(t, code, out, "certificate", "the certificate is for relay.test, not 127.0.0.1")
+
+	// By its name (dialled at 127.0.0.1; nothing resolved) it passes.
+	code, out, _ = ckCheck(t, nil, "https://relay.test:"+s.derpPort(), "-ipv4", "127.0.0.1", "-ipv6", "none",
+		"-stun-port", s.stunPort(), "-ca-file", caFile, "-pings", "5")
+	ckWantAllGood(t, code, out)
+}
+
+// ckWriteCASigned writes <dir>/<name>.crt and .key, signed by a new CA,
+// and returns the CA certificate in PEM.
+func ckWriteCASigned(t *testing.T, dir, name string) []byte {
+	t.Helper()
+	caKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	caTmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "check test CA"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
+		KeyUsage: x509.KeyUsageCertSign, BasicConstraintsValid: true, IsCA: true,
+	}
+	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca, _ := x509.ParseCertificate(caDER)
+	k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: name}, DNSNames: []string{name},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(90 * 24 * time.Hour),
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &k.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyDER, _ := x509.MarshalECPrivateKey(k)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	write := func(file, typ string, b []byte) {
+		if err := os.WriteFile(filepath.Join(dir, file), pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: b}), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(name+".crt", "CERTIFICATE", der)
+	write(name+".key", "EC PRIVATE KEY", keyDER)
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER})
+}
+
+func TestCheckClosedSTUNPort(t *testing.T) {
+	s, _ := ckIPMode(t, "-stun=false")
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	closed := fmt.Sprint(pc.LocalAddr().(*net.UDPAddr).Port)
+	pc.Close()
+	code, out, _ := ckCheck(t, nil, "https://127.0.0.1:"+s.derpPort(), "-cert-name", s.node.CertName, "-stun-port", closed, "-pings", "5")
+	ckWantFailure(t, code, out, "stun", "no answer")
+}
+
+func TestCheckLoadSmoke(t *testing.T) {
+	s, _ := ckIPMode(t)
+	code, out, stderr := ckCheck(t, nil, "-load", "https://127.0.0.1:"+s.derpPort(), "-stun-port", s.stunPort(), "-cert-name", s.node.CertName,
+		"-pairs", "1,2", "-sizes", "64", "-in-flight", "2", "-load-duration", "200ms", "-max-packets", "20",
+		"-connects", "2", "-concurrent-connects", "2", "-concurrency", "2", "-idle", "2", "-stun-workers", "1",
+		"-pid", fmt.Sprint(os.Getpid()))
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, stderr)
+	}
+	for _, want := range []string{"idle        2 clients", "connect     sequential", "connect     2 at once", "throughput   1 pairs", "throughput   2 pairs", "stun        1 workers"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("no %q in:\n%s", want, out)
+		}
+	}
+}
+
+func TestCheckLoadRefusesNonLoopback(t *testing.T) {
+	// TEST-NET-1: never dialled, the refusal comes first.
+	code, _, stderr := ckCheck(t, nil, "-load", "https://192.0.2.1", "-cert-name", "sha256-raw:"+strings.Repeat("0", 64))
+	if code != 2 || !strings.Contains(stderr, "-yes-i-own-this-server") {
+		t.Errorf("exit %d, stderr %q; want 2 naming -yes-i-own-this-server", code, stderr)
+	}
+}
+
+func TestCheckUsage(t *testing.T) {
+	for _, args := range [][]string{
+		{"https://a.example", "https://b.example"},
+		{"-local", "https://a.example"},
+		{"http://a.example"},
+		{"-load", "-pairs", "x", "https://127.0.0.1"},
+	} {
+		if code, _, stderr := ckCheck(t, nil, args...); code != 2 || stderr == "" {
+			t.Errorf("check %q: exit %d, stderr %q; want 2 and a message", args, code, stderr)
+		}
+	}
+	code, _, stderr := ckCheck(t, nil, "-h")
+	if code != 0 || !strings.Contains(stderr, "-expect-refused") || !strings.Contains(stderr, "-yes-i-own-this-server") {
+		t.Errorf("-h: exit %d:\n%s", code, stderr)
+	}
+}
