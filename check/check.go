@@ -136,35 +136,44 @@ func loopbackIfUnspecified(hostport string) string {
 }
 
 func probe204(ctx context.Context, addr, serverName string) Result {
-	res := Result{Name: "https " + addr + " /generate_204"}
 	tr := &http.Transport{
 		// Liveness only: the certificate is checked by `tailderp check URL`.
 		TLSClientConfig:   &tls.Config{InsecureSkipVerify: true, ServerName: serverName},
 		DisableKeepAlives: true,
 	}
 	defer tr.CloseIdleConnections()
-	c := &http.Client{Transport: tr, Timeout: 5 * time.Second}
+	return get204(ctx, tr, "https "+addr+" /generate_204", "https://"+addr+"/generate_204")
+}
+
+// get204 GETs url (a relay's /generate_204) through rt with a captive-
+// portal challenge and checks that the relay answers 204 echoing it, as
+// derpserver does.
+func get204(ctx context.Context, rt http.RoundTripper, name, url string) Result {
+	res := Result{Name: name}
 	const challenge = "tailderp-check"
-	req, err := http.NewRequestWithContext(ctx, "GET", "https://"+addr+"/generate_204", nil)
+	rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(rctx, "GET", url, nil)
 	if err != nil {
 		res.Err = err.Error()
 		return res
 	}
 	req.Header.Set("X-Tailscale-Challenge", challenge)
 	t0 := time.Now()
-	hres, err := c.Do(req)
+	hres, err := rt.RoundTrip(req)
 	if err != nil {
 		res.Err = err.Error()
 		return res
 	}
+	io.Copy(io.Discard, io.LimitReader(hres.Body, 4<<10))
 	hres.Body.Close()
 	d := time.Since(t0)
 	if hres.StatusCode != http.StatusNoContent || hres.Header.Get("X-Tailscale-Response") != "response "+challenge {
-		res.Err = fmt.Sprintf("got %s with response header %q, want 204 echoing the challenge", hres.Status, hres.Header.Get("X-Tailscale-Response"))
+		res.Err = fmt.Sprintf("got %s with X-Tailscale-Response %q, want 204 echoing the challenge (is something other than a DERP relay answering, like a proxy?)", hres.Status, hres.Header.Get("X-Tailscale-Response"))
 		return res
 	}
 	res.OK = true
-	res.Value = fmt.Sprintf("204 in %v", roundDur(d))
+	res.Value = fmt.Sprintf("204 with the challenge echoed in %v", roundDur(d))
 	return res
 }
 

@@ -592,32 +592,7 @@ func (c *checker) url(path string) string {
 }
 
 func (c *checker) generate204(ctx context.Context) Result {
-	res := Result{Name: NameGenerate204}
-	const challenge = "tailderp-check"
-	rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	req, err := http.NewRequestWithContext(rctx, "GET", c.url("/generate_204"), nil)
-	if err != nil {
-		res.Err = err.Error()
-		return res
-	}
-	req.Header.Set("X-Tailscale-Challenge", challenge)
-	t0 := time.Now()
-	hres, err := c.transport().RoundTrip(req)
-	if err != nil {
-		res.Err = err.Error()
-		return res
-	}
-	io.Copy(io.Discard, io.LimitReader(hres.Body, 4<<10))
-	hres.Body.Close()
-	d := time.Since(t0)
-	if hres.StatusCode != http.StatusNoContent || hres.Header.Get("X-Tailscale-Response") != "response "+challenge {
-		res.Err = fmt.Sprintf("got %s with X-Tailscale-Response %q, want 204 echoing the challenge (is something other than a DERP relay answering, like a proxy?)", hres.Status, hres.Header.Get("X-Tailscale-Response"))
-		return res
-	}
-	res.OK = true
-	res.Value = fmt.Sprintf("204 with the challenge echoed in %v", roundDur(d))
-	return res
+	return get204(ctx, c.transport(), NameGenerate204, c.url("/generate_204"))
 }
 
 // region is the derpMap region the DERP clients dial: the target node,
