@@ -28,10 +28,8 @@ func derpNode(cfg *config, httpsPort, stunPort int, certName string) relay.NodeI
 func printDERPMap(w io.Writer, cfg *config, rs *relay.Server, certs relay.Certificates, stunPort int) error {
 	certName := ""
 	if net.ParseIP(cfg.Hostname) != nil || cfg.Dev {
-		if c, ok := certs.(interface{ Current() (relay.CertInfo, bool) }); ok {
-			info, _ := c.Current()
-			certName = info.CertName
-		}
+		info, _ := certs.Current()
+		certName = info.CertName
 	}
 	port := rs.LocalAddr().(*net.TCPAddr).Port
 	return writeSnippet(w, cfg, derpNode(cfg, port, stunPort, certName))

@@ -53,6 +53,7 @@ type memCert struct{ c *tls.Certificate }
 
 func (m memCert) GetCertificate(*tls.ClientHelloInfo) (*tls.Certificate, error) { return m.c, nil }
 func (m memCert) HTTPHandler(h http.Handler) http.Handler                       { return h }
+func (m memCert) Current() (relay.CertInfo, bool)                               { return relay.CertInfo{}, false }
 
 func startRelay(t *testing.T, o relayOpts) *testRelay {
 	t.Helper()

@@ -23,6 +23,7 @@ import (
 	"net"
 	"net/url"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -129,7 +130,7 @@ func (n *Node) Start() error {
 // HasLogin reports whether dir holds a node login from an earlier start,
 // so no auth key is needed.
 func HasLogin(dir string) bool {
-	fi, err := os.Stat(dir + string(os.PathSeparator) + StateFile)
+	fi, err := os.Stat(filepath.Join(dir, StateFile))
 	return err == nil && fi.Size() > 0
 }
 

@@ -25,12 +25,10 @@ type Certificates interface {
 	// certificate authority's HTTP-01 challenges and passes every other
 	// request to fallback.
 	HTTPHandler(fallback http.Handler) http.Handler
-}
-
-// currentCert is implemented by Certificates that can describe the
-// certificate they serve (all of ours), for metrics and logs.
-type currentCert interface {
-	Current() (CertInfo, bool)
+	// Current describes the certificate being served, for metrics, logs
+	// and the derpMap snippet; ok is false before there is one (ACME
+	// before its first issuance).
+	Current() (info CertInfo, ok bool)
 }
 
 // alpnCertificates is implemented by Certificates that need extra TLS

@@ -258,15 +258,13 @@ func (s *Server) DERP() *derpserver.Server { return s.derp }
 func (s *Server) ExpVar() expvar.Var {
 	m := new(metrics.Set)
 	m.Set("derp", s.derp.ExpVar(false))
-	if c, ok := s.Certs.(currentCert); ok {
-		m.Set("gauge_cert_not_after_unix_seconds", expvar.Func(func() any {
-			info, ok := c.Current()
-			if !ok {
-				return 0
-			}
-			return info.NotAfter.Unix()
-		}))
-	}
+	m.Set("gauge_cert_not_after_unix_seconds", expvar.Func(func() any {
+		info, ok := s.Certs.Current()
+		if !ok {
+			return 0
+		}
+		return info.NotAfter.Unix()
+	}))
 	return m
 }
 
@@ -281,7 +279,6 @@ func (s *Server) Close(ctx context.Context) error {
 	s.closed = true
 	s.closeMu.Unlock()
 
-	var errs []error
 	// Shutdown closes the listeners first, then waits for requests that
 	// are not hijacked; derp.Close closes the hijacked DERP connections.
 	shutdown := func(h *http.Server) {
@@ -294,10 +291,10 @@ func (s *Server) Close(ctx context.Context) error {
 	var wg sync.WaitGroup
 	wg.Go(func() { shutdown(s.https) })
 	wg.Go(func() { shutdown(s.http80) })
-	errs = append(errs, s.derp.Close())
+	err := s.derp.Close()
 	wg.Wait()
 	s.wg.Wait()
-	return errors.Join(errs...)
+	return err
 }
 
 func orDefault(d, def time.Duration) time.Duration {
