@@ -194,7 +194,7 @@ func realMain(args []string, getenv func(string) string, stdout, stderr io.Write
 	}
 	// Libraries that log through the standard logger (stunserver) go to slog.
 	log.SetFlags(0)
-	log.SetOutput(logWriter{logger})
+	log.SetOutput(logs.Writer(logger, slog.LevelInfo))
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
@@ -568,12 +568,4 @@ func checkWritableDir(dir string) error {
 	f.Close()
 	os.Remove(f.Name())
 	return nil
-}
-
-// logWriter carries the standard logger's lines into slog.
-type logWriter struct{ l *slog.Logger }
-
-func (w logWriter) Write(p []byte) (int, error) {
-	w.l.Info(strings.TrimSpace(string(p)))
-	return len(p), nil
 }

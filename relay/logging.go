@@ -24,12 +24,3 @@ func derpLogf(l *slog.Logger) logger.Logf {
 	}
 	return logger.RateLimitedFn(base, 30*time.Second, 5, 100)
 }
-
-// slogWriter carries net/http's server error log (mostly failed TLS
-// handshakes from scanners) into slog at debug level.
-type slogWriter struct{ l *slog.Logger }
-
-func (w slogWriter) Write(p []byte) (int, error) {
-	w.l.Debug(strings.TrimSpace(string(p)), "component", "http")
-	return len(p), nil
-}

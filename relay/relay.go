@@ -165,7 +165,9 @@ func (s *Server) Start() error {
 	}
 	s.derp.ModifyTLSConfigToAddMetaCert(tlsConfig)
 
-	errorLog := log.New(slogWriter{s.Logger}, "", 0)
+	// net/http's server error log is mostly failed TLS handshakes from
+	// scanners: debug level.
+	errorLog := log.New(logs.Writer(s.Logger, slog.LevelDebug, "component", "http"), "", 0)
 	s.https = &http.Server{
 		Handler:   mux,
 		TLSConfig: tlsConfig,
