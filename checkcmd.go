@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"crypto/x509"
 	"errors"
 	"flag"
 	"fmt"
@@ -17,7 +16,6 @@ import (
 	"tailscale.com/types/key"
 
 	"github.com/tailderp/tailderp/check"
-	"github.com/tailderp/tailderp/relay"
 )
 
 // checkOpts are the flags of `tailderp check` itself; the server's
@@ -32,22 +30,22 @@ type checkOpts struct {
 	meshKeyFile   string
 	pings         int
 
-	load           bool
-	yes            bool
-	pid            int
-	loadDuration   time.Duration
-	pairs          string
-	sizes          string
-	inFlight       int
-	maxPackets     int
-	connects       int
-	parConnects    int
-	concurrency    int
-	idle           int
-	loadSkip       string
-	loadProgress   bool
-	stunWorkers    int
-	explicitServer map[string]bool // server settings given on the command line
+	load         bool
+	yes          bool
+	pid          int
+	loadDuration time.Duration
+	pairs        string
+	sizes        string
+	inFlight     int
+	maxPackets   int
+	connects     int
+	parConnects  int
+	concurrency  int
+	idle         int
+	loadSkip     string
+	loadProgress bool
+	stunWorkers  int
+	timeoutGiven bool // -timeout was on the command line
 }
 
 func defineCheckFlags(fs *flag.FlagSet) *checkOpts {
@@ -79,54 +77,62 @@ func defineCheckFlags(fs *flag.FlagSet) *checkOpts {
 	return o
 }
 
-// parseCheckArgs parses the command line into the check's options and the
-// server's settings; the URL may come before or after the flags.
-func parseCheckArgs(args []string, getenv func(string) string, stderr io.Writer) (*checkOpts, *config, string, error) {
+// newCheckFlags returns the check's flag set: its own flags and the
+// server's settings.
+func newCheckFlags(stderr io.Writer) (*flag.FlagSet, *checkOpts) {
 	fs := flag.NewFlagSet("tailderp check", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	o := defineCheckFlags(fs)
-	cfg := &config{}
-	settings := settingsFor(cfg)
 	fs.Usage = func() { printCheckUsage(stderr, fs) }
-	if err := parseSettings(fs, settings, args, getenv); err != nil {
+	return fs, o
+}
+
+// parseCheckArgs parses the command line into the check's options and the
+// server's settings (flags, then the environment); the URL may come
+// before, between or after the flags. cfg.src tells which settings the
+// command line gave: with a URL, only those describe the target (the
+// environment describes this server).
+func parseCheckArgs(args []string, getenv func(string) string, stderr io.Writer) (o *checkOpts, cfg *config, target string, err error) {
+	// Find the URL with a scratch parse, then parse the flags without it.
+	scratch, _ := newCheckFlags(io.Discard)
+	if _, err := parseConfig(scratch, nil, func(string) string { return "" }); err != nil {
 		return nil, nil, "", err
 	}
-	var target string
-	for fs.NArg() > 0 {
+	var flags []string
+	for rest := args; ; {
+		if err := scratch.Parse(rest); err != nil {
+			break // the real parse below reports it
+		}
+		flags = append(flags, rest[:len(rest)-scratch.NArg()]...)
+		if scratch.NArg() == 0 {
+			break
+		}
 		if target != "" {
-			return nil, nil, "", fmt.Errorf("more than one URL: %q and %q", target, fs.Arg(0))
+			return nil, nil, "", fmt.Errorf("more than one URL: %q and %q", target, scratch.Arg(0))
 		}
-		target = fs.Arg(0)
-		if err := fs.Parse(fs.Args()[1:]); err != nil {
-			return nil, nil, "", err
-		}
+		target, rest = scratch.Arg(0), scratch.Args()[1:]
 	}
+	if target == "" {
+		flags = args
+	}
+	fs, o := newCheckFlags(stderr)
+	cfg, err = parseConfig(fs, flags, getenv)
+	if err != nil {
+		return nil, nil, "", err
+	}
+	fs.Visit(func(f *flag.Flag) { o.timeoutGiven = o.timeoutGiven || f.Name == "timeout" })
 	return o, cfg, target, nil
 }
 
 // runCheck is `tailderp check`.
 func runCheck(args []string, getenv func(string) string, stdout, stderr io.Writer) int {
-	// First pass without the environment: which server settings were
-	// given on the command line (with a URL, only those describe the
-	// target; the environment describes this server).
-	noEnv := func(string) string { return "" }
-	o, cmdCfg, target, err := parseCheckArgs(args, noEnv, stderr)
+	o, cfg, target, err := parseCheckArgs(args, getenv, stderr)
 	if errors.Is(err, flag.ErrHelp) {
 		return 0
 	}
 	if err != nil {
 		fmt.Fprintf(stderr, "tailderp check: %v\n", err)
 		return 2
-	}
-	o.explicitServer = explicitFlags(args)
-	cfg := cmdCfg
-	if target == "" {
-		o, cfg, _, err = parseCheckArgs(args, getenv, io.Discard)
-		if err != nil {
-			fmt.Fprintf(stderr, "tailderp check: %v\n", err)
-			return 2
-		}
-		o.explicitServer = explicitFlags(args)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), o.timeout)
 	defer cancel()
@@ -136,10 +142,10 @@ func runCheck(args []string, getenv func(string) string, stdout, stderr io.Write
 			fmt.Fprintln(stderr, "tailderp check: -local checks the relay on this machine by its settings; give either -local or a URL")
 			return 2
 		}
-		return runLocalCheck(ctx, o, cfg, getenv, stdout, stderr)
+		return runLocalCheck(ctx, o, cfg, stdout, stderr)
 	}
 
-	t, err := checkTarget(o, cfg, target, getenv, stderr)
+	t, err := checkTarget(o, cfg, target, stderr)
 	if err != nil {
 		fmt.Fprintf(stderr, "tailderp check: %v\n", err)
 		return 2
@@ -165,45 +171,20 @@ func runCheck(args []string, getenv func(string) string, stdout, stderr io.Write
 	return 0
 }
 
-// explicitFlags returns the names of the flags on the command line.
-func explicitFlags(args []string) map[string]bool {
-	m := map[string]bool{}
-	for _, a := range args {
-		if a == "--" {
-			break
-		}
-		if !strings.HasPrefix(a, "-") {
-			continue
-		}
-		name := strings.TrimLeft(a, "-")
-		name, _, _ = strings.Cut(name, "=")
-		m[name] = true
-	}
-	return m
-}
-
-// runLocalCheck is -local, the Docker HEALTHCHECK: unchanged in what it
-// reads (the server's flags and environment, -dev's address).
-func runLocalCheck(ctx context.Context, o *checkOpts, cfg *config, getenv func(string) string, stdout, stderr io.Writer) int {
-	if cfg.Dev && getenv("ADDR") == "" && !o.explicitServer["a"] {
-		cfg.Addr = "127.0.0.1:3340"
-	}
-	host, _, err := net.SplitHostPort(cfg.Addr)
+// runLocalCheck is -local, the Docker HEALTHCHECK: it checks what the
+// relay on this machine serves (see runningServer), whatever settings the
+// check itself was given.
+func runLocalCheck(ctx context.Context, o *checkOpts, own *config, stdout, stderr io.Writer) int {
+	lt, from, err := localTarget(own)
 	if err != nil {
-		fmt.Fprintf(stderr, "tailderp check: -a (ADDR) %q: %v\n", cfg.Addr, err)
+		fmt.Fprintf(stderr, "tailderp check: %v\n", err)
 		return 2
-	}
-	lt := check.LocalTarget{HTTPSAddr: cfg.Addr, ServerName: cfg.Hostname}
-	if cfg.Dev && lt.ServerName == "" {
-		lt.ServerName = "localhost"
-	}
-	if cfg.STUN {
-		lt.STUNAddr = net.JoinHostPort(host, strconv.Itoa(cfg.STUNPort))
 	}
 	report := check.Local(ctx, lt)
 	if o.json {
 		report.WriteJSON(stdout)
 	} else {
+		fmt.Fprintf(stdout, "checking %s (from %s)\n", lt.HTTPSAddr, from)
 		report.WriteText(stdout)
 	}
 	if !report.OK() {
@@ -212,27 +193,42 @@ func runLocalCheck(ctx context.Context, o *checkOpts, cfg *config, getenv func(s
 	return 0
 }
 
+// localTarget is where the relay on this machine listens: as its
+// serving.json says, else as its settings say, else as own says; from
+// says which.
+func localTarget(own *config) (lt check.LocalTarget, from string, err error) {
+	s, cfg, from, err := runningServer(own)
+	if err != nil {
+		return lt, "", err
+	}
+	if s != nil {
+		return check.LocalTarget{HTTPSAddr: s.HTTPSAddr, ServerName: s.ServerName, STUNAddr: s.STUNAddr},
+			fmt.Sprintf("pid %d, %s", s.PID, from), nil
+	}
+	if cfg == nil {
+		cfg, from = own, "this command's settings: no running server found"
+	}
+	return check.LocalTarget{HTTPSAddr: cfg.Addr, ServerName: cfg.Hostname, STUNAddr: cfg.stunAddr()}, from, nil
+}
+
 // checkTarget describes what to check: the URL and the check's flags, or,
-// without a URL, this server's public address from its settings.
-func checkTarget(o *checkOpts, cfg *config, target string, getenv func(string) string, stderr io.Writer) (check.Target, error) {
+// without a URL, this server's public address, as `tailderp derpmap`
+// prints it.
+func checkTarget(o *checkOpts, cfg *config, target string, stderr io.Writer) (check.Target, error) {
 	t := check.Target{Pings: o.pings}
 	if o.expectRefused {
 		t.Expect = check.ExpectRefused
 	}
 	if o.caFile != "" {
-		pem, err := os.ReadFile(o.caFile)
+		pool, err := loadCertPool(o.caFile)
 		if err != nil {
 			return t, fmt.Errorf("-ca-file: %w", err)
-		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(pem) {
-			return t, fmt.Errorf("-ca-file %s: no PEM certificates in it", o.caFile)
 		}
 		t.RootCAs = pool
 	}
 	meshFile := o.meshKeyFile
 	if target == "" && meshFile == "" {
-		meshFile = cfg.MeshPSK
+		meshFile = cfg.MeshPSKFile
 	}
 	if meshFile != "" {
 		b, err := os.ReadFile(meshFile)
@@ -253,67 +249,44 @@ func checkTarget(o *checkOpts, cfg *config, target string, getenv func(string) s
 		}
 		// Only flags describe another server; the environment is this
 		// server's.
-		if o.explicitServer["ipv4"] {
+		if cfg.src.byFlag("ipv4") {
 			n.IPv4 = cfg.IPv4
 		}
-		if o.explicitServer["ipv6"] {
+		if cfg.src.byFlag("ipv6") {
 			n.IPv6 = cfg.IPv6
 		}
-		if cfg.STUNPort != 3478 {
+		if cfg.src.byFlag("stun-port") {
 			n.STUNPort = cfg.STUNPort
 		}
-		if !cfg.STUN {
+		if cfg.src.byFlag("stun") && !cfg.STUN {
 			n.STUNPort = -1
 		}
 		n.CertName = o.certName
 		t.Node = n
-		t.TrustOnFirstUse = cfg.Dev && o.certName == ""
+		t.TrustOnFirstUse = cfg.src.byFlag("dev") && cfg.Dev && o.certName == ""
 		return t, nil
 	}
 
 	// This server, as its derpMap snippet describes it.
-	if cfg.Dev {
-		if getenv("ADDR") == "" && !o.explicitServer["a"] {
-			cfg.Addr = "127.0.0.1:3340"
-		}
-		if cfg.Hostname == "" {
-			cfg.Hostname = "localhost"
-		}
-		if cfg.AuthKey == "" && cfg.AuthKeyFile == "" {
-			cfg.VerifyClients = false
-		}
-	}
 	if cfg.Hostname == "" {
-		return t, errors.New("no URL given and -hostname (TAILSCALE_DERP_HOSTNAME) is not set: give the relay's URL (https://host[:port]), or run with the server's settings")
+		return t, fmt.Errorf("no URL given and %s is not set: give the relay's URL (https://host[:port]), or run with the server's settings", settingName("hostname"))
 	}
-	_, portStr, err := net.SplitHostPort(cfg.Addr)
+	region, note, err := derpMapRegion(cfg)
 	if err != nil {
-		return t, fmt.Errorf("-a (ADDR) %q: %v", cfg.Addr, err)
-	}
-	port, err := strconv.Atoi(portStr)
-	if err != nil || port < 1 {
-		return t, fmt.Errorf("-a (ADDR) %q: the check needs the port clients use", cfg.Addr)
-	}
-	stunPort := cfg.STUNPort
-	if !cfg.STUN {
-		stunPort = -1
-	}
-	certName := o.certName
-	if certName == "" && !cfg.Dev && cfg.CertMode == "manual" && net.ParseIP(cfg.Hostname) != nil {
-		// IP mode: the pin is the self-signed certificate in the
-		// certificate directory, as `tailderp derpmap` prints it.
-		certs, err := relay.LoadManualCerts(cfg.certDir(), cfg.Hostname, nil)
-		if err != nil {
-			fmt.Fprintf(stderr, "tailderp check: cannot read this server's certificate to learn its pin (%v); checking without it\n", err)
-		} else {
-			info, _ := certs.Current()
-			certName = info.CertName
+		if !errors.Is(err, errNoCertYet) {
+			return t, err
 		}
+		fmt.Fprintf(stderr, "tailderp check: cannot learn this server's pin (%v); checking without it\n", err)
+		httpsPort, stunPort := cfg.configuredPorts()
+		region = cfg.derpRegion(httpsPort, stunPort, "")
+	} else if note != "" {
+		fmt.Fprintf(stderr, "tailderp check: %s\n", note)
 	}
-	region := relay.DERPRegion(relay.RegionConfig{RegionID: cfg.RegionID, RegionCode: cfg.RegionCode, RegionName: cfg.RegionName},
-		derpNode(cfg, port, stunPort, certName))
 	t.Node = *region.Nodes[0]
-	t.TrustOnFirstUse = cfg.Dev && certName == ""
+	if o.certName != "" {
+		t.Node.CertName = o.certName
+	}
+	t.TrustOnFirstUse = cfg.Dev && t.Node.CertName == ""
 	if cfg.VerifyClients {
 		t.Expect = check.ExpectRefused
 	}
@@ -373,7 +346,7 @@ func runLoad(o *checkOpts, t check.Target, stdout, stderr io.Writer) int {
 		}
 	}
 	timeout := o.timeout
-	if !o.explicitServer["timeout"] {
+	if !o.timeoutGiven {
 		timeout = 10 * time.Minute // every part has its own, smaller bound
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
@@ -472,15 +445,9 @@ expiring within 14 days), 2 on bad flags.
 
 Check flags:
 `)
-	names := map[string]bool{}
-	for _, n := range []string{"local", "json", "timeout", "cert-name", "ca-file", "expect-refused", "mesh-key-file", "pings",
-		"load", "yes-i-own-this-server", "pid", "load-duration", "pairs", "sizes", "in-flight", "max-packets",
-		"connects", "concurrent-connects", "concurrency", "idle", "stun-workers", "load-skip", "v"} {
-		names[n] = true
-	}
 	fs.VisitAll(func(f *flag.Flag) {
-		if !names[f.Name] {
-			return
+		if isSetting(f.Name) {
+			return // the server's settings: see tailderp -help
 		}
 		def := ""
 		if f.DefValue != "" && f.DefValue != "false" {

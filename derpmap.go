@@ -5,38 +5,17 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net"
-	"os"
+	"strings"
+
+	"tailscale.com/tailcfg"
 
 	"github.com/tailderp/tailderp/relay"
 )
 
-// derpNode returns what the derpMap says about this relay.
-func derpNode(cfg *config, httpsPort, stunPort int, certName string) relay.NodeInfo {
-	n := relay.NodeInfo{HostName: cfg.Hostname, IPv4: cfg.IPv4, IPv6: cfg.IPv6, DERPPort: httpsPort, STUNPort: stunPort, CertName: certName}
-	if ip := net.ParseIP(cfg.Hostname); ip != nil {
-		if ip.To4() != nil && n.IPv4 == "" {
-			n.IPv4 = cfg.Hostname
-		} else if ip.To4() == nil && n.IPv6 == "" {
-			n.IPv6 = cfg.Hostname
-		}
-	}
-	return n
-}
-
-// printDERPMap writes the derpMap snippet for the running relay to w.
-func printDERPMap(w io.Writer, cfg *config, rs *relay.Server, certs relay.Certificates, stunPort int) error {
-	certName := ""
-	if net.ParseIP(cfg.Hostname) != nil || cfg.Dev {
-		info, _ := certs.Current()
-		certName = info.CertName
-	}
-	port := rs.LocalAddr().(*net.TCPAddr).Port
-	return writeSnippet(w, cfg, derpNode(cfg, port, stunPort, certName))
-}
-
-func writeSnippet(w io.Writer, cfg *config, n relay.NodeInfo) error {
-	b, err := relay.PolicySnippet(relay.DERPRegion(relay.RegionConfig{RegionID: cfg.RegionID, RegionCode: cfg.RegionCode, RegionName: cfg.RegionName}, n))
+// writeSnippet writes the derpMap snippet between two banner lines, as the
+// server prints it at start.
+func writeSnippet(w io.Writer, r *tailcfg.DERPRegion) error {
+	b, err := relay.PolicySnippet(r)
 	if err != nil {
 		return err
 	}
@@ -44,48 +23,87 @@ func writeSnippet(w io.Writer, cfg *config, n relay.NodeInfo) error {
 	return err
 }
 
-// runDERPMap is `tailderp derpmap`: print the snippet for the settings and
-// exit, without serving.
+// runDERPMap is `tailderp derpmap`: print the snippet as JSON on stdout
+// (notes go to stderr), without serving.
 func runDERPMap(args []string, getenv func(string) string, stdout, stderr io.Writer) int {
-	// The node is not started, so no auth key is needed to print.
-	cfg, err := loadConfig("tailderp derpmap", args, func(k string) string {
-		if k == "VERIFY_CLIENTS" {
-			return "false"
-		}
-		return getenv(k)
-	}, stderr)
+	fs := flag.NewFlagSet("tailderp derpmap", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() { printDERPMapUsage(stderr) }
+	cfg, err := parseConfig(fs, args, getenv)
 	if errors.Is(err, flag.ErrHelp) {
 		return 0
+	}
+	if err == nil && fs.NArg() > 0 {
+		err = fmt.Errorf("unexpected argument %q (settings are flags: see tailderp derpmap -help)", fs.Arg(0))
 	}
 	if err != nil {
 		fmt.Fprintf(stderr, "tailderp derpmap: %v\n", err)
 		return 2
 	}
-	_, portStr, _ := net.SplitHostPort(cfg.Addr)
-	var port int
-	fmt.Sscan(portStr, &port)
-	stunPort := cfg.STUNPort
-	if !cfg.STUN {
-		stunPort = -1
+	region, note, err := derpMapRegion(cfg)
+	if _, bad := errors.AsType[settingsError](err); bad {
+		fmt.Fprintf(stderr, "tailderp derpmap: %v\n", err)
+		return 2
 	}
-	certName := ""
-	if net.ParseIP(cfg.Hostname) != nil && !cfg.Dev {
-		crt, _ := relay.CertPaths(cfg.certDir(), cfg.Hostname)
-		certs, err := relay.LoadManualCerts(cfg.certDir(), cfg.Hostname, nil)
-		if err != nil {
-			if _, statErr := os.Stat(crt); statErr != nil {
-				fmt.Fprintf(stderr, "tailderp derpmap: no certificate at %s yet: start tailderp once to generate it, then run this again for its CertName\n", crt)
-				return 1
-			}
-			fmt.Fprintf(stderr, "tailderp derpmap: %v\n", err)
-			return 1
-		}
-		info, _ := certs.Current()
-		certName = info.CertName
-	}
-	if err := writeSnippet(stdout, cfg, derpNode(cfg, port, stunPort, certName)); err != nil {
+	if err != nil {
 		fmt.Fprintf(stderr, "tailderp derpmap: %v\n", err)
 		return 1
 	}
+	if note != "" {
+		fmt.Fprintf(stderr, "tailderp derpmap: %s\n", note)
+	}
+	b, err := relay.PolicySnippet(region)
+	if err != nil {
+		fmt.Fprintf(stderr, "tailderp derpmap: %v\n", err)
+		return 1
+	}
+	fmt.Fprintf(stdout, "%s\n", b)
 	return 0
+}
+
+// settingsError is a derpMapRegion error that is the settings' fault.
+type settingsError struct{ error }
+
+// derpMapRegion is this relay's derpMap region: as the running server on
+// this machine serves it (its serving.json) when one is found for the same
+// -hostname (or cfg names none), else as cfg describes it. note says
+// which, or what the snippet cannot know.
+func derpMapRegion(cfg *config) (r *tailcfg.DERPRegion, note string, err error) {
+	if s, _, from, _ := runningServer(cfg); s != nil && (cfg.Hostname == "" || strings.EqualFold(cfg.Hostname, s.ServerName)) {
+		return s.Region, fmt.Sprintf("as the running server (pid %d) serves it (%s)", s.PID, from), nil
+	}
+	// The node is not started: no auth key is needed to print.
+	if err := cfg.validate(); err != nil {
+		return nil, "", settingsError{err}
+	}
+	httpsPort, stunPort := cfg.configuredPorts()
+	certName := ""
+	switch {
+	case cfg.ipMode():
+		if certName, err = cfg.pinFromFiles(); err != nil {
+			return nil, "", err
+		}
+	case cfg.Dev:
+		note = "-dev makes a new certificate at every start and no server is running: its CertName is in the server's output (or run this while it runs)"
+	}
+	return cfg.derpRegion(httpsPort, stunPort, certName), note, nil
+}
+
+func printDERPMapUsage(w io.Writer) {
+	fmt.Fprint(w, `tailderp derpmap: print the derpMap snippet for your tailnet policy file, as JSON
+on stdout (merge its "derpMap" into the policy; Headscale: see docs/DEPLOY.md).
+
+Usage:
+  tailderp derpmap [flags]
+
+It takes the server's own settings (flags and environment, see tailderp -help):
+-hostname, -a, -stun-port, -stun, -certmode, -certdir, -state-dir, -region-id,
+-region-code, -region-name, -ipv4, -ipv6. While the server runs on this
+machine, it prints what that server serves (its serving.json in the state
+directory): the bound ports and the certificate pin. In IP mode the pin is
+read from the certificate in the certificate directory. Notes go to stderr.
+
+Exit status: 0 printed, 1 nothing to print yet (IP mode before the first
+start), 2 bad settings.
+`)
 }

@@ -445,9 +445,22 @@ type process struct {
 // the machine's TAILSCALE_* variables) and kills it when the test ends.
 func startTailderp(t *testing.T, bin string, args ...string) *process {
 	t.Helper()
+	return startTailderpEnv(t, bin, nil, args...)
+}
+
+// cleanEnv is a process environment with nothing of the machine's but
+// PATH, plus env (KEY=VALUE).
+func cleanEnv(t *testing.T, env ...string) []string {
+	return append([]string{"PATH=" + os.Getenv("PATH"), "HOME=" + t.TempDir(), "TS_NO_LOGS_NO_SUPPORT=true"}, env...)
+}
+
+// startTailderpEnv is startTailderp with env (KEY=VALUE) added to the clean
+// environment.
+func startTailderpEnv(t *testing.T, bin string, env []string, args ...string) *process {
+	t.Helper()
 	p := &process{stdout: &lockedBuffer{}, stderr: &lockedBuffer{}, done: make(chan struct{})}
 	p.cmd = exec.Command(bin, args...)
-	p.cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + t.TempDir(), "TS_NO_LOGS_NO_SUPPORT=true"}
+	p.cmd.Env = cleanEnv(t, env...)
 	p.cmd.Stdout, p.cmd.Stderr = p.stdout, p.stderr
 	if err := p.cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -670,11 +683,8 @@ func TestBinary(t *testing.T) {
 		if code != 0 {
 			t.Fatalf("derpmap exit %d:\n%s", code, stderr)
 		}
-		m := snippetRE.FindStringSubmatch(stdout)
-		if m == nil {
-			t.Fatalf("no snippet in derpmap output:\n%s", stdout)
-		}
-		node := parseSnippet(t, m[1]).Nodes[0]
+		// Pure JSON on stdout: `tailderp derpmap | jq` works.
+		node := parseSnippet(t, stdout).Nodes[0]
 		crt, _ := relay.CertPaths(filepath.Join(state, "certs"), ip)
 		b, err := os.ReadFile(crt)
 		if err != nil {
@@ -714,4 +724,99 @@ func listFiles(t *testing.T, dir string) []string {
 		return nil
 	})
 	return out
+}
+
+// TestHealthcheckFindsTheServer: `tailderp check -local` (the image's
+// HEALTHCHECK, which gets the container's environment but not compose's
+// `command:` flags) checks what the server really serves, whether the
+// server's settings came from the environment, from flags, or a mix (with
+// -dev's DERP_ADDR alias among them); it passes while the server runs and
+// fails once it stopped.
+func TestHealthcheckFindsTheServer(t *testing.T) {
+	bin := buildTailderp(t)
+	port := func(network string) string {
+		if network == "udp" {
+			pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer pc.Close()
+			return strconv.Itoa(pc.LocalAddr().(*net.UDPAddr).Port)
+		}
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		return strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)
+	}
+	tests := []struct {
+		name string
+		// server's environment and flags; the healthcheck gets the
+		// environment only. "$https", "$stun" and "$state" are filled in.
+		env, args []string
+	}{
+		{name: "environment only, -dev with DERP_ADDR",
+			env: []string{"DEV=true", "DERP_ADDR=127.0.0.1:$https", "STUN_PORT=$stun", "STATE_DIR=$state"}},
+		{name: "flags only, -dev",
+			args: []string{"-dev", "-a", "127.0.0.1:$https", "-stun-port", "$stun", "-state-dir", "$state"}},
+		{name: "mix, -dev with DERP_ADDR",
+			env:  []string{"DEV=true", "DERP_ADDR=127.0.0.1:$https"},
+			args: []string{"-stun-port", "$stun", "-state-dir", "$state"}},
+		{name: "mix, IP mode",
+			env:  []string{"TAILSCALE_DERP_HOSTNAME=127.0.0.1", "CERTMODE=manual", "VERIFY_CLIENTS=false"},
+			args: []string{"-a", "127.0.0.1:$https", "-http-port", "-1", "-stun-port", "$stun", "-state-dir", "$state"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			https, stunPort, state := port("tcp"), port("udp"), filepath.Join(t.TempDir(), "state")
+			fill := strings.NewReplacer("$https", https, "$stun", stunPort, "$state", state)
+			var env, args []string
+			for _, e := range tt.env {
+				env = append(env, fill.Replace(e))
+			}
+			for _, a := range tt.args {
+				args = append(args, fill.Replace(a))
+			}
+			healthcheck := func() (int, string) {
+				cmd := exec.Command(bin, "check", "-local", "-timeout", "5s")
+				cmd.Env = cleanEnv(t, env...)
+				out, err := cmd.CombinedOutput()
+				var ee *exec.ExitError
+				if err != nil && !errors.As(err, &ee) {
+					t.Fatal(err)
+				}
+				return cmd.ProcessState.ExitCode(), string(out)
+			}
+
+			p := startTailderpEnv(t, bin, env, args...)
+			node := p.region(t).Nodes[0]
+			if strconv.Itoa(node.DERPPort) != https || strconv.Itoa(node.STUNPort) != stunPort {
+				t.Fatalf("server serves DERP %d, STUN %d; want %s, %s", node.DERPPort, node.STUNPort, https, stunPort)
+			}
+			code, out := healthcheck()
+			t.Logf("healthcheck while serving: exit %d\n%s", code, out)
+			if code != 0 {
+				t.Fatalf("healthcheck failed while the server serves")
+			}
+			for _, want := range []string{"✓ https 127.0.0.1:" + https, "✓ stun 127.0.0.1:" + stunPort, "pid " + strconv.Itoa(p.cmd.Process.Pid)} {
+				if !strings.Contains(out, want) {
+					t.Errorf("healthcheck output does not mention %q", want)
+				}
+			}
+			if fi, err := os.Stat(filepath.Join(state, "serving.json")); err != nil || fi.Mode().Perm() != 0o600 {
+				t.Errorf("serving.json: %v, mode %v; want 0600", err, fi.Mode())
+			}
+
+			p.terminate(t)
+			if _, err := os.Stat(filepath.Join(state, "serving.json")); !errors.Is(err, fs.ErrNotExist) {
+				t.Errorf("serving.json left behind after a clean stop: %v", err)
+			}
+			code, out = healthcheck()
+			t.Logf("healthcheck after the stop: exit %d\n%s", code, out)
+			if code == 0 {
+				t.Errorf("healthcheck passes with the server stopped")
+			}
+		})
+	}
 }

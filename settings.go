@@ -9,7 +9,8 @@ import (
 
 // setting is one configuration knob: a flag, the environment variable
 // that sets it when the flag is not given, and older names (derper's,
-// popular derper images') that still work.
+// popular derper images') that still work. The table of them is
+// settingsFor (config.go).
 type setting struct {
 	flag    string   // flag name, without "-"; "" for environment-only settings
 	env     string   // primary environment variable
@@ -36,10 +37,38 @@ func boolVar(p *bool, def bool) func(*flag.FlagSet, string, string) {
 	return func(fs *flag.FlagSet, name, usage string) { fs.BoolVar(p, name, def, usage) }
 }
 
+// name is how messages name the setting: "-flag (ENV)", or "ENV" for an
+// environment-only setting.
+func (s *setting) name() string {
+	if s.flag == "" {
+		return s.env
+	}
+	return "-" + s.flag + " (" + s.env + ")"
+}
+
+// key identifies the setting in a sources map: its flag name, or its
+// variable for an environment-only setting.
+func (s *setting) key() string {
+	if s.flag == "" {
+		return s.env
+	}
+	return s.flag
+}
+
+// sources says where each setting that was given came from, by key: "-" +
+// the flag name for the command line, or the environment variable's name.
+// A setting left at its default is absent.
+type sources map[string]string
+
+// byFlag reports whether the setting with key k was given on the command
+// line.
+func (src sources) byFlag(k string) bool { return strings.HasPrefix(src[k], "-") }
+
 // parseSettings fills the config from args, then from the environment
-// for every flag not given on the command line. It returns a clear error
-// naming the flag or variable on bad input.
-func parseSettings(fs *flag.FlagSet, settings []setting, args []string, getenv func(string) string) error {
+// for every flag not given on the command line, and says where each value
+// came from. It returns a clear error naming the flag or variable on bad
+// input.
+func parseSettings(fs *flag.FlagSet, settings []setting, args []string, getenv func(string) string) (sources, error) {
 	byFlag := map[string]*setting{}
 	for i := range settings {
 		s := &settings[i]
@@ -49,19 +78,24 @@ func parseSettings(fs *flag.FlagSet, settings []setting, args []string, getenv f
 		}
 	}
 	if err := fs.Parse(args); err != nil {
-		return err
+		return nil, err
 	}
-	given := map[string]bool{}
-	fs.Visit(func(f *flag.Flag) { given[f.Name] = true })
+	src := sources{}
+	fs.Visit(func(f *flag.Flag) {
+		if byFlag[f.Name] != nil {
+			src[f.Name] = "-" + f.Name
+		}
+	})
 	for i := range settings {
 		s := &settings[i]
-		if s.flag != "" && given[s.flag] {
+		if s.flag != "" && src.byFlag(s.flag) {
 			continue
 		}
 		name, val := lookupEnv(s, getenv)
 		if name == "" {
 			continue
 		}
+		src[s.key()] = name
 		if s.flag == "" {
 			*s.target = val
 			continue
@@ -71,10 +105,10 @@ func parseSettings(fs *flag.FlagSet, settings []setting, args []string, getenv f
 			if s.secret {
 				shown = "(hidden)"
 			}
-			return fmt.Errorf("%s=%q: %v (it sets -%s: %s)", name, shown, err, s.flag, s.usage)
+			return nil, fmt.Errorf("%s=%q: %v (it sets -%s: %s)", name, shown, err, s.flag, s.usage)
 		}
 	}
-	return nil
+	return src, nil
 }
 
 func lookupEnv(s *setting, getenv func(string) string) (name, val string) {

@@ -67,7 +67,14 @@ func startRelay(t *testing.T, o relayOpts) *testRelay {
 		tr.pin = info.CertName
 		o.certs = sc
 	}
-	s := &relay.Server{Addr: "127.0.0.1:0", HTTPPort: -1, Certs: o.certs, PrivateKey: key.NewNode(), Admitter: o.admit, MeshKey: o.meshKey}
+	s := &relay.Server{Addr: "127.0.0.1:0", HTTPPort: -1, Certs: o.certs, PrivateKey: key.NewNode(), Admitter: o.admit}
+	if o.meshKey != "" {
+		mk, err := key.ParseDERPMesh(o.meshKey)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.MeshKey = mk
+	}
 	if err := s.Start(); err != nil {
 		t.Fatal(err)
 	}

@@ -36,16 +36,24 @@ type Config struct {
 	Verifier *verify.Verifier
 	// NodeName names a client's node key on the tailnet ("" if unknown).
 	NodeName func(key.NodePublic) string
-	// Info is shown as key/value lines on /debug/.
-	Info map[string]func() any
+	// Connected reports whether a client has an admitted connection open.
+	Connected func(key.NodePublic) bool
+	// Info is shown as key/value lines on /debug/, in this order.
+	Info []Info
+}
+
+// Info is one key/value line of /debug/.
+type Info struct {
+	Name  string
+	Value func() any
 }
 
 // Handler returns the debug handler.
 func Handler(c Config) http.Handler {
 	inner := http.NewServeMux()
 	d := tsweb.Debugger(inner)
-	for k, f := range c.Info {
-		d.KVFunc(k, f)
+	for _, i := range c.Info {
+		d.KVFunc(i.Name, i.Value)
 	}
 	if c.DERP != nil {
 		d.Handle("check", "DERP consistency check", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -105,7 +113,7 @@ func serveClients(w http.ResponseWriter, c Config) {
 			name = c.NodeName(a.Key)
 		}
 		connected := ""
-		if c.DERP != nil && c.DERP.IsClientConnectedForTest(a.Key) {
+		if c.Connected != nil && c.Connected(a.Key) {
 			connected = "yes"
 		}
 		fmt.Fprintf(w, "<tr><td>%s</td><td>%s</td><td>%s</td><td>%s</td><td>%s</td></tr>\n",

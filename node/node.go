@@ -6,12 +6,8 @@
 //
 // The node never blocks the public relay: Start returns at once and the
 // node logs in in the background. KnowsNodeKey answers from memory and
-// reports ErrNotReady until the node has its first network map.
-//
-//	n := &node.Node{Dir: "/var/lib/tailderp/tailscale", Hostname: "derp-example-com", AuthKey: key}
-//	n.Start()
-//	defer n.Close()
-//	ln, err := n.Listen(ctx, "tcp", ":80") // reachable only from the tailnet
+// reports not ready until the node has its first network map. See the Node
+// example.
 package node
 
 import (
@@ -36,7 +32,6 @@ import (
 	"tailscale.com/types/key"
 
 	"github.com/tailderp/tailderp/internal/logs"
-	"github.com/tailderp/tailderp/verify"
 )
 
 // State is the embedded node's login state.
@@ -87,6 +82,11 @@ type Node struct {
 	// logs at debug. Nil discards.
 	Logger *slog.Logger
 
+	// Advice, if set, says what the operator should do about a problem,
+	// in the program's own words (which setting to change); it is logged
+	// with the problem as "fix".
+	Advice func(Problem) string
+
 	started chan struct{} // closed once ts.Start succeeded
 	fatal   chan error    // receives the error that stopped the node
 	ctx     context.Context
@@ -100,6 +100,28 @@ type Node struct {
 	keys       keySet
 }
 
+// Problem names a condition that keeps the node from admitting clients,
+// for Advice.
+type Problem string
+
+// The problems a node reports.
+const (
+	// ProblemLoginRejected: the control server refused the auth key.
+	ProblemLoginRejected Problem = "login-rejected"
+	// ProblemLoggedOut: a running node was logged out (its key expired,
+	// or the device was removed from the tailnet).
+	ProblemLoggedOut Problem = "logged-out"
+	// ProblemNeedsApproval: the tailnet requires device approval.
+	ProblemNeedsApproval Problem = "needs-approval"
+)
+
+// LoginError is sent on Fatal when the control server rejected the login.
+type LoginError struct {
+	Msg string // the control server's message, with the auth key redacted
+}
+
+func (e *LoginError) Error() string { return "node: the control server rejected the login: " + e.Msg }
+
 // Start starts logging in in the background and returns at once. It fails
 // only on settings that can never work.
 func (n *Node) Start() error {
@@ -107,13 +129,13 @@ func (n *Node) Start() error {
 		return errors.New("node: no state directory")
 	}
 	if strings.HasPrefix(n.AuthKey, "tskey-client-") && len(n.AdvertiseTags) == 0 {
-		return errors.New("node: an OAuth client secret (tskey-client-…) in TAILSCALE_AUTH_KEY needs -advertise-tags (e.g. tag:derp): nodes made by OAuth clients must be tagged")
+		return errors.New("node: an OAuth client secret needs AdvertiseTags: nodes made by OAuth clients must be tagged")
 	}
 	if err := os.MkdirAll(n.Dir, 0o700); err != nil {
-		return fmt.Errorf("node: -state-dir: %w", err)
+		return fmt.Errorf("node: state directory: %w", err)
 	}
 	if err := os.Chmod(n.Dir, 0o700); err != nil {
-		return fmt.Errorf("node: -state-dir: %w", err)
+		return fmt.Errorf("node: state directory: %w", err)
 	}
 	if n.Logger == nil {
 		n.Logger = logs.Discard()
@@ -237,7 +259,7 @@ func (n *Node) run() {
 		if n.ctx.Err() != nil {
 			break
 		}
-		if errors.Is(err, errFatal) {
+		if _, ok := errors.AsType[*LoginError](err); ok {
 			n.stop(err)
 			return
 		}
@@ -249,8 +271,6 @@ func (n *Node) run() {
 	}
 	n.setState(StateStopped)
 }
-
-var errFatal = errors.New("node: control rejected the login")
 
 // watch follows the IPN bus, keeping state and the key set current.
 func (n *Node) watch() error {
@@ -269,8 +289,7 @@ func (n *Node) watch() error {
 			return err
 		}
 		if note.ErrMessage != nil && n.State() != StateRunning {
-			return fmt.Errorf("%w: %s (check TAILSCALE_AUTH_KEY: it may be mistyped, expired, revoked, for another control server, or a single-use key that was already used)",
-				errFatal, n.redact(*note.ErrMessage))
+			return &LoginError{Msg: n.redact(*note.ErrMessage)}
 		}
 		if note.State != nil {
 			switch *note.State {
@@ -278,12 +297,13 @@ func (n *Node) watch() error {
 				n.setState(StateRunning)
 			case ipn.NeedsLogin, ipn.NeedsMachineAuth:
 				if n.State() == StateRunning {
-					n.Logger.Error("node: logged out by the control server (node key expired, or the device was removed); clients are refused until it logs in again: disable key expiry for this node in the admin console, and restart with a new TAILSCALE_AUTH_KEY if it was removed")
+					n.Logger.Error("node: logged out by the control server (node key expired, or the device was removed); clients are refused until it logs in again",
+						"fix", n.advice(ProblemLoggedOut))
 				}
 				n.keys.reset()
 				n.setState(StateNeedsLogin)
 				if *note.State == ipn.NeedsMachineAuth {
-					n.Logger.Warn("node: the tailnet requires device approval: approve this node in the admin console")
+					n.Logger.Warn("node: the tailnet requires device approval", "fix", n.advice(ProblemNeedsApproval))
 				}
 			case ipn.Stopped:
 				n.keys.reset()
@@ -296,6 +316,13 @@ func (n *Node) watch() error {
 	}
 }
 
+func (n *Node) advice(p Problem) string {
+	if n.Advice == nil {
+		return string(p)
+	}
+	return n.Advice(p)
+}
+
 func (n *Node) redact(s string) string {
 	if n.AuthKey == "" {
 		return s
@@ -303,15 +330,12 @@ func (n *Node) redact(s string) string {
 	return strings.ReplaceAll(s, n.AuthKey, "[redacted]")
 }
 
-// KnowsNodeKey implements verify.KeyChecker: it reports whether k is a
-// node of our tailnet (a peer the node can see, or the node itself). Nodes
-// whose key expired are not admitted.
-func (n *Node) KnowsNodeKey(_ context.Context, k key.NodePublic) (bool, error) {
-	found, loaded := n.keys.contains(k)
-	if !loaded {
-		return false, fmt.Errorf("node is %s: %w", n.State(), verify.ErrNotReady)
-	}
-	return found, nil
+// KnowsNodeKey reports whether k is a node of our tailnet (a peer the node
+// can see, or the node itself); ready is false until the node has a
+// network map, and then known is false too. Nodes whose key expired are
+// not known. It is a read-locked map lookup.
+func (n *Node) KnowsNodeKey(k key.NodePublic) (known, ready bool) {
+	return n.keys.contains(k)
 }
 
 // PeerCount implements verify.PeerCounter.

@@ -9,7 +9,6 @@ import (
 	"io"
 	"net/http"
 	"net/netip"
-	"strings"
 
 	"tailscale.com/derp/derpserver"
 	"tailscale.com/tailcfg"
@@ -27,28 +26,83 @@ type Admitter interface {
 
 // How admission plugs into derpserver without a fork:
 //
-// derpserver's only per-connection hook is its admission URL: it POSTs a
-// tailcfg.DERPAdmitClientRequest through http.DefaultClient, with the
-// request context of the /derp upgrade, and admits on {"Allow": true}. We
-// give it a URL with a scheme of our own, registered once on
-// http.DefaultTransport, whose RoundTripper answers in process: it finds
-// the Admitter in the request context (put there by the /derp handler)
+// derpserver's only per-connection hook that needs no tailscaled is its
+// admission URL: it POSTs a tailcfg.DERPAdmitClientRequest through
+// http.DefaultClient, with the request context of the /derp upgrade, and
+// admits on {"Allow": true}. We give it a URL with a scheme of our own,
+// registered on http.DefaultTransport (RegisterAdmissionScheme), whose
+// RoundTripper answers in process: it finds the connection's Admitter and
+// tracking record in the request context (put there by the /derp handler)
 // and never touches the network. So each decision costs a map lookup and a
 // little JSON, not a TCP connection; several relays in one process each
-// use their own Admitter; and if the scheme were somehow missing,
-// derpserver's request fails and, with fail-open off, the client is
-// refused.
+// use their own Admitter; and if the scheme were missing, derpserver's
+// request fails and, with fail-open off, the client is refused.
+//
+// That context is also why the same record can be closed later
+// (revocation, see conns.go). If a later derpserver stopped passing the
+// request's context to the admission call, this RoundTripper would find no
+// record and refuse every client: TestAdmission and the revocation tests
+// fail loudly rather than let clients in unchecked.
 const admissionScheme = "tailderp-admission"
 
 // admissionURL is what derpserver is told to POST to.
 const admissionURL = admissionScheme + "://in-process/admit"
 
-type admitterCtxKey struct{}
+// errNoAdmitter is what the admission RoundTripper answers a request that
+// did not come through a relay's /derp handler.
+var errNoAdmitter = errors.New("relay: admission request without an admitter")
 
-// withAdmitter returns h with a in its requests' contexts.
-func withAdmitter(a Admitter, h http.Handler) http.Handler {
+// RegisterAdmissionScheme registers tailderp's in-process admission scheme
+// on rt, which must be http.DefaultTransport (derpserver calls its
+// admission URL through http.DefaultClient, so no other transport is
+// asked). It is process-wide and must happen once, before the first
+// Server with an Admitter starts; calling it again is harmless. It fails
+// if rt is not an *http.Transport.
+//
+// The scheme carries no state: each request brings its relay's Admitter in
+// its context, so one registration serves every relay in the process.
+func RegisterAdmissionScheme(rt http.RoundTripper) error {
+	tr, ok := rt.(*http.Transport)
+	if !ok {
+		return fmt.Errorf("relay: register admission scheme: transport is a %T, not an *http.Transport", rt)
+	}
+	if admissionSchemeRegistered(tr) {
+		return nil
+	}
+	tr.RegisterProtocol(admissionScheme, admissionRoundTripper{})
+	return nil
+}
+
+// admissionSchemeRegistered asks rt for the admission URL without an
+// Admitter: our RoundTripper answers errNoAdmitter; an unregistered scheme
+// is net/http's "unsupported protocol scheme".
+func admissionSchemeRegistered(rt http.RoundTripper) bool {
+	req, err := http.NewRequest(http.MethodPost, admissionURL, http.NoBody)
+	if err != nil {
+		return false
+	}
+	_, err = rt.RoundTrip(req)
+	return errors.Is(err, errNoAdmitter)
+}
+
+type admissionCtxKey struct{}
+
+// admissionCtx is what the /derp handler hands the admission RoundTripper
+// through the request context.
+type admissionCtx struct {
+	admitter Admitter
+	conn     *trackedConn // this connection, to be registered under its key
+	conns    *connTracker
+}
+
+// withAdmission returns h with each /derp request tracked (see conns.go)
+// and admitted by a.
+func withAdmission(a Admitter, conns *connTracker, h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		h.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), admitterCtxKey{}, a)))
+		tc, w, ctx := conns.start(w, r)
+		defer conns.remove(tc)
+		ctx = context.WithValue(ctx, admissionCtxKey{}, &admissionCtx{admitter: a, conn: tc, conns: conns})
+		h.ServeHTTP(w, r.WithContext(ctx))
 	})
 }
 
@@ -60,15 +114,21 @@ func (admissionRoundTripper) RoundTrip(req *http.Request) (*http.Response, error
 	if req.Body != nil {
 		defer req.Body.Close()
 	}
-	a, _ := req.Context().Value(admitterCtxKey{}).(Admitter)
-	if a == nil {
-		return nil, errors.New("relay: admission request without an admitter")
+	ac, _ := req.Context().Value(admissionCtxKey{}).(*admissionCtx)
+	if ac == nil {
+		return nil, errNoAdmitter
 	}
 	var ar tailcfg.DERPAdmitClientRequest
 	if err := json.NewDecoder(io.LimitReader(req.Body, 4<<10)).Decode(&ar); err != nil {
 		return nil, fmt.Errorf("relay: decode admission request: %w", err)
 	}
-	allow := a.Admit(req.Context(), ar.NodePublic, ar.Source)
+	// Registered under its key before the decision, so a revocation that
+	// lands while the Admitter is deciding still finds (and closes) it.
+	ac.conns.admitting(ac.conn, ar.NodePublic, ar.Source)
+	allow := ac.admitter.Admit(req.Context(), ar.NodePublic, ar.Source)
+	if !allow {
+		ac.conns.remove(ac.conn)
+	}
 	body := `{"Allow":false}`
 	if allow {
 		body = `{"Allow":true}`
@@ -86,33 +146,13 @@ func (admissionRoundTripper) RoundTrip(req *http.Request) (*http.Response, error
 	}, nil
 }
 
-// installAdmission points s at the in-process admission hook, registering
-// the scheme on http.DefaultTransport the first time in the process.
-func installAdmission(s *derpserver.Server) error {
-	tr, ok := http.DefaultTransport.(*http.Transport)
-	if !ok {
-		return fmt.Errorf("relay: http.DefaultTransport is a %T, not *http.Transport; cannot install client admission", http.DefaultTransport)
-	}
-	if err := registerOnce(tr); err != nil {
-		return err
+// useAdmission points s at the in-process admission hook, after checking
+// that the scheme is registered.
+func useAdmission(s *derpserver.Server) error {
+	if !admissionSchemeRegistered(http.DefaultTransport) {
+		return errors.New("relay: the admission scheme is not registered on http.DefaultTransport (call relay.RegisterAdmissionScheme once at program start)")
 	}
 	s.SetVerifyClientURL(admissionURL)
 	s.SetVerifyClientURLFailOpen(false)
-	return nil
-}
-
-// registerOnce registers the admission scheme on tr unless it already is.
-// RegisterProtocol panics on a second registration; the registered
-// RoundTripper is stateless, so the first one serves every relay and the
-// panic only tells us it is there.
-func registerOnce(tr *http.Transport) (err error) {
-	defer func() {
-		if r := recover(); r != nil {
-			if msg := fmt.Sprint(r); !strings.Contains(msg, "already registered") {
-				err = fmt.Errorf("relay: register admission scheme: %v", r)
-			}
-		}
-	}()
-	tr.RegisterProtocol(admissionScheme, admissionRoundTripper{})
 	return nil
 }

@@ -27,10 +27,10 @@ type keyList struct {
 	keys map[key.NodePublic]bool
 }
 
-func (k *keyList) KnowsNodeKey(_ context.Context, nk key.NodePublic) (bool, error) {
+func (k *keyList) KnowsNodeKey(nk key.NodePublic) (known, ready bool) {
 	k.mu.RLock()
 	defer k.mu.RUnlock()
-	return k.keys[nk], nil
+	return k.keys[nk], true
 }
 
 func (k *keyList) add(nk key.NodePublic) {

@@ -71,16 +71,16 @@ const ACMERequestTimeout = 30 * time.Second
 // creates the cache directory; it does not contact the CA.
 func NewACME(cfg ACMEConfig) (*ACMECerts, error) {
 	if cfg.Hostname == "" {
-		return nil, errors.New("relay: -certmode letsencrypt needs -hostname (TAILSCALE_DERP_HOSTNAME): the DNS name of this server")
+		return nil, errors.New("relay: ACME needs a hostname: the DNS name of this server")
 	}
 	if net.ParseIP(cfg.Hostname) != nil {
-		return nil, fmt.Errorf("relay: -hostname %s is an IP address; ACME certificates need a DNS name: use -certmode manual for a self-signed IP certificate pinned by CertName", cfg.Hostname)
+		return nil, fmt.Errorf("relay: ACME hostname %s is an IP address, not a DNS name", cfg.Hostname)
 	}
 	if cfg.CacheDir == "" {
-		return nil, errors.New("relay: -certmode letsencrypt needs -certdir to keep its account and certificates")
+		return nil, errors.New("relay: ACME needs a cache directory to keep its account and certificates")
 	}
 	if err := os.MkdirAll(cfg.CacheDir, 0o700); err != nil {
-		return nil, fmt.Errorf("relay: -certdir %s: %w", cfg.CacheDir, err)
+		return nil, fmt.Errorf("relay: ACME cache directory: %w", err)
 	}
 	logger := cfg.Logger
 	if logger == nil {

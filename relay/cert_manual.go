@@ -69,11 +69,11 @@ func LoadManualCerts(dir, hostname string, logger *slog.Logger) (*ManualCerts, e
 	}
 	st, err := m.stat()
 	if err != nil {
-		return nil, fmt.Errorf("relay: -certmode manual: %w (put the certificate at %s and its key at %s, or use -certmode letsencrypt)", err, crt, key)
+		return nil, fmt.Errorf("relay: manual certificate: %w", err)
 	}
 	lc, err := m.load(st)
 	if err != nil {
-		return nil, fmt.Errorf("relay: -certmode manual: %w", err)
+		return nil, fmt.Errorf("relay: manual certificate: %w", err)
 	}
 	m.cur.Store(lc)
 	return m, nil
@@ -108,7 +108,7 @@ func (m *ManualCerts) load(st pairStamp) (*loadedCert, error) {
 	}
 	cert.Leaf = leaf
 	if err := leaf.VerifyHostname(m.hostname); err != nil {
-		return nil, fmt.Errorf("%s is not valid for -hostname %s: %w (use a certificate for that name, or set -hostname to a name it covers)", m.crtPath, m.hostname, err)
+		return nil, fmt.Errorf("%s is not valid for %s: %w", m.crtPath, m.hostname, err)
 	}
 	return &loadedCert{cert: &cert, info: certInfo(leaf), stamp: st}, nil
 }

@@ -79,25 +79,25 @@ func EnsureSelfSignedIPCert(dir, ip string) (created bool, err error) {
 	case crtErr == nil && keyErr == nil:
 		return false, nil
 	case crtErr == nil || keyErr == nil:
-		return false, fmt.Errorf("relay: -certdir %s holds only one of %s and %s; restore the other or remove both to generate a new self-signed pair (clients must then be given the new CertName)", dir, crt, key)
+		return false, fmt.Errorf("relay: %s holds only one of %s and %s; restore the other, or remove both to generate a new self-signed pair (clients must then be given the new CertName)", dir, crt, key)
 	case !isNotExist(crtErr):
-		return false, fmt.Errorf("relay: -certdir: %w", crtErr)
+		return false, fmt.Errorf("relay: self-signed certificate: %w", crtErr)
 	case !isNotExist(keyErr):
-		return false, fmt.Errorf("relay: -certdir: %w", keyErr)
+		return false, fmt.Errorf("relay: self-signed certificate: %w", keyErr)
 	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return false, fmt.Errorf("relay: -certdir %s: %w", dir, err)
+		return false, fmt.Errorf("relay: self-signed certificate: %w", err)
 	}
 	certPEM, keyPEM, err := generateSelfSigned(ip)
 	if err != nil {
 		return false, fmt.Errorf("relay: self-signed certificate for %s: %w", ip, err)
 	}
 	if err := atomicfile.WriteFile(key, keyPEM, 0o600); err != nil {
-		return false, fmt.Errorf("relay: -certdir: write %s: %w", key, err)
+		return false, fmt.Errorf("relay: self-signed certificate: %w", err)
 	}
 	if err := atomicfile.WriteFile(crt, certPEM, 0o644); err != nil {
 		os.Remove(key)
-		return false, fmt.Errorf("relay: -certdir: write %s: %w", crt, err)
+		return false, fmt.Errorf("relay: self-signed certificate: %w", err)
 	}
 	return true, nil
 }

@@ -37,7 +37,7 @@ func LoadOrCreateKey(path string) (key.NodePrivate, error) {
 		return key.NodePrivate{}, fmt.Errorf("relay: read DERP key: %w", err)
 	}
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-		return key.NodePrivate{}, fmt.Errorf("relay: -state-dir: %w", err)
+		return key.NodePrivate{}, fmt.Errorf("relay: DERP key: %w", err)
 	}
 	kf := keyFile{PrivateKey: key.NewNode()}
 	b, err = json.MarshalIndent(kf, "", "\t")
@@ -45,7 +45,7 @@ func LoadOrCreateKey(path string) (key.NodePrivate, error) {
 		return key.NodePrivate{}, fmt.Errorf("relay: encode DERP key: %w", err)
 	}
 	if err := atomicfile.WriteFile(path, b, 0o600); err != nil {
-		return key.NodePrivate{}, fmt.Errorf("relay: -state-dir: write DERP key: %w", err)
+		return key.NodePrivate{}, fmt.Errorf("relay: write DERP key: %w", err)
 	}
 	return kf.PrivateKey, nil
 }

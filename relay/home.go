@@ -14,10 +14,11 @@ import (
 // scanners search for to find open relays.
 const defaultHomePage = "<!doctype html>\n<html><head><title>OK</title></head><body></body></html>\n"
 
-// homeHandler returns the handler for "/" as -home describes it: "" for
-// the default neutral page, "blank" for an empty page, or an http(s) URL
-// to redirect to. Every other path is 404.
-func homeHandler(home string) (http.Handler, error) {
+// HomeHandler returns the handler for "/" as Server.Home describes it: ""
+// for the default neutral page, "blank" for an empty page, or an http(s)
+// URL to redirect to. Every other path is 404. Any other value is an
+// error, so a program can check the setting before it starts a Server.
+func HomeHandler(home string) (http.Handler, error) {
 	var h http.Handler
 	switch {
 	case home == "":
@@ -32,7 +33,7 @@ func homeHandler(home string) (http.Handler, error) {
 	case strings.HasPrefix(home, "https://") || strings.HasPrefix(home, "http://"):
 		h = http.RedirectHandler(home, http.StatusFound)
 	default:
-		return nil, fmt.Errorf("relay: -home %q: want empty (a neutral page), \"blank\", or an http:// or https:// URL to redirect to", home)
+		return nil, fmt.Errorf("relay: home page %q: want empty (a neutral page), \"blank\", or an http:// or https:// URL to redirect to", home)
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path != "/" {

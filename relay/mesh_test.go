@@ -36,7 +36,7 @@ func TestMeshPeersSkipAdmission(t *testing.T) {
 		t.Fatal(err)
 	}
 	adm := &refuseAll{}
-	s := &Server{Addr: "127.0.0.1:0", HTTPPort: -1, Certs: certs, PrivateKey: key.NewNode(), Admitter: adm, MeshKey: meshHex}
+	s := &Server{Addr: "127.0.0.1:0", HTTPPort: -1, Certs: certs, PrivateKey: key.NewNode(), Admitter: adm, MeshKey: meshKey}
 	if err := s.Start(); err != nil {
 		t.Fatal(err)
 	}

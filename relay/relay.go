@@ -3,15 +3,19 @@
 // port, captive-portal and latency probes, and a neutral home page.
 //
 // A Server is configured through its exported fields and run with Start
-// and Close:
+// and Close (see the Server example):
 //
-//	certs, _ := relay.LoadManualCerts("/var/lib/tailderp/certs", "derp.example.com", logger)
+//	certs, err := relay.LoadManualCerts("/var/lib/tailderp/certs", "derp.example.com", logger)
+//	...
 //	s := &relay.Server{Addr: ":443", HTTPPort: 80, Certs: certs, PrivateKey: k, Admitter: v}
 //	if err := s.Start(); err != nil { ... } // listening; serving in the background
-//	defer s.Close()
+//	defer s.Close(context.Background())
 //
 // The relay never serves /debug: that lives on the tailnet (see package
-// debugsrv). Who may relay is decided by the Admitter (see package verify).
+// debugsrv). Who may relay is decided by the Admitter (see package
+// verify); Revoke closes the connections of a client that may no longer
+// relay. A program that sets an Admitter calls RegisterAdmissionScheme
+// once first.
 package relay
 
 import (
@@ -74,9 +78,9 @@ type Server struct {
 	// or an http(s) URL to redirect to.
 	Home string
 
-	// MeshKey, if set, is the shared secret (64 hex digits) of a relay
-	// fleet: clients presenting it are mesh peers and skip admission.
-	MeshKey string
+	// MeshKey, if set, is the shared secret of a relay fleet: clients
+	// presenting it are mesh peers and skip admission.
+	MeshKey key.DERPMesh
 
 	// TCPKeepAlive, TCPUserTimeout and TCPWriteTimeout tune client
 	// connections; zero means derper's defaults (10 min, 15 s, 2 s).
@@ -88,6 +92,7 @@ type Server struct {
 	Logger *slog.Logger
 
 	derp     *derpserver.Server
+	conns    connTracker
 	https    *http.Server
 	http80   *http.Server
 	lnHTTPS  net.Listener
@@ -98,9 +103,22 @@ type Server struct {
 	closed   bool
 }
 
-// Start binds the listeners and serves in the background. A port that is
-// already in use is reported here, naming the address.
-func (s *Server) Start() error {
+// ListenError is returned by Start when a listener cannot be bound.
+type ListenError struct {
+	Listener string // "https" or "http"
+	Addr     string // the address it tried, host:port
+	Err      error  // from net.Listen; errors.Is finds syscall.EADDRINUSE, EACCES
+}
+
+func (e *ListenError) Error() string {
+	return fmt.Sprintf("relay: %s listener: %v", e.Listener, e.Err)
+}
+
+func (e *ListenError) Unwrap() error { return e.Err }
+
+// Start binds the listeners and serves in the background. A port that
+// cannot be bound is a *ListenError.
+func (s *Server) Start() (err error) {
 	if s.Certs == nil {
 		return errors.New("relay: no certificates configured")
 	}
@@ -116,28 +134,34 @@ func (s *Server) Start() error {
 	}
 	listenHost, _, err := net.SplitHostPort(addr)
 	if err != nil {
-		return fmt.Errorf("relay: -a %q: want host:port, :port or [ipv6]:port: %w", addr, err)
+		return fmt.Errorf("relay: listen address %q: %w", addr, err)
 	}
-	home, err := homeHandler(s.Home)
+	home, err := HomeHandler(s.Home)
 	if err != nil {
 		return err
 	}
 
 	s.derp = derpserver.New(s.PrivateKey, derpLogf(s.Logger))
+	defer func() {
+		if err != nil {
+			s.derp.Close()
+			s.derp = nil
+		}
+	}()
 	if s.TCPWriteTimeout != 0 {
 		s.derp.SetTCPWriteTimeout(s.TCPWriteTimeout)
 	}
-	if s.MeshKey != "" {
-		if err := s.derp.SetMeshKey(s.MeshKey); err != nil {
+	if !s.MeshKey.IsZero() {
+		if err := s.derp.SetMeshKey(s.MeshKey.String()); err != nil {
 			return fmt.Errorf("relay: mesh key: %w", err)
 		}
 	}
 	derpHandler := derpserver.AddWebSocketSupport(s.derp, derpserver.Handler(s.derp))
 	if s.Admitter != nil {
-		if err := installAdmission(s.derp); err != nil {
+		if err := useAdmission(s.derp); err != nil {
 			return err
 		}
-		derpHandler = withAdmitter(s.Admitter, derpHandler)
+		derpHandler = withAdmission(s.Admitter, &s.conns, derpHandler)
 	}
 
 	mux := http.NewServeMux()
@@ -179,7 +203,7 @@ func (s *Server) Start() error {
 	}
 	s.lnHTTPS, err = lc.Listen(context.Background(), "tcp", addr)
 	if err != nil {
-		return fmt.Errorf("relay: -a %s: cannot listen (is another server using the port?): %w", addr, err)
+		return &ListenError{Listener: "https", Addr: addr, Err: err}
 	}
 	s.serveErr = make(chan error, 2)
 	if s.HTTPPort >= 0 {
@@ -187,7 +211,7 @@ func (s *Server) Start() error {
 		s.ln80, err = lc.Listen(context.Background(), "tcp", addr80)
 		if err != nil {
 			s.lnHTTPS.Close()
-			return fmt.Errorf("relay: -http-port %d: cannot listen on %s (is another server using the port? -http-port -1 turns it off): %w", s.HTTPPort, addr80, err)
+			return &ListenError{Listener: "http", Addr: addr80, Err: err}
 		}
 		mux80 := http.NewServeMux()
 		mux80.HandleFunc("/generate_204", derpserver.ServeNoContent)
@@ -270,11 +294,24 @@ func (s *Server) ExpVar() expvar.Var {
 	return m
 }
 
+// Revoke closes every admitted connection of the client k and reports how
+// many there were. The client may reconnect; whether it is admitted again
+// is the Admitter's decision. Mesh peers are never closed by Revoke.
+func (s *Server) Revoke(k key.NodePublic) int { return s.conns.revoke(k) }
+
+// Clients lists the connections the Admitter admitted that are open now,
+// oldest first. Without an Admitter it is empty.
+func (s *Server) Clients() []Client { return s.conns.clients() }
+
+// Connected reports whether the client k has an admitted connection open.
+func (s *Server) Connected(k key.NodePublic) bool { return s.conns.connected(k) }
+
 // Close stops accepting connections, closes every client, and waits up to
-// the deadline of ctx for the listeners to finish.
+// the deadline of ctx for the listeners to finish. Closing a Server that
+// never started (or failed to) does nothing.
 func (s *Server) Close(ctx context.Context) error {
 	s.closeMu.Lock()
-	if s.closed {
+	if s.closed || s.derp == nil {
 		s.closeMu.Unlock()
 		return nil
 	}

@@ -6,6 +6,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -14,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -456,8 +458,8 @@ func TestHomePageBadValue(t *testing.T) {
 				s.Close(context.Background())
 				t.Fatalf("Start with Home %q succeeded, want an error", home)
 			}
-			if !strings.Contains(err.Error(), "-home") || !strings.Contains(err.Error(), home) {
-				t.Errorf("error %q should name -home and the value %q", err, home)
+			if !strings.Contains(err.Error(), "home page") || !strings.Contains(err.Error(), home) {
+				t.Errorf("error %q should say it is the home page and name the value %q", err, home)
 			}
 		})
 	}
@@ -501,20 +503,21 @@ func TestStartErrors(t *testing.T) {
 	takenPort := taken.Addr().(*net.TCPAddr).Port
 
 	tests := []struct {
-		name string
-		s    *relay.Server
-		want []string
+		name     string
+		s        *relay.Server
+		want     []string
+		listener string // "https" or "http": a *relay.ListenError for it
 	}{
 		{"https port in use", &relay.Server{Addr: taken.Addr().String(), HTTPPort: -1, Certs: certs, PrivateKey: key.NewNode()},
-			[]string{"-a", taken.Addr().String()}},
+			[]string{"https", taken.Addr().String(), "address already in use"}, "https"},
 		{"http port in use", &relay.Server{Addr: "127.0.0.1:0", HTTPPort: takenPort, Certs: certs, PrivateKey: key.NewNode()},
-			[]string{"-http-port", strconv.Itoa(takenPort), "-http-port -1"}},
+			[]string{"http", strconv.Itoa(takenPort), "address already in use"}, "http"},
 		{"bad address", &relay.Server{Addr: "443", Certs: certs, PrivateKey: key.NewNode()},
-			[]string{"-a", `"443"`}},
+			[]string{"listen address", `"443"`}, ""},
 		{"no certificates", &relay.Server{Addr: "127.0.0.1:0", HTTPPort: -1, PrivateKey: key.NewNode()},
-			[]string{"certificates"}},
+			[]string{"certificates"}, ""},
 		{"no key", &relay.Server{Addr: "127.0.0.1:0", HTTPPort: -1, Certs: certs},
-			[]string{"key"}},
+			[]string{"key"}, ""},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -527,6 +530,17 @@ func TestStartErrors(t *testing.T) {
 				if !strings.Contains(err.Error(), w) {
 					t.Errorf("error %q does not mention %q", err, w)
 				}
+			}
+			le, ok := errors.AsType[*relay.ListenError](err)
+			switch {
+			case tt.listener == "" && ok:
+				t.Errorf("error %q is a ListenError", err)
+			case tt.listener != "" && (!ok || le.Listener != tt.listener || !errors.Is(err, syscall.EADDRINUSE)):
+				t.Errorf("error %q: want a ListenError for %s wrapping EADDRINUSE", err, tt.listener)
+			}
+			// Close after a failed Start is harmless.
+			if err := tt.s.Close(context.Background()); err != nil {
+				t.Errorf("Close after a failed Start: %v", err)
 			}
 		})
 	}

@@ -35,7 +35,7 @@ func (s *Server) Start() error {
 	srv := stunserver.New(ctx)
 	if err := srv.Listen(s.Addr); err != nil {
 		cancel()
-		return fmt.Errorf("stun: -stun-port: cannot listen on udp %s (is another server using the port? -stun=false turns STUN off): %w", s.Addr, err)
+		return fmt.Errorf("stun: %w", err)
 	}
 	s.srv, s.cancel, s.done = srv, cancel, make(chan struct{})
 	go func() {

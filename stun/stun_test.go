@@ -155,7 +155,7 @@ func TestPortInUse(t *testing.T) {
 		s.Close()
 		t.Fatalf("Start on a port in use succeeded")
 	}
-	for _, want := range []string{"-stun-port", taken.LocalAddr().String()} {
+	for _, want := range []string{"stun", taken.LocalAddr().String(), "address already in use"} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("error %q does not mention %q", err, want)
 		}

@@ -5,14 +5,13 @@
 // yet, the URL is down) the client is refused, unless FailOpen is set.
 //
 // The tailnet check is an interface, KeyChecker, so this package is tested
-// without a tailnet and can later ask several tailnets.
+// without a tailnet and can ask several tailnets. See the Verifier example.
 package verify
 
 import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"errors"
 	"expvar"
 	"fmt"
 	"io"
@@ -32,9 +31,10 @@ import (
 
 // KeyChecker reports whether a node key belongs to a tailnet.
 type KeyChecker interface {
-	// KnowsNodeKey reports whether k is a node of the tailnet. It returns
-	// an error wrapping ErrNotReady when it cannot tell yet.
-	KnowsNodeKey(ctx context.Context, k key.NodePublic) (bool, error)
+	// KnowsNodeKey reports whether k is a node of the tailnet; ready is
+	// false when it cannot tell yet (no network map), and known is then
+	// false too.
+	KnowsNodeKey(k key.NodePublic) (known, ready bool)
 }
 
 // PeerCounter is optionally implemented by a KeyChecker that can say how
@@ -43,9 +43,6 @@ type KeyChecker interface {
 type PeerCounter interface {
 	PeerCount() int
 }
-
-// ErrNotReady is wrapped by KeyChecker errors meaning "cannot tell yet".
-var ErrNotReady = errors.New("tailnet membership not known yet")
 
 // Reasons a client is refused, as counted in metrics and logged.
 const (
@@ -100,8 +97,13 @@ func (v *Verifier) setup() {
 	}
 	v.client = v.HTTPClient
 	if v.client == nil {
-		tr := http.DefaultTransport.(*http.Transport).Clone()
-		tr.MaxIdleConnsPerHost = 64
+		// Enough idle connections for bursts of connecting clients
+		// (net/http keeps 2 per host by default).
+		tr := &http.Transport{Proxy: http.ProxyFromEnvironment, MaxIdleConnsPerHost: 64, IdleConnTimeout: 90 * time.Second}
+		if dt, ok := http.DefaultTransport.(*http.Transport); ok {
+			tr = dt.Clone()
+			tr.MaxIdleConnsPerHost = 64
+		}
 		v.client = &http.Client{Transport: tr, Timeout: URLTimeout}
 	}
 	v.logLimit = logs.NewLimiter(10, 10*time.Second)
@@ -114,12 +116,12 @@ func (v *Verifier) setup() {
 func (v *Verifier) Admit(ctx context.Context, clientKey key.NodePublic, src netip.Addr) bool {
 	v.init()
 	if v.Tailnet != nil {
-		ok, err := v.Tailnet.KnowsNodeKey(ctx, clientKey)
+		ok, ready := v.Tailnet.KnowsNodeKey(clientKey)
 		switch {
-		case err != nil && v.FailOpen:
-			v.admitFailOpen(clientKey, src, "tailnet check cannot answer", err)
-		case err != nil:
-			v.refuse(clientKey, src, ReasonTailnetNotReady, err)
+		case !ready && v.FailOpen:
+			v.admitFailOpen(clientKey, src, "tailnet membership not known yet", nil)
+		case !ready:
+			v.refuse(clientKey, src, ReasonTailnetNotReady, nil)
 			return false
 		case !ok:
 			v.refuse(clientKey, src, ReasonNotInTailnet, nil)
@@ -195,12 +197,12 @@ func (v *Verifier) askURL(ctx context.Context, clientKey key.NodePublic, src net
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, v.URL, bytes.NewReader(body))
 	if err != nil {
-		return false, fmt.Errorf("verify: -verify-client-url: %w", err)
+		return false, fmt.Errorf("verify: admission URL: %w", err)
 	}
 	req.Header.Set("Content-Type", "application/json")
 	res, err := v.client.Do(req)
 	if err != nil {
-		return false, fmt.Errorf("verify: -verify-client-url: %w", err)
+		return false, fmt.Errorf("verify: admission URL: %w", err)
 	}
 	defer res.Body.Close()
 	if res.StatusCode != http.StatusOK {
@@ -210,7 +212,7 @@ func (v *Verifier) askURL(ctx context.Context, clientKey key.NodePublic, src net
 	}
 	var ar tailcfg.DERPAdmitClientResponse
 	if err := json.NewDecoder(io.LimitReader(res.Body, 4<<10)).Decode(&ar); err != nil {
-		return false, fmt.Errorf("verify: -verify-client-url: bad answer: %w", err)
+		return false, fmt.Errorf("verify: admission URL: bad answer: %w", err)
 	}
 	return ar.Allow, nil
 }
@@ -218,11 +220,7 @@ func (v *Verifier) askURL(ctx context.Context, clientKey key.NodePublic, src net
 func (v *Verifier) refuse(k key.NodePublic, src netip.Addr, reason string, err error) {
 	v.refused.Add(reason, 1)
 	v.lastRefusal.Set(time.Now().UTC().Format(time.RFC3339) + " " + reason)
-	ok, suppressed := v.logLimit.Allow(time.Now())
-	if suppressed > 0 {
-		v.Logger.Warn("verify: refusals not logged (rate limit)", "count", suppressed)
-	}
-	if !ok {
+	if !v.allowLog() {
 		return
 	}
 	attrs := []any{"key", k.ShortString(), "src", src.String(), "reason", reason}
@@ -242,9 +240,24 @@ func (v *Verifier) refuse(k key.NodePublic, src netip.Addr, reason string, err e
 
 func (v *Verifier) admitFailOpen(k key.NodePublic, src netip.Addr, why string, err error) {
 	v.failOpen.Add(1)
-	if ok, _ := v.logLimit.Allow(time.Now()); ok {
-		v.Logger.Warn("verify: admitting unverified client (fail-open)", "key", k.ShortString(), "src", src.String(), "why", why, "err", err.Error())
+	if !v.allowLog() {
+		return
 	}
+	attrs := []any{"key", k.ShortString(), "src", src.String(), "why", why}
+	if err != nil {
+		attrs = append(attrs, "err", err.Error())
+	}
+	v.Logger.Warn("verify: admitting unverified client (fail-open)", attrs...)
+}
+
+// allowLog reports whether a per-client line may be logged now, saying
+// first how many were left out since the last one.
+func (v *Verifier) allowLog() bool {
+	ok, suppressed := v.logLimit.Allow(time.Now())
+	if suppressed > 0 {
+		v.Logger.Warn("verify: per-client lines not logged (rate limit)", "count", suppressed)
+	}
+	return ok
 }
 
 // ExpVar returns the admission counters: admitted, admitted_fail_open,

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"fmt"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
@@ -20,17 +19,17 @@ import (
 
 // members is a KeyChecker over a fixed set, standing in for a tailnet.
 type members struct {
-	keys  map[key.NodePublic]bool
-	err   error
-	calls atomic.Int64
+	keys     map[key.NodePublic]bool
+	notReady bool
+	calls    atomic.Int64
 }
 
-func (m *members) KnowsNodeKey(_ context.Context, k key.NodePublic) (bool, error) {
+func (m *members) KnowsNodeKey(k key.NodePublic) (known, ready bool) {
 	m.calls.Add(1)
-	if m.err != nil {
-		return false, m.err
+	if m.notReady {
+		return false, false
 	}
-	return m.keys[k], nil
+	return m.keys[k], true
 }
 
 func (m *members) PeerCount() int { return len(m.keys) }
@@ -61,7 +60,7 @@ var src = netip.MustParseAddr("198.51.100.7")
 func TestAdmit(t *testing.T) {
 	in, out := key.NewNode().Public(), key.NewNode().Public()
 	tailnet := &members{keys: map[key.NodePublic]bool{in: true}}
-	notReady := &members{err: fmt.Errorf("node starting: %w", ErrNotReady)}
+	notReady := &members{notReady: true}
 	allowIn, _ := admissionServer(t, map[key.NodePublic]bool{in: true}, 200)
 	denyAll, _ := admissionServer(t, nil, 200)
 	err500, _ := admissionServer(t, nil, 500)

@@ -1,0 +1,433 @@
+package main
+
+import (
+	"crypto/x509"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	"tailscale.com/tailcfg"
+	"tailscale.com/types/key"
+
+	"github.com/tailderp/tailderp/node"
+	"github.com/tailderp/tailderp/relay"
+)
+
+// config is every setting of a tailderp run, as the flags and the
+// environment give them, with the -dev defaults applied. What follows from
+// the settings (paths in the state directory, the addresses served, the
+// derpMap node) is a method here, so each is worked out in one place and
+// `tailderp`, `tailderp derpmap` and `tailderp check` agree.
+type config struct {
+	// Relay
+	Addr        string
+	HTTPPort    int
+	STUNPort    int
+	STUN        bool
+	Hostname    string
+	Home        string
+	Dev         bool
+	StateDir    string
+	MeshPSKFile string
+
+	// Certificates
+	CertMode         string
+	CertDir          string
+	ACMEEmail        string
+	ACMEDirectoryURL string
+	ACMECABundle     string
+
+	// Tailnet node
+	AuthKey         string // secret: from the environment or a file only
+	AuthKeyFile     string
+	ControlURL      string
+	TailnetHostname string
+	AdvertiseTags   string
+	NoLogsNoSupport bool
+	DebugPort       int
+
+	// Admission
+	VerifyClients         bool
+	VerifyClientURL       string
+	VerifyClientsFailOpen bool
+
+	// derpMap snippet
+	RegionID   int
+	RegionCode string
+	RegionName string
+	IPv4       string
+	IPv6       string
+
+	// Logging
+	LogFormat string
+	LogLevel  string
+
+	// src says which settings were given, and how.
+	src sources
+}
+
+// settingsFor lists every setting, bound to c: the one table of settings.
+// --help, the README's table and the packaging tests are made from it.
+func settingsFor(c *config) []setting {
+	return []setting{
+		{flag: "a", env: "ADDR", aliases: []string{"DERP_ADDR"}, group: "Relay", bind: strVar(&c.Addr, ":443"),
+			usage: "HTTPS listen address for DERP: :port, ip:port or [ipv6]:port"},
+		{flag: "http-port", env: "HTTP_PORT", aliases: []string{"DERP_HTTP_PORT"}, group: "Relay", bind: intVar(&c.HTTPPort, 80),
+			usage: "plain-HTTP port on the same IP (ACME HTTP-01, /generate_204, redirect to HTTPS); -1 turns it off"},
+		{flag: "stun-port", env: "STUN_PORT", aliases: []string{"DERP_STUN_PORT"}, group: "Relay", bind: intVar(&c.STUNPort, 3478),
+			usage: "UDP port for STUN, on the same IP"},
+		{flag: "stun", env: "STUN", aliases: []string{"DERP_STUN"}, group: "Relay", bind: boolVar(&c.STUN, true),
+			usage: "serve STUN (clients need it to find direct paths and measure latency)"},
+		{flag: "hostname", env: "TAILSCALE_DERP_HOSTNAME", aliases: []string{"DERP_DOMAIN", "DERP_HOSTNAME"}, group: "Relay", bind: strVar(&c.Hostname, ""),
+			usage: "this server's public DNS name (or IP address, with -certmode manual); required"},
+		{flag: "home", env: "HOME_PAGE", group: "Relay", bind: strVar(&c.Home, ""),
+			usage: `what "/" serves: empty for a neutral page, "blank", or a URL to redirect to`},
+		{flag: "state-dir", env: "STATE_DIR", aliases: []string{"TAILDERP_STATE_DIR"}, group: "Relay", bind: strVar(&c.StateDir, "/var/lib/tailderp"),
+			usage: "directory for all state: DERP key, certificates, tailnet node; must persist and be writable"},
+		{flag: "mesh-psk-file", env: "MESH_PSK_FILE", group: "Relay", bind: strVar(&c.MeshPSKFile, ""),
+			usage: "file holding the relay fleet's mesh key (64 hex digits); clients presenting it skip admission"},
+		{flag: "dev", env: "DEV", group: "Relay", bind: boolVar(&c.Dev, false),
+			usage: "try it out: serve on 127.0.0.1:3340 with a self-signed certificate, no port 80, and no tailnet node unless a key is set"},
+
+		{flag: "certmode", env: "CERTMODE", aliases: []string{"TAILSCALE_DERP_CERTMODE", "CERT_MODE", "DERP_CERT_MODE"}, group: "Certificates", bind: strVar(&c.CertMode, "letsencrypt"),
+			usage: "letsencrypt (any ACME CA; automatic, renewed in the background) or manual (<certdir>/<hostname>.crt and .key, reloaded when they change; self-signed and generated when -hostname is an IP)"},
+		{flag: "certdir", env: "CERTDIR", aliases: []string{"CERT_DIR", "DERP_CERT_DIR"}, group: "Certificates", bind: strVar(&c.CertDir, ""),
+			usage: "certificate directory (default <state-dir>/certs)"},
+		{flag: "acme-email", env: "ACME_EMAIL", group: "Certificates", bind: strVar(&c.ACMEEmail, ""),
+			usage: "contact address for the ACME account (expiry notices); optional"},
+		{flag: "acme-directory-url", env: "ACME_DIRECTORY_URL", group: "Certificates", bind: strVar(&c.ACMEDirectoryURL, ""),
+			usage: "ACME directory URL (default Let's Encrypt production; e.g. staging, ZeroSSL, step-ca)"},
+		{flag: "acme-ca-bundle", env: "ACME_CA_BUNDLE", group: "Certificates", bind: strVar(&c.ACMECABundle, ""),
+			usage: "PEM file of extra root CAs to trust when talking to -acme-directory-url (a private CA)"},
+
+		{flag: "", env: "TAILSCALE_AUTH_KEY", aliases: []string{"TS_AUTHKEY"}, group: "Tailnet node", secret: true, target: &c.AuthKey,
+			usage: "auth key (tskey-auth-…) or OAuth client secret (tskey-client-…, needs -advertise-tags) for the first login; never printed. Environment only, so it stays out of process listings"},
+		{flag: "auth-key-file", env: "TAILSCALE_AUTH_KEY_FILE", group: "Tailnet node", bind: strVar(&c.AuthKeyFile, ""),
+			usage: "file holding the auth key (Docker or systemd secrets)"},
+		{flag: "control-url", env: "TAILSCALE_CONTROL_URL", aliases: []string{"TS_CONTROL_URL"}, group: "Tailnet node", bind: strVar(&c.ControlURL, ""),
+			usage: "coordination server URL: empty for Tailscale, or your Headscale URL"},
+		{flag: "tailnet-hostname", env: "TAILSCALE_HOSTNAME", group: "Tailnet node", bind: strVar(&c.TailnetHostname, ""),
+			usage: "the node's name on the tailnet (default from -hostname: derp.example.com → derp-example-com)"},
+		{flag: "advertise-tags", env: "TAILSCALE_ADVERTISE_TAGS", group: "Tailnet node", bind: strVar(&c.AdvertiseTags, ""),
+			usage: "comma-separated ACL tags for the node, e.g. tag:derp (required with an OAuth client secret)"},
+		{flag: "no-logs-no-support", env: "TS_NO_LOGS_NO_SUPPORT", group: "Tailnet node", bind: boolVar(&c.NoLogsNoSupport, false),
+			usage: "do not upload the node's logs to Tailscale (always off with a non-Tailscale -control-url)"},
+		{flag: "debug-port", env: "DEBUG_PORT", group: "Tailnet node", bind: intVar(&c.DebugPort, 80),
+			usage: "tailnet-only port for /debug (pprof, metrics, clients); never served publicly"},
+
+		{flag: "verify-clients", env: "VERIFY_CLIENTS", aliases: []string{"DERP_VERIFY_CLIENTS", "TAILSCALE_DERP_VERIFY_CLIENTS"}, group: "Admission", bind: boolVar(&c.VerifyClients, true),
+			usage: "admit only clients of our tailnet, as the embedded node sees it; false makes an open relay"},
+		{flag: "verify-client-url", env: "VERIFY_CLIENT_URL", aliases: []string{"DERP_VERIFY_CLIENT_URL"}, group: "Admission", bind: strVar(&c.VerifyClientURL, ""),
+			usage: "admission controller URL (derper's JSON contract); when set it must admit too"},
+		{flag: "verify-clients-fail-open", env: "VERIFY_CLIENTS_FAIL_OPEN", group: "Admission", bind: boolVar(&c.VerifyClientsFailOpen, false),
+			usage: "admit clients when a check cannot answer (node not logged in yet, URL down); default refuses"},
+
+		{flag: "region-id", env: "DERP_REGION_ID", group: "derpMap snippet", bind: intVar(&c.RegionID, 900),
+			usage: "derpMap region ID (900 and up are for custom relays)"},
+		{flag: "region-code", env: "DERP_REGION_CODE", group: "derpMap snippet", bind: strVar(&c.RegionCode, "tailderp"),
+			usage: "derpMap region code"},
+		{flag: "region-name", env: "DERP_REGION_NAME", group: "derpMap snippet", bind: strVar(&c.RegionName, "tailderp"),
+			usage: "derpMap region name"},
+		{flag: "ipv4", env: "DERP_IPV4", group: "derpMap snippet", bind: strVar(&c.IPv4, ""),
+			usage: "public IPv4 address to put in the derpMap (lets clients skip DNS)"},
+		{flag: "ipv6", env: "DERP_IPV6", group: "derpMap snippet", bind: strVar(&c.IPv6, ""),
+			usage: "public IPv6 address to put in the derpMap"},
+
+		{flag: "log-format", env: "LOG_FORMAT", group: "Logging", bind: strVar(&c.LogFormat, "text"),
+			usage: "text or json"},
+		{flag: "log-level", env: "LOG_LEVEL", group: "Logging", bind: strVar(&c.LogLevel, "info"),
+			usage: "debug, info, warn or error"},
+	}
+}
+
+// settingName is how messages name the setting with key k (a flag name,
+// or the variable of an environment-only setting): "-a (ADDR)".
+func settingName(k string) string {
+	for _, s := range settingsFor(&config{}) {
+		if s.key() == k {
+			return s.name()
+		}
+	}
+	return k
+}
+
+// isSetting reports whether name is a flag of the server's settings.
+func isSetting(name string) bool {
+	for _, s := range settingsFor(&config{}) {
+		if s.flag != "" && s.flag == name {
+			return true
+		}
+	}
+	return false
+}
+
+// devAddr is where -dev serves unless -a (ADDR) says otherwise.
+const devAddr = "127.0.0.1:3340"
+
+// parseConfig parses args and the environment into a config with the
+// settings' flags defined on fs (which may carry more flags: those of
+// `tailderp check`), then applies the -dev defaults. It reads no file:
+// `tailderp check` also uses it on another process's command line.
+func parseConfig(fs *flag.FlagSet, args []string, getenv func(string) string) (*config, error) {
+	c := &config{}
+	src, err := parseSettings(fs, settingsFor(c), args, getenv)
+	if err != nil {
+		return nil, err
+	}
+	c.src = src
+	if c.Dev {
+		// -dev changes defaults only: whatever was given stays.
+		if c.src["a"] == "" {
+			c.Addr = devAddr
+		}
+		if c.src["http-port"] == "" {
+			c.HTTPPort = -1
+		}
+		if c.Hostname == "" {
+			c.Hostname = "localhost"
+		}
+		if c.src["verify-clients"] == "" && c.AuthKey == "" && c.AuthKeyFile == "" {
+			c.VerifyClients = false
+		}
+	}
+	return c, nil
+}
+
+// loadConfig parses and validates the server's settings, reading the auth
+// key file. Validation that needs no network happens here, so a typo fails
+// before anything is written.
+func loadConfig(name string, args []string, getenv func(string) string, stderr io.Writer) (*config, error) {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() { printUsage(stderr, fs, settingsFor(&config{})) }
+	c, err := parseConfig(fs, args, getenv)
+	if err != nil {
+		return nil, err
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("unexpected argument %q (settings are flags: see -help)", fs.Arg(0))
+	}
+	if err := c.readAuthKeyFile(); err != nil {
+		return nil, err
+	}
+	if err := c.validate(); err != nil {
+		return nil, err
+	}
+	return c, c.validateLogin()
+}
+
+// readAuthKeyFile reads -auth-key-file into AuthKey unless the key came
+// from the environment.
+func (c *config) readAuthKeyFile() error {
+	if c.AuthKeyFile == "" || c.AuthKey != "" {
+		return nil
+	}
+	b, err := os.ReadFile(c.AuthKeyFile)
+	if err != nil {
+		return fmt.Errorf("%s: %w", settingName("auth-key-file"), err)
+	}
+	c.AuthKey = strings.TrimSpace(string(b))
+	return nil
+}
+
+// validate checks every setting that can be checked without I/O.
+func (c *config) validate() error {
+	host, port, err := net.SplitHostPort(c.Addr)
+	if err != nil {
+		return fmt.Errorf("%s %q: want :port, ip:port or [ipv6]:port", settingName("a"), c.Addr)
+	}
+	if host != "" && net.ParseIP(host) == nil && host != "localhost" {
+		return fmt.Errorf("%s %q: the host part must be an IP address (or empty for all addresses)", settingName("a"), c.Addr)
+	}
+	if p, err := strconv.Atoi(port); err != nil || p < 0 || p > 65535 {
+		return fmt.Errorf("%s %q: port must be a number from 0 to 65535", settingName("a"), c.Addr)
+	}
+	if c.HTTPPort < -1 || c.HTTPPort > 65535 {
+		return fmt.Errorf("%s %d: want a port from 0 to 65535, or -1 to turn it off", settingName("http-port"), c.HTTPPort)
+	}
+	if c.STUNPort < 0 || c.STUNPort > 65535 {
+		return fmt.Errorf("%s %d: want a port from 0 to 65535", settingName("stun-port"), c.STUNPort)
+	}
+	if c.DebugPort < 1 || c.DebugPort > 65535 {
+		return fmt.Errorf("%s %d: want a port from 1 to 65535", settingName("debug-port"), c.DebugPort)
+	}
+	if c.Hostname == "" {
+		return fmt.Errorf("%s is required: the DNS name clients reach this server by, or its public IP address with -certmode manual", settingName("hostname"))
+	}
+	if !c.Dev {
+		switch c.CertMode {
+		case "letsencrypt":
+			if net.ParseIP(c.Hostname) != nil {
+				return fmt.Errorf("%s %s is an IP address, which -certmode letsencrypt cannot get a certificate for: use -certmode manual (CERTMODE=manual) for a self-signed certificate that clients pin by CertName", settingName("hostname"), c.Hostname)
+			}
+		case "manual":
+		default:
+			return fmt.Errorf("%s %q: want letsencrypt or manual", settingName("certmode"), c.CertMode)
+		}
+	}
+	if _, err := relay.HomeHandler(c.Home); err != nil {
+		return fmt.Errorf("%s: %w", settingName("home"), err)
+	}
+	if c.StateDir == "" {
+		return fmt.Errorf("%s must not be empty", settingName("state-dir"))
+	}
+	if c.RegionID < 1 {
+		return fmt.Errorf("%s %d: want a positive number, 900 or more for a custom relay", settingName("region-id"), c.RegionID)
+	}
+	for _, ip := range []struct{ key, val string }{{"ipv4", c.IPv4}, {"ipv6", c.IPv6}} {
+		if ip.val != "" && ip.val != "none" {
+			if _, err := netip.ParseAddr(ip.val); err != nil {
+				return fmt.Errorf("%s %q: not an IP address", settingName(ip.key), ip.val)
+			}
+		}
+	}
+	if strings.HasPrefix(c.AuthKey, "tskey-client-") && c.AdvertiseTags == "" {
+		return fmt.Errorf("TAILSCALE_AUTH_KEY holds an OAuth client secret (tskey-client-…), which needs %s, e.g. tag:derp", settingName("advertise-tags"))
+	}
+	for _, t := range c.tags() {
+		if !strings.HasPrefix(t, "tag:") {
+			return fmt.Errorf("%s %q: each tag must start with \"tag:\"", settingName("advertise-tags"), t)
+		}
+	}
+	return nil
+}
+
+// validateLogin checks that the node can log in: with a key, or with the
+// login an earlier start left in the state directory.
+func (c *config) validateLogin() error {
+	if c.VerifyClients && c.AuthKey == "" && !node.HasLogin(c.nodeDir()) {
+		return fmt.Errorf("TAILSCALE_AUTH_KEY is not set and %s holds no earlier login: set TAILSCALE_AUTH_KEY (or TAILSCALE_AUTH_KEY_FILE) to an auth key of your tailnet so the relay can admit its clients, or set -verify-clients=false to run an open relay", c.nodeDir())
+	}
+	return nil
+}
+
+// The state directory's layout.
+
+func (c *config) nodeDir() string     { return filepath.Join(c.StateDir, "tailscale") }
+func (c *config) derpKeyPath() string { return filepath.Join(c.StateDir, "derp.key") }
+func (c *config) servingPath() string { return filepath.Join(c.StateDir, servingFile) }
+
+func (c *config) certDir() string {
+	if c.CertDir != "" {
+		return c.CertDir
+	}
+	return filepath.Join(c.StateDir, "certs")
+}
+
+// ipMode reports whether the server has no DNS name: a self-signed
+// certificate for its IP address, pinned by CertName.
+func (c *config) ipMode() bool { return !c.Dev && net.ParseIP(c.Hostname) != nil }
+
+// stunAddr is the STUN listen address (the HTTPS listener's IP), "" when
+// STUN is off.
+func (c *config) stunAddr() string {
+	if !c.STUN {
+		return ""
+	}
+	host, _, _ := net.SplitHostPort(c.Addr)
+	return net.JoinHostPort(host, strconv.Itoa(c.STUNPort))
+}
+
+func (c *config) tags() []string {
+	var out []string
+	for t := range strings.SplitSeq(c.AdvertiseTags, ",") {
+		if t = strings.TrimSpace(t); t != "" {
+			out = append(out, t)
+		}
+	}
+	return out
+}
+
+// tailnetHostname is the node's name: -tailnet-hostname, or -hostname
+// with dots turned into dashes.
+func (c *config) tailnetHostname() string {
+	switch {
+	case c.TailnetHostname != "":
+		return c.TailnetHostname
+	case c.Dev:
+		return "tailderp-dev"
+	}
+	return strings.NewReplacer(".", "-", ":", "-").Replace(c.Hostname)
+}
+
+// derpRegion is the derpMap region of this relay, its node reached on
+// httpsPort and stunPort (-1: no STUN) and pinned by certName ("" for a
+// certificate a public CA signed).
+func (c *config) derpRegion(httpsPort, stunPort int, certName string) *tailcfg.DERPRegion {
+	n := relay.NodeInfo{HostName: c.Hostname, IPv4: c.IPv4, IPv6: c.IPv6, DERPPort: httpsPort, STUNPort: stunPort, CertName: certName}
+	if ip := net.ParseIP(c.Hostname); ip != nil {
+		if ip.To4() != nil && n.IPv4 == "" {
+			n.IPv4 = c.Hostname
+		} else if ip.To4() == nil && n.IPv6 == "" {
+			n.IPv6 = c.Hostname
+		}
+	}
+	return relay.DERPRegion(relay.RegionConfig{RegionID: c.RegionID, RegionCode: c.RegionCode, RegionName: c.RegionName}, n)
+}
+
+// configuredPorts are the HTTPS and STUN ports the settings name (STUN -1
+// when off); a running server's bound ports are in its serving.json.
+func (c *config) configuredPorts() (https, stun int) {
+	_, p, _ := net.SplitHostPort(c.Addr)
+	https, _ = strconv.Atoi(p)
+	stun = c.STUNPort
+	if !c.STUN {
+		stun = -1
+	}
+	return https, stun
+}
+
+// errNoCertYet means IP mode has not generated its certificate yet.
+var errNoCertYet = errors.New("no certificate yet")
+
+// pinFromFiles is the CertName of the self-signed certificate IP mode
+// keeps in the certificate directory.
+func (c *config) pinFromFiles() (string, error) {
+	crt, _ := relay.CertPaths(c.certDir(), c.Hostname)
+	certs, err := relay.LoadManualCerts(c.certDir(), c.Hostname, nil)
+	if err != nil {
+		if _, statErr := os.Stat(crt); errors.Is(statErr, os.ErrNotExist) {
+			return "", fmt.Errorf("%w at %s: start tailderp once to generate it", errNoCertYet, crt)
+		}
+		return "", err
+	}
+	info, _ := certs.Current()
+	return info.CertName, nil
+}
+
+// loadCertPool reads a PEM bundle of CA certificates.
+func loadCertPool(path string) (*x509.CertPool, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(b) {
+		return nil, fmt.Errorf("%s: no PEM certificates in it", path)
+	}
+	return pool, nil
+}
+
+// readMeshKey reads the fleet's mesh key from -mesh-psk-file ("" means no
+// mesh).
+func readMeshKey(path string) (key.DERPMesh, error) {
+	if path == "" {
+		return key.DERPMesh{}, nil
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return key.DERPMesh{}, fmt.Errorf("%s: %w", settingName("mesh-psk-file"), err)
+	}
+	k, err := key.ParseDERPMesh(strings.TrimSpace(string(b)))
+	if err != nil {
+		return key.DERPMesh{}, fmt.Errorf("%s %s: %v (want 64 hex digits, e.g. from `openssl rand -hex 32`)", settingName("mesh-psk-file"), path, err)
+	}
+	return k, nil
+}

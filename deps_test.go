@@ -1,0 +1,152 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"io"
+	"os/exec"
+	"slices"
+	"strings"
+	"testing"
+)
+
+// The package rules, checked on every run instead of remembered (derper's
+// TestDeps does the same for derper). Rules are about production code;
+// internal/test* are test harnesses and may use anything.
+const module = "github.com/tailderp/tailderp"
+
+// depRule says what one package (or the binary) must not depend on,
+// directly or through anything it imports.
+type depRule struct {
+	pkg  string            // module-relative import path; "" is the binary
+	deps map[string]string // path, or path prefix + "...", → why
+}
+
+var depRules = []depRule{
+	{pkg: "/relay",
+		deps: map[string]string{
+			"tailscale.com/tsnet": "the public side knows no tailnet; only node embeds one",
+			module + "/node":      "relay asks an Admitter, it does not know where answers come from",
+			module + "/verify":    "relay asks an Admitter (an interface it owns), not verify",
+		}},
+	{pkg: "/stun",
+		deps: map[string]string{
+			"tailscale.com/tsnet": "STUN knows no tailnet",
+			module + "/node":      "STUN knows no tailnet",
+			module + "/verify":    "STUN admits nobody: it is unauthenticated by design",
+		}},
+	{pkg: "/verify",
+		deps: map[string]string{
+			"tailscale.com/tsnet": "verify asks a KeyChecker, so it is tested without a tailnet and asks several",
+			module + "/node":      "verify asks a KeyChecker, not the node",
+			module + "/relay":     "verify decides; relay asks it through relay.Admitter",
+		}},
+	{pkg: "/node",
+		deps: map[string]string{
+			module + "/verify": "the node reports (known, ready); verify decides",
+			module + "/relay":  "the node knows nothing of the public side",
+		}},
+	{pkg: "/debugsrv",
+		deps: map[string]string{
+			"tailscale.com/tsnet": "debugsrv serves on a listener it is given",
+		}},
+	{pkg: "/check",
+		deps: map[string]string{
+			"tailscale.com/tsnet": "check is a client of the public side",
+			module + "/node":      "check is a client of the public side",
+		}},
+	{pkg: "", // the shipped binary
+		deps: map[string]string{
+			"testing":                        "no test code in the binary",
+			"tailscale.com/tstest/...":       "no test code in the binary",
+			module + "/internal/testtailnet": "no test code in the binary",
+			module + "/internal/testacme":    "no test code in the binary",
+			module + "/internal/testutil":    "no test code in the binary",
+			"github.com/letsencrypt/...":     "no test code in the binary (Pebble is a test CA)",
+		}},
+}
+
+// listedPackage is what `go list -json` says of a package.
+type listedPackage struct {
+	ImportPath string
+	Imports    []string
+	Deps       []string
+}
+
+// goList lists the module's packages with their imports and dependencies.
+func goList(t *testing.T) map[string]listedPackage {
+	t.Helper()
+	out, err := exec.Command("go", "list", "-json", "./...").Output()
+	if err != nil {
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			t.Fatalf("go list: %v\n%s", err, ee.Stderr)
+		}
+		t.Fatal(err)
+	}
+	pkgs := map[string]listedPackage{}
+	dec := json.NewDecoder(bytes.NewReader(out))
+	for {
+		var p listedPackage
+		if err := dec.Decode(&p); err == io.EOF {
+			break
+		} else if err != nil {
+			t.Fatal(err)
+		}
+		pkgs[p.ImportPath] = p
+	}
+	return pkgs
+}
+
+// violations lists what p depends on against r.
+func (r depRule) violations(p listedPackage) []string {
+	var out []string
+	for pattern, why := range r.deps {
+		for _, d := range p.Deps {
+			if d == pattern || (strings.HasSuffix(pattern, "...") && strings.HasPrefix(d, strings.TrimSuffix(pattern, "..."))) {
+				out = append(out, "depends on "+d+": "+why)
+			}
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+func TestDeps(t *testing.T) {
+	pkgs := goList(t)
+	for _, r := range depRules {
+		path := module + r.pkg
+		p, ok := pkgs[path]
+		if !ok {
+			t.Errorf("package %s not found: update depRules", path)
+			continue
+		}
+		for _, v := range r.violations(p) {
+			t.Errorf("%s %s", path, v)
+		}
+	}
+	// Only node imports tsnet, of all the production packages.
+	for path, p := range pkgs {
+		if strings.HasPrefix(path, module+"/internal/test") || path == module+"/node" {
+			continue
+		}
+		if slices.Contains(p.Imports, "tailscale.com/tsnet") {
+			t.Errorf("%s imports tailscale.com/tsnet: only node embeds the tailnet node", path)
+		}
+	}
+}
+
+// TestDepRulesCatchViolations shows that a rule fires: a package listed as
+// importing or depending on what its rule forbids is reported.
+func TestDepRulesCatchViolations(t *testing.T) {
+	for _, r := range depRules {
+		for forbidden := range r.deps {
+			dep := strings.TrimSuffix(forbidden, "...") + strings.Repeat("x", len(forbidden)-len(strings.TrimSuffix(forbidden, "...")))
+			p := listedPackage{ImportPath: module + r.pkg, Deps: []string{"fmt", dep}}
+			if v := r.violations(p); len(v) != 1 {
+				t.Errorf("rule for %q: a package depending on %s gives %q, want one violation", r.pkg, dep, v)
+			}
+		}
+	}
+}

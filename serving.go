@@ -1,0 +1,198 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"tailscale.com/atomicfile"
+	"tailscale.com/tailcfg"
+)
+
+// servingFile is the file, in the state directory, where a running server
+// says what it serves.
+const servingFile = "serving.json"
+
+// serving is what a running server serves on its public side, as bound:
+// real ports (also when the settings said 0), the certificate pin. The
+// server writes it to <state-dir>/serving.json once it serves and removes
+// it when it stops; `tailderp check -local` (the container's healthcheck)
+// and `tailderp derpmap` read it, so they describe the server as it runs
+// even when they were given other settings than the server (compose
+// `command:` flags reach the server but not the healthcheck).
+type serving struct {
+	PID           int                 `json:"pid"`
+	Version       string              `json:"version"`
+	Since         time.Time           `json:"since"`
+	HTTPSAddr     string              `json:"https_addr"`          // the HTTPS listener, as bound
+	STUNAddr      string              `json:"stun_addr,omitempty"` // "" when STUN is off
+	ServerName    string              `json:"server_name"`         // the TLS name (-hostname)
+	VerifyClients bool                `json:"verify_clients"`
+	Region        *tailcfg.DERPRegion `json:"region"` // the derpMap region the snippet shows
+}
+
+// writeServing writes s to path atomically, mode 0600.
+func writeServing(path string, s *serving) error {
+	b, err := json.MarshalIndent(s, "", "  ")
+	if err != nil {
+		return err
+	}
+	return atomicfile.WriteFile(path, append(b, '\n'), 0o600)
+}
+
+// removeServing removes path if it still describes this process.
+func removeServing(path string) {
+	if s, err := readServing(path); err == nil && s.PID == os.Getpid() {
+		os.Remove(path)
+	}
+}
+
+// errNotServing means a serving.json names a process that is gone.
+var errNotServing = errors.New("the server it names is not running")
+
+// readServing reads a serving.json whose process is still running.
+func readServing(path string) (*serving, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	var s serving
+	if err := json.Unmarshal(b, &s); err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	if s.Region == nil || len(s.Region.Nodes) == 0 || s.HTTPSAddr == "" {
+		return nil, fmt.Errorf("%s: incomplete", path)
+	}
+	if !processAlive(s.PID) {
+		return nil, fmt.Errorf("%s: pid %d: %w", path, s.PID, errNotServing)
+	}
+	return &s, nil
+}
+
+func processAlive(pid int) bool {
+	if pid <= 0 {
+		return false
+	}
+	err := syscall.Kill(pid, 0)
+	return err == nil || errors.Is(err, syscall.EPERM)
+}
+
+// serverProcess is a tailderp server running on this machine, found in
+// /proc, with the settings it was started with.
+type serverProcess struct {
+	pid int
+	cfg *config
+}
+
+// findServers lists the tailderp servers running this same executable
+// (Linux: /proc; elsewhere none). A process whose command line or
+// environment this user cannot read is left out.
+func findServers() []serverProcess {
+	self, err := os.Executable()
+	if err != nil {
+		return nil
+	}
+	self, _ = filepath.EvalSymlinks(self)
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return nil
+	}
+	var out []serverProcess
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == os.Getpid() {
+			continue
+		}
+		dir := filepath.Join("/proc", e.Name())
+		exe, err := os.Readlink(filepath.Join(dir, "exe"))
+		if err != nil || strings.TrimSuffix(exe, " (deleted)") != self {
+			continue
+		}
+		args, err1 := readNULList(filepath.Join(dir, "cmdline"))
+		env, err2 := readNULList(filepath.Join(dir, "environ"))
+		if err1 != nil || err2 != nil || len(args) == 0 {
+			continue
+		}
+		args = args[1:]
+		if len(args) > 0 && slices.Contains(subcommands, args[0]) {
+			continue // a check or derpmap, not a server
+		}
+		envMap := map[string]string{}
+		for _, kv := range env {
+			if k, v, ok := strings.Cut(kv, "="); ok {
+				envMap[k] = v
+			}
+		}
+		fs := flag.NewFlagSet("tailderp", flag.ContinueOnError)
+		fs.SetOutput(io.Discard)
+		cfg, err := parseConfig(fs, args, func(k string) string { return envMap[k] })
+		if err != nil {
+			continue
+		}
+		out = append(out, serverProcess{pid: pid, cfg: cfg})
+	}
+	return out
+}
+
+func readNULList(path string) ([]string, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	b = bytes.TrimRight(b, "\x00")
+	if len(b) == 0 {
+		return nil, nil
+	}
+	return strings.Split(string(b), "\x00"), nil
+}
+
+// theServer picks the server a local check or derpmap means: pid 1 (the
+// container's server) if it is one, else the only one. Several servers
+// and no pid 1 is an error naming them.
+func theServer(procs []serverProcess) (*serverProcess, error) {
+	switch len(procs) {
+	case 0:
+		return nil, nil
+	case 1:
+		return &procs[0], nil
+	}
+	var pids []string
+	for i, p := range procs {
+		if p.pid == 1 {
+			return &procs[i], nil
+		}
+		pids = append(pids, strconv.Itoa(p.pid))
+	}
+	return nil, fmt.Errorf("several tailderp servers run here (pids %s): give the -state-dir (or the settings) of the one to check", strings.Join(pids, ", "))
+}
+
+// runningServer finds what the relay on this machine serves, for `check
+// -local` and `derpmap`, in this order: the serving.json in the state
+// directory of own (the command's own settings); the tailderp server
+// process running here (pid 1 in a container, or the only one): its
+// serving.json, or else its settings. It returns nil, and no error, when
+// no server is found: then the command's own settings are all there is.
+// from says where the answer came from, for the output.
+func runningServer(own *config) (s *serving, cfg *config, from string, err error) {
+	if s, err := readServing(own.servingPath()); err == nil {
+		return s, own, own.servingPath(), nil
+	}
+	p, err := theServer(findServers())
+	if err != nil || p == nil {
+		return nil, nil, "", err
+	}
+	if s, err := readServing(p.cfg.servingPath()); err == nil {
+		return s, p.cfg, p.cfg.servingPath(), nil
+	}
+	return nil, p.cfg, fmt.Sprintf("the settings of pid %d", p.pid), nil
+}
