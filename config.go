@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"time"
 
 	"tailscale.com/tailcfg"
 	"tailscale.com/types/key"
@@ -52,11 +53,13 @@ type config struct {
 	AdvertiseTags   string
 	NoLogsNoSupport bool
 	DebugPort       int
+	TailnetPort     int
 
 	// Admission
-	VerifyClients         bool
-	VerifyClientURL       string
-	VerifyClientsFailOpen bool
+	VerifyClients            bool
+	VerifyClientURL          string
+	VerifyClientsFailOpen    bool
+	VerifyClientsCacheMaxAge time.Duration
 
 	// derpMap snippet
 	RegionID   int
@@ -121,6 +124,8 @@ func settingsFor(c *config) []setting {
 			usage: "do not upload the node's logs to Tailscale (always off with a non-Tailscale -control-url)"},
 		{flag: "debug-port", env: "DEBUG_PORT", group: "Tailnet node", bind: intVar(&c.DebugPort, 80),
 			usage: "tailnet-only port for /debug (pprof, metrics, clients); never served publicly"},
+		{flag: "tailnet-port", env: "TAILNET_PORT", group: "Tailnet node", bind: intVar(&c.TailnetPort, 0),
+			usage: "UDP port of the tailnet node's WireGuard (0: a random port); fix it to open it in a firewall"},
 
 		{flag: "verify-clients", env: "VERIFY_CLIENTS", aliases: []string{"DERP_VERIFY_CLIENTS", "TAILSCALE_DERP_VERIFY_CLIENTS"}, group: "Admission", bind: boolVar(&c.VerifyClients, true),
 			usage: "admit only clients of our tailnet, as the embedded node sees it; false makes an open relay"},
@@ -128,6 +133,8 @@ func settingsFor(c *config) []setting {
 			usage: "admission controller URL (derper's JSON contract); when set it must admit too"},
 		{flag: "verify-clients-fail-open", env: "VERIFY_CLIENTS_FAIL_OPEN", group: "Admission", bind: boolVar(&c.VerifyClientsFailOpen, false),
 			usage: "admit clients when a check cannot answer (node not logged in yet, URL down); default refuses"},
+		{flag: "verify-clients-cache-max-age", env: "VERIFY_CLIENTS_CACHE_MAX_AGE", group: "Admission", bind: durationVar(&c.VerifyClientsCacheMaxAge, defaultCacheMaxAge),
+			usage: "while the node has no network map (a restart with the control server down, or logged out), admit the keys of the last map for this long after it arrived; 0 turns that off"},
 
 		{flag: "region-id", env: "DERP_REGION_ID", group: "derpMap snippet", bind: intVar(&c.RegionID, 900),
 			usage: "derpMap region ID (900 and up are for custom relays)"},
@@ -167,6 +174,12 @@ func isSetting(name string) bool {
 	}
 	return false
 }
+
+// defaultCacheMaxAge is how long the keys of the last network map admit
+// clients without a live one (docs/DESIGN.md, "Known peers"): a day covers
+// an overnight control-server outage or upgrade, and bounds how long a
+// node removed while the relay could not hear it stays admitted.
+const defaultCacheMaxAge = 24 * time.Hour
 
 // devAddr is where -dev serves unless -a (ADDR) says otherwise.
 const devAddr = "127.0.0.1:3340"
@@ -254,6 +267,12 @@ func (c *config) validate() error {
 	}
 	if c.STUNPort < 0 || c.STUNPort > 65535 {
 		return fmt.Errorf("%s %d: want a port from 0 to 65535", settingName("stun-port"), c.STUNPort)
+	}
+	if c.TailnetPort < 0 || c.TailnetPort > 65535 {
+		return fmt.Errorf("%s %d: want a UDP port from 1 to 65535, or 0 for a random one", settingName("tailnet-port"), c.TailnetPort)
+	}
+	if c.VerifyClientsCacheMaxAge < 0 {
+		return fmt.Errorf("%s %v: want a duration like 24h, or 0 to turn the cache off", settingName("verify-clients-cache-max-age"), c.VerifyClientsCacheMaxAge)
 	}
 	if c.DebugPort < 1 || c.DebugPort > 65535 {
 		return fmt.Errorf("%s %d: want a port from 1 to 65535", settingName("debug-port"), c.DebugPort)

@@ -9,6 +9,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"expvar"
@@ -145,14 +146,17 @@ func run(ctx context.Context, cfg *config, logger *slog.Logger, out io.Writer) e
 			AuthKey:       cfg.AuthKey,
 			ControlURL:    cfg.ControlURL,
 			AdvertiseTags: cfg.tags(),
+			Port:          uint16(cfg.TailnetPort),
+			CacheMaxAge:   cfg.VerifyClientsCacheMaxAge,
 			Logger:        logger,
-			Advice:        nodeAdvice,
+			Advice:        func(p node.Problem) string { return nodeAdvice(cfg, p) },
 		}
 	}
 	if cfg.VerifyClients || cfg.VerifyClientURL != "" {
 		verifier = &verify.Verifier{URL: cfg.VerifyClientURL, FailOpen: cfg.VerifyClientsFailOpen, Logger: logger}
 		if n != nil {
-			verifier.Tailnet = n
+			verifier.Tailnets = []verify.Tailnet{{Name: defaultTailnet, Keys: n}}
+			n.OnDrop = revokeDropped(verifier, defaultTailnet)
 		}
 		if cfg.VerifyClientsFailOpen {
 			logger.Warn("admission fails open: clients are admitted unverified while a check cannot answer (-verify-clients-fail-open)")
@@ -173,9 +177,13 @@ func run(ctx context.Context, cfg *config, logger *slog.Logger, out io.Writer) e
 	}
 	if verifier != nil {
 		rs.Admitter = verifier
+		verifier.Conns = rs
 	}
 	if err := rs.Start(); err != nil {
 		return explainListenError(err)
+	}
+	if verifier != nil {
+		go verifier.Watch(ctx, 0)
 	}
 	defer closeRelay(rs)
 	stunAddr := ""
@@ -269,8 +277,22 @@ func explainListenError(err error) error {
 	return fmt.Errorf("%s: cannot listen on %s: %v (%s)", setting, le.Addr, le.Err, hint)
 }
 
+// defaultTailnet names the tailnet of TAILSCALE_AUTH_KEY in metrics and
+// logs.
+const defaultTailnet = "default"
+
+// revokeDropped returns the node's OnDrop: each key the tailnet dropped
+// has its connections closed (unless another tailnet still admits it).
+func revokeDropped(v *verify.Verifier, tailnet string) func([]node.Drop) {
+	return func(drops []node.Drop) {
+		for _, d := range drops {
+			v.Revoke(verify.Revocation{Key: d.Key, Name: d.Name, Tailnet: tailnet, Reason: string(d.Reason)})
+		}
+	}
+}
+
 // nodeAdvice is what the operator should do about a node's problem.
-func nodeAdvice(p node.Problem) string {
+func nodeAdvice(cfg *config, p node.Problem) string {
 	switch p {
 	case node.ProblemLoggedOut:
 		return "disable key expiry for this node in the admin console, and restart with a new TAILSCALE_AUTH_KEY if it was removed"
@@ -278,6 +300,9 @@ func nodeAdvice(p node.Problem) string {
 		return "approve this node in the admin console"
 	case node.ProblemLoginRejected:
 		return "check TAILSCALE_AUTH_KEY: it may be mistyped, expired, revoked, for another control server, or a single-use key that was already used"
+	case node.ProblemControlUnreachable:
+		return fmt.Sprintf("check that this server reaches %s (DNS, firewall, proxy) and that the control server runs; it is %s",
+			cmp.Or(cfg.ControlURL, ipn.DefaultControlURL), settingName("control-url"))
 	}
 	return string(p)
 }
@@ -323,6 +348,8 @@ func serveDebug(ctx context.Context, cfg *config, n *node.Node, rs *relay.Server
 			{Name: "TLS hostname", Value: func() any { return cfg.Hostname }},
 			{Name: "Node state", Value: func() any { return n.State() }},
 			{Name: "Peers seen", Value: func() any { return n.PeerCount() }},
+			{Name: "Admission answered from", Value: func() any { return admissionSource(n.Status(), cfg.VerifyClientsCacheMaxAge) }},
+			{Name: "Control server", Value: func() any { return controlState(n.Status()) }},
 			{Name: "Version", Value: func() any { return version }},
 		},
 	})
@@ -332,6 +359,28 @@ func serveDebug(ctx context.Context, cfg *config, n *node.Node, rs *relay.Server
 		ln.Close()
 	}()
 	debugsrv.Serve(ln, h)
+}
+
+// admissionSource says where admission answers come from, for people.
+func admissionSource(st node.Status, maxAge time.Duration) string {
+	age := time.Since(st.Netmap).Round(time.Second)
+	switch st.Source {
+	case node.SourceLive:
+		return fmt.Sprintf("live network map (received %s ago)", age)
+	case node.SourceCache:
+		return fmt.Sprintf("known-peers cache of %s (%s old; used until %s)", st.Netmap.UTC().Format(time.RFC3339), age,
+			st.Netmap.Add(maxAge).UTC().Format(time.RFC3339))
+	}
+	return "nothing: tailnet clients are refused until the node has a network map"
+}
+
+// controlState says whether the control server answers, for people.
+func controlState(st node.Status) string {
+	since := time.Since(st.ControlSince).Round(time.Second)
+	if st.Control {
+		return fmt.Sprintf("reachable (%s, for %s)", st.ControlURL, since)
+	}
+	return fmt.Sprintf("NOT reachable (%s, for %s)", st.ControlURL, since)
 }
 
 // makeCerts returns the certificates for the configured mode.

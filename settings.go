@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"strings"
+	"time"
 )
 
 // setting is one configuration knob: a flag, the environment variable
@@ -31,6 +32,10 @@ func strVar(p *string, def string) func(*flag.FlagSet, string, string) {
 
 func intVar(p *int, def int) func(*flag.FlagSet, string, string) {
 	return func(fs *flag.FlagSet, name, usage string) { fs.IntVar(p, name, def, usage) }
+}
+
+func durationVar(p *time.Duration, def time.Duration) func(*flag.FlagSet, string, string) {
+	return func(fs *flag.FlagSet, name, usage string) { fs.DurationVar(p, name, def, usage) }
 }
 
 func boolVar(p *bool, def bool) func(*flag.FlagSet, string, string) {

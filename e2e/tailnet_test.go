@@ -169,8 +169,13 @@ func TestTailnetThroughTailderp(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := metric(varz, "tailderp_admission_admitted"); got < 2 {
-		t.Errorf("tailderp_admission_admitted = %v, want >= 2 (a and b)\n%s", got, varz)
+	if got := metric(varz, `tailderp_admission_admitted{tailnet="default"}`); got < 2 {
+		t.Errorf("tailderp_admission_admitted{tailnet=default} = %v, want >= 2 (a and b)\n%s", got, varz)
+	}
+	for _, m := range []string{`tailderp_node_control_reachable`, `tailderp_node_admission_source{source="live"}`} {
+		if got := metric(varz, m); got != 1 {
+			t.Errorf("%s = %v, want 1", m, got)
+		}
 	}
 	if got := metric(varz, "tailderp_relay_derp_packets_sent"); got <= 0 {
 		t.Errorf("tailderp_relay_derp_packets_sent = %v, want > 0: traffic did not go through the relay", got)

@@ -1,7 +1,10 @@
 package node
 
 import (
+	"slices"
+	"strings"
 	"testing"
+	"time"
 
 	"tailscale.com/ipn"
 	"tailscale.com/tailcfg"
@@ -13,72 +16,198 @@ func peer(id tailcfg.NodeID) *tailcfg.Node {
 	return &tailcfg.Node{ID: id, Key: key.NewNode().Public(), Name: "n" + string(rune('a'+id)) + ".ts.net."}
 }
 
+// clock is a settable time for a keySet.
+type clock struct{ t time.Time }
+
+func (c *clock) now() time.Time          { return c.t }
+func (c *clock) advance(d time.Duration) { c.t = c.t.Add(d) }
+
+func newTestKeySet(maxAge time.Duration) (*keySet, *clock) {
+	c := &clock{t: time.Date(2026, 11, 1, 12, 0, 0, 0, time.UTC)}
+	s := newKeySet(maxAge)
+	s.now = c.now
+	return s, c
+}
+
+// wantDrops checks that got is exactly want (any order), by key and reason.
+func wantDrops(t *testing.T, step string, got []Drop, want ...Drop) {
+	t.Helper()
+	str := func(ds []Drop) []string {
+		var out []string
+		for _, d := range ds {
+			out = append(out, d.Key.ShortString()+"/"+string(d.Reason))
+		}
+		slices.Sort(out)
+		return out
+	}
+	if g, w := str(got), str(want); !slices.Equal(g, w) {
+		t.Errorf("%s: dropped %v, want %v", step, g, w)
+	}
+}
+
+func drop(p *tailcfg.Node, r DropReason) Drop { return Drop{Key: p.Key, Reason: r} }
+
 func TestKeySet(t *testing.T) {
-	var s keySet
+	s, _ := newTestKeySet(0)
 	self := key.NewNode().Public()
 	p1, p2, p3 := peer(1), peer(2), peer(3)
 
-	if _, loaded := s.contains(p1.Key); loaded {
-		t.Fatal("empty set claims to be loaded")
+	if _, ready := s.contains(p1.Key); ready {
+		t.Fatal("empty set claims to be ready")
 	}
 	// A delta before any netmap is ignored: we cannot know the rest.
 	s.apply(&ipn.Notify{PeersChanged: []*tailcfg.Node{p1}})
-	if _, loaded := s.contains(p1.Key); loaded {
-		t.Fatal("delta before netmap loaded the set")
+	if _, ready := s.contains(p1.Key); ready {
+		t.Fatal("delta before netmap made the set ready")
 	}
 
 	nm := &netmap.NetworkMap{NodeKey: self, Peers: []tailcfg.NodeView{p1.View(), p2.View()}}
-	s.apply(&ipn.Notify{NetMap: nm})
-	mustContain(t, &s, self, true)
-	mustContain(t, &s, p1.Key, true)
-	mustContain(t, &s, p2.Key, true)
-	mustContain(t, &s, p3.Key, false)
+	wantDrops(t, "first netmap", s.apply(&ipn.Notify{NetMap: nm}))
+	mustContain(t, s, self, true)
+	mustContain(t, s, p1.Key, true)
+	mustContain(t, s, p2.Key, true)
+	mustContain(t, s, p3.Key, false)
 	if s.size() != 2 {
 		t.Fatalf("size = %d, want 2", s.size())
 	}
 
 	// Delta: p3 joins, p1 is removed.
-	s.apply(&ipn.Notify{PeersChanged: []*tailcfg.Node{p3}, PeersRemoved: []tailcfg.NodeID{p1.ID}})
-	mustContain(t, &s, p1.Key, false)
-	mustContain(t, &s, p3.Key, true)
+	got := s.apply(&ipn.Notify{PeersChanged: []*tailcfg.Node{p3}, PeersRemoved: []tailcfg.NodeID{p1.ID}})
+	wantDrops(t, "PeersRemoved", got, drop(p1, DropRemoved))
+	mustContain(t, s, p1.Key, false)
+	mustContain(t, s, p3.Key, true)
 
 	// p2 rotates its node key: the old one is no longer admitted.
-	old := p2.Key
 	p2b := p2.Clone()
 	p2b.Key = key.NewNode().Public()
-	s.apply(&ipn.Notify{PeersChanged: []*tailcfg.Node{p2b}})
-	mustContain(t, &s, old, false)
-	mustContain(t, &s, p2b.Key, true)
+	wantDrops(t, "rotation", s.apply(&ipn.Notify{PeersChanged: []*tailcfg.Node{p2b}}), drop(p2, DropKeyRotated))
+	mustContain(t, s, p2.Key, false)
+	mustContain(t, s, p2b.Key, true)
 	if s.name(p2b.Key) != p2.Name {
 		t.Errorf("name = %q, want %q", s.name(p2b.Key), p2.Name)
 	}
 
-	// p3's key expires: known but not admitted.
+	// p3's key expires: known but not admitted. Hearing it again drops
+	// nothing more.
 	p3e := p3.Clone()
 	p3e.Expired = true
-	s.apply(&ipn.Notify{PeersChanged: []*tailcfg.Node{p3e}})
-	mustContain(t, &s, p3.Key, false)
+	wantDrops(t, "Expired", s.apply(&ipn.Notify{PeersChanged: []*tailcfg.Node{p3e}}), drop(p3, DropKeyExpired))
+	mustContain(t, s, p3.Key, false)
+	wantDrops(t, "Expired again", s.apply(&ipn.Notify{PeersChanged: []*tailcfg.Node{p3e}}))
 
 	// A new full netmap (SelfChange + all peers) replaces everything,
-	// dropping peers it no longer lists even without PeersRemoved.
+	// dropping peers it no longer lists even without PeersRemoved, and
+	// the node's own old key.
 	self2 := key.NewNode().Public()
-	s.apply(&ipn.Notify{SelfChange: &tailcfg.Node{Key: self2}, PeersChanged: []*tailcfg.Node{p1}})
-	mustContain(t, &s, p1.Key, true)
-	mustContain(t, &s, p2b.Key, false)
-	mustContain(t, &s, self, false)
-	mustContain(t, &s, self2, true)
+	got = s.apply(&ipn.Notify{SelfChange: &tailcfg.Node{Key: self2}, PeersChanged: []*tailcfg.Node{p1}})
+	wantDrops(t, "full netmap", got, drop(p2b, DropNotInNetmap), Drop{Key: self, Reason: DropKeyRotated})
+	mustContain(t, s, p1.Key, true)
+	mustContain(t, s, p2b.Key, false)
+	mustContain(t, s, self, false)
+	mustContain(t, s, self2, true)
 
-	s.reset()
-	if _, loaded := s.contains(p1.Key); loaded {
-		t.Fatal("reset set still loaded")
+	// Logged out with the cache off: no answers, every key dropped.
+	wantDrops(t, "logged out", s.loggedOut(), drop(p1, DropNoAnswer), Drop{Key: self2, Reason: DropNoAnswer})
+	if _, ready := s.contains(p1.Key); ready {
+		t.Fatal("logged-out set still ready")
+	}
+}
+
+// TestKeySetFullMapDrops: a full map drops, with the right reason, a peer
+// that is gone, one whose key rotated, and one whose key expired.
+func TestKeySetFullMapDrops(t *testing.T) {
+	s, _ := newTestKeySet(0)
+	p1, p2, p3, p4 := peer(1), peer(2), peer(3), peer(4)
+	s.apply(&ipn.Notify{SelfChange: &tailcfg.Node{Key: key.NewNode().Public()}, PeersChanged: []*tailcfg.Node{p1, p2, p3, p4}})
+	p2b, p3e := p2.Clone(), p3.Clone()
+	p2b.Key = key.NewNode().Public()
+	p3e.Expired = true
+	got := s.apply(&ipn.Notify{SelfChange: &tailcfg.Node{Key: s.self.key}, PeersChanged: []*tailcfg.Node{p2b, p3e, p4}})
+	wantDrops(t, "full map", got, drop(p1, DropNotInNetmap), drop(p2, DropKeyRotated), drop(p3, DropKeyExpired))
+	mustContain(t, s, p4.Key, true)
+}
+
+// TestKeySetExpiryTime: a key whose KeyExpiry passes stops being admitted
+// then, with no map update, and expireDue reports it once.
+func TestKeySetExpiryTime(t *testing.T) {
+	s, c := newTestKeySet(0)
+	p := peer(1)
+	p.KeyExpiry = c.t.Add(time.Minute)
+	s.apply(&ipn.Notify{SelfChange: &tailcfg.Node{Key: key.NewNode().Public()}, PeersChanged: []*tailcfg.Node{p}})
+	wantDrops(t, "before expiry", s.expireDue())
+	mustContain(t, s, p.Key, true)
+	c.advance(time.Minute)
+	mustContain(t, s, p.Key, false)
+	wantDrops(t, "at expiry", s.expireDue(), drop(p, DropKeyExpired))
+	wantDrops(t, "after", s.expireDue())
+}
+
+// TestKeySetCache: the set answers from a loaded cache while it is younger
+// than the maximum age, a fresh map replaces it (dropping what it no
+// longer has), and after a logout the last map goes on answering as the
+// cache until it ages out, when everything is dropped.
+func TestKeySetCache(t *testing.T) {
+	const maxAge = time.Hour
+	s, c := newTestKeySet(maxAge)
+	self, p1, p2 := key.NewNode().Public(), peer(1), peer(2)
+	s.loadCache(&cacheFile{Version: cacheVersion, Received: c.t.Add(-50 * time.Minute), Self: cacheNode{Key: self},
+		Nodes: []cacheNode{{Key: p1.Key, ID: p1.ID, Name: p1.Name}, {Key: p2.Key, ID: p2.ID}}})
+	if src, _ := s.status(); src != SourceCache {
+		t.Fatalf("source %s, want cache", src)
+	}
+	mustContain(t, s, p1.Key, true)
+	mustContain(t, s, self, true)
+	mustContain(t, s, key.NewNode().Public(), false)
+	if s.name(p1.Key) != p1.Name {
+		t.Errorf("name from the cache = %q, want %q", s.name(p1.Key), p1.Name)
+	}
+	if _, _, ok := s.snapshot(); ok {
+		t.Error("a cache-answered set offers a snapshot to write back")
+	}
+
+	// Ten minutes later the cache is an hour old: no answers.
+	c.advance(10 * time.Minute)
+	if _, ready := s.contains(p1.Key); ready {
+		t.Fatal("cache older than the maximum age still answers")
+	}
+	wantDrops(t, "cache aged out", s.expireDue(), drop(p1, DropNoAnswer), drop(p2, DropNoAnswer), Drop{Key: self, Reason: DropNoAnswer})
+
+	// A cache again, then a fresh map without p2: it replaces the cache.
+	s.loadCache(&cacheFile{Version: cacheVersion, Received: c.t, Nodes: []cacheNode{{Key: p1.Key, ID: p1.ID}, {Key: p2.Key, ID: p2.ID}}})
+	p3 := peer(3)
+	got := s.apply(&ipn.Notify{NetMap: &netmap.NetworkMap{NodeKey: self, Peers: []tailcfg.NodeView{p1.View(), p3.View()}}})
+	wantDrops(t, "fresh map over the cache", got, drop(p2, DropNotInNetmap))
+	if src, _ := s.status(); src != SourceLive {
+		t.Fatalf("source %s, want live", src)
+	}
+	mustContain(t, s, p3.Key, true)
+	snap, _, ok := s.snapshot()
+	if !ok || len(snap.Nodes) != 2 || !snap.Received.Equal(c.t) {
+		t.Fatalf("snapshot %+v ok=%v, want 2 nodes received now", snap, ok)
+	}
+	// A cache loaded later does not replace the live map.
+	s.loadCache(&cacheFile{Version: cacheVersion, Received: c.t, Nodes: []cacheNode{{Key: p2.Key, ID: p2.ID}}})
+	mustContain(t, s, p2.Key, false)
+
+	// Logged out: no drops, the last map answers as the cache, then ages
+	// out.
+	wantDrops(t, "logout with cache", s.loggedOut())
+	if src, _ := s.status(); src != SourceCache {
+		t.Fatalf("after logout: source %s, want cache", src)
+	}
+	mustContain(t, s, p3.Key, true)
+	c.advance(maxAge)
+	got = s.expireDue()
+	if len(got) != 3 || !strings.Contains(string(got[0].Reason), "no_answer") {
+		t.Errorf("cache aged out after logout: dropped %v, want self, p1, p3 (no_answer)", got)
 	}
 }
 
 func mustContain(t *testing.T, s *keySet, k key.NodePublic, want bool) {
 	t.Helper()
-	got, loaded := s.contains(k)
-	if !loaded {
-		t.Fatalf("contains(%s): set not loaded", k.ShortString())
+	got, ready := s.contains(k)
+	if !ready {
+		t.Fatalf("contains(%s): set not ready", k.ShortString())
 	}
 	if got != want {
 		t.Fatalf("contains(%s) = %v, want %v", k.ShortString(), got, want)
@@ -86,7 +215,7 @@ func mustContain(t *testing.T, s *keySet, k key.NodePublic, want bool) {
 }
 
 func BenchmarkKeySetContains(b *testing.B) {
-	var s keySet
+	s := newKeySet(0)
 	peers := make([]tailcfg.NodeView, 0, 5000)
 	var last key.NodePublic
 	for i := range 5000 {

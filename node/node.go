@@ -1,17 +1,19 @@
 // Package node runs tailderp's embedded tailnet node with
 // tailscale.com/tsnet: it logs in with an auth key (or OAuth client
 // secret), keeps its state on disk so a restart needs no key, tracks which
-// node keys the tailnet holds (for admission, see package verify), and
+// node keys the tailnet holds (for admission, see package verify) and
+// reports every key that stops being admissible (for revocation), and
 // offers listeners that exist only on the tailnet (for /debug).
 //
 // The node never blocks the public relay: Start returns at once and the
-// node logs in in the background. KnowsNodeKey answers from memory and
-// reports not ready until the node has its first network map. See the Node
-// example.
+// node logs in in the background. KnowsNodeKey answers from memory: from
+// the live network map, or, until the node has one, from the keys the last
+// map admitted (kept in Dir, see CacheMaxAge). See the Node example.
 package node
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"expvar"
 	"fmt"
@@ -45,12 +47,20 @@ const (
 	StateStopped    State = "stopped"     // closed, or stopped by a fatal error
 )
 
-// States lists every State, for metrics.
-var States = []State{StateStarting, StateNeedsLogin, StateRunning, StateStopped}
+// allStates lists every State, for metrics.
+func allStates() []State {
+	return []State{StateStarting, StateNeedsLogin, StateRunning, StateStopped}
+}
 
-// StateFile is the file in Dir holding the node's login; while it exists a
-// restart needs no auth key.
+// StateFile is the file in Dir holding the node's login; while it holds a
+// login profile a restart needs no auth key.
 const StateFile = "tailscaled.state"
+
+// Defaults for the Node fields of the same names.
+const (
+	DefaultControlWarnAfter = 30 * time.Second
+	DefaultCacheWriteEvery  = 5 * time.Second
+)
 
 // Node is the embedded tailnet node. Its exported fields may be changed
 // until Start.
@@ -74,12 +84,38 @@ type Node struct {
 	// AdvertiseTags are the ACL tags the node asks for ("tag:derp").
 	AdvertiseTags []string
 
+	// Port is the UDP port for WireGuard and peer-to-peer traffic; 0
+	// picks one at random.
+	Port uint16
+
 	// Ephemeral registers the node as ephemeral: removed from the
 	// tailnet soon after it goes offline. For tests.
 	Ephemeral bool
 
-	// Logger receives state changes at info and the node's own verbose
-	// logs at debug. Nil discards.
+	// CacheMaxAge is how long the keys of the last network map may go on
+	// answering without a live one: after a restart while the control
+	// server is unreachable (they are kept in Dir, file KnownPeersFile),
+	// and after the node is logged out. Zero turns that off: no file is
+	// read or written, and without a live map every key is "not ready".
+	CacheMaxAge time.Duration
+
+	// CacheWriteEvery bounds how often the cache file is written: a burst
+	// of map changes is one write. DefaultCacheWriteEvery if zero.
+	CacheWriteEvery time.Duration
+
+	// ControlWarnAfter is how long the control server may stay
+	// unreachable before a warning (repeated, each time twice as late, up
+	// to every 30 minutes). DefaultControlWarnAfter if zero.
+	ControlWarnAfter time.Duration
+
+	// OnDrop, if set, is called with the keys that stopped being
+	// admissible, each time some do (the node removed, absent from a
+	// new map, its key rotated or expired, the answers lost). It must not
+	// block for long.
+	OnDrop func([]Drop)
+
+	// Logger receives progress at info, problems at warning with the fix,
+	// and the node's own verbose logs at debug. Nil discards.
 	Logger *slog.Logger
 
 	// Advice, if set, says what the operator should do about a problem,
@@ -92,12 +128,18 @@ type Node struct {
 	ctx     context.Context
 	cancel  context.CancelFunc
 	done    chan struct{}
+	wg      sync.WaitGroup // background loops other than run
 
-	mu         sync.Mutex
-	ts         *tsnet.Server // set before started is closed
-	state      atomic.Value  // State
-	stateGauge metrics.LabelMap
-	keys       keySet
+	mu          sync.Mutex
+	ts          *tsnet.Server // set before started is closed
+	state       atomic.Value  // State
+	stateGauge  metrics.LabelMap
+	keys        *keySet
+	cache       *cacheWriter // nil when the cache is off
+	cacheDirty  atomic.Bool  // the set changed since the cache was written
+	control     controlWatch
+	drops       metrics.LabelMap
+	sourceGauge metrics.LabelMap // 1 for the current Source
 }
 
 // Problem names a condition that keeps the node from admitting clients,
@@ -113,6 +155,8 @@ const (
 	ProblemLoggedOut Problem = "logged-out"
 	// ProblemNeedsApproval: the tailnet requires device approval.
 	ProblemNeedsApproval Problem = "needs-approval"
+	// ProblemControlUnreachable: the control server does not answer.
+	ProblemControlUnreachable Problem = "control-unreachable"
 )
 
 // LoginError is sent on Fatal when the control server rejected the login.
@@ -140,20 +184,72 @@ func (n *Node) Start() error {
 	if n.Logger == nil {
 		n.Logger = logs.Discard()
 	}
+	n.keys = newKeySet(n.CacheMaxAge)
+	n.drops.Label = "reason"
+	n.stateGauge.Label = "state"
+	n.sourceGauge.Label = "source"
+	n.updateSourceGauge()
+	if n.CacheMaxAge > 0 {
+		n.cache = &cacheWriter{path: n.cachePath(), keys: n.keys, interval: orDefault(n.CacheWriteEvery, DefaultCacheWriteEvery), rename: os.Rename}
+		n.loadCache()
+	}
 	n.state.Store(StateStarting)
 	n.started = make(chan struct{})
 	n.fatal = make(chan error, 1)
 	n.done = make(chan struct{})
 	n.ctx, n.cancel = context.WithCancel(context.Background())
+	n.control.start(time.Now(), orDefault(n.ControlWarnAfter, DefaultControlWarnAfter))
 	go n.run()
+	n.wg.Go(n.housekeeping)
 	return nil
 }
 
+func (n *Node) cachePath() string { return filepath.Join(n.Dir, KnownPeersFile) }
+
+// loadCache starts the key set from the cache file, if there is a usable
+// one. A missing file is normal (first start); an unreadable or corrupt
+// one is one warning and a start without it (everyone is refused until
+// the node has a live map), never fatal.
+func (n *Node) loadCache() {
+	removeStaleTemps(n.cachePath())
+	c, err := readCache(n.cachePath())
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return
+	case err != nil:
+		n.Logger.Warn("node: ignoring the known-peers cache: clients are refused until the node has a network map", "err", err)
+		return
+	}
+	age := time.Since(c.Received)
+	if age >= n.CacheMaxAge {
+		n.Logger.Info("node: the known-peers cache is older than its maximum age; not used",
+			"netmap_received", c.Received.UTC().Format(time.RFC3339), "max_age", n.CacheMaxAge)
+		return
+	}
+	n.keys.loadCache(c)
+	n.Logger.Info("node: admitting from the known-peers cache until the node has a fresh network map",
+		"peers", len(c.Nodes), "netmap_received", c.Received.UTC().Format(time.RFC3339),
+		"until", c.Received.Add(n.CacheMaxAge).UTC().Format(time.RFC3339))
+}
+
 // HasLogin reports whether dir holds a node login from an earlier start,
-// so no auth key is needed.
+// so no auth key is needed. A state file from a start that never finished
+// logging in (it holds only a machine key) is not a login.
 func HasLogin(dir string) bool {
-	fi, err := os.Stat(filepath.Join(dir, StateFile))
-	return err == nil && fi.Size() > 0
+	b, err := os.ReadFile(filepath.Join(dir, StateFile))
+	if err != nil {
+		return false
+	}
+	// tailscaled's state: StateKey → bytes; a login leaves profiles.
+	var state map[string][]byte
+	if json.Unmarshal(b, &state) != nil {
+		return false
+	}
+	var profiles map[string]json.RawMessage
+	if json.Unmarshal(state[string(ipn.KnownProfilesStateKey)], &profiles) != nil {
+		return false
+	}
+	return len(profiles) > 0
 }
 
 // Fatal receives the error when the node stops for good: the control
@@ -171,7 +267,7 @@ func (n *Node) setState(s State) {
 	defer n.mu.Unlock()
 	if old := n.State(); old != s {
 		n.state.Store(s)
-		for _, st := range States {
+		for _, st := range allStates() {
 			v := int64(0)
 			if st == s {
 				v = 1
@@ -182,14 +278,64 @@ func (n *Node) setState(s State) {
 	}
 }
 
+// Status is what the node can say about itself, for metrics and the
+// status page.
+type Status struct {
+	State   State
+	Peers   int       // nodes of the tailnet it sees (not counting itself)
+	Source  Source    // where admission answers come from now
+	Netmap  time.Time // when the map behind the answers arrived; zero: never
+	Control bool      // the control server answers (the node is in its map poll)
+	// ControlSince is when Control last changed (or the node started).
+	ControlSince time.Time
+	ControlURL   string
+}
+
+// Status returns the node's status now.
+func (n *Node) Status() Status {
+	src, received := n.keys.status()
+	_, since := n.control.get()
+	return Status{
+		State: n.State(), Peers: n.keys.size(), Source: src, Netmap: received,
+		Control: n.inMapPoll(), ControlSince: since, ControlURL: n.controlURL(),
+	}
+}
+
 // ExpVar returns the node's metrics: its state (one gauge per state, 1
-// for the current one) and how many peers it sees.
+// for the current one), how many peers it sees, where admission answers
+// come from, the age of their network map, whether control answers, and
+// the keys dropped by reason.
 func (n *Node) ExpVar() expvar.Var {
 	m := new(metrics.Set)
-	n.stateGauge.Label = "state"
 	m.Set("gauge_state", &n.stateGauge)
 	m.Set("gauge_peers", expvar.Func(func() any { return n.keys.size() }))
+	m.Set("gauge_control_reachable", expvar.Func(func() any {
+		if n.inMapPoll() {
+			return 1
+		}
+		return 0
+	}))
+	m.Set("gauge_netmap_age_seconds", expvar.Func(func() any {
+		if _, received := n.keys.status(); !received.IsZero() {
+			return int64(time.Since(received).Seconds())
+		}
+		return -1
+	}))
+	m.Set("gauge_admission_source", &n.sourceGauge)
+	m.Set("counter_keys_dropped", &n.drops)
 	return m
+}
+
+// updateSourceGauge sets the admission-source gauge to the current Source.
+func (n *Node) updateSourceGauge() {
+	cur, _ := n.keys.status()
+	for _, s := range []Source{SourceLive, SourceCache, SourceNone} {
+		v := int64(0)
+		if s == cur {
+			v = 1
+		}
+		n.sourceGauge.Get(string(s)).Set(v)
+	}
 }
 
 func (n *Node) stop(err error) {
@@ -198,6 +344,13 @@ func (n *Node) stop(err error) {
 	case n.fatal <- err:
 	default:
 	}
+}
+
+func (n *Node) controlURL() string {
+	if n.ControlURL == "" {
+		return ipn.DefaultControlURL
+	}
+	return n.ControlURL
 }
 
 func (n *Node) newTsnet() *tsnet.Server {
@@ -209,6 +362,7 @@ func (n *Node) newTsnet() *tsnet.Server {
 		ControlURL:    n.ControlURL,
 		AdvertiseTags: n.AdvertiseTags,
 		Ephemeral:     n.Ephemeral,
+		Port:          n.Port,
 		Logf:          logs.Logf(n.Logger.With("component", "tsnet"), slog.LevelDebug, secrets...),
 		UserLogf:      logs.Logf(n.Logger.With("component", "tsnet"), slog.LevelDebug, secrets...),
 	}
@@ -225,6 +379,7 @@ func (n *Node) run() {
 			n.ts.Close()
 		}
 	}()
+	n.Logger.Info("node: reaching the control server", "url", n.controlURL())
 	backoff := time.Second
 	for {
 		ts := n.newTsnet()
@@ -245,7 +400,7 @@ func (n *Node) run() {
 			n.stop(fmt.Errorf("node: start: %s", msg))
 			return
 		}
-		n.Logger.Warn("node: cannot reach the control server; retrying", "err", msg, "in", backoff)
+		n.Logger.Debug("node: start failed; retrying", "err", msg, "in", backoff)
 		select {
 		case <-n.ctx.Done():
 			n.setState(StateStopped)
@@ -291,28 +446,119 @@ func (n *Node) watch() error {
 		if note.ErrMessage != nil && n.State() != StateRunning {
 			return &LoginError{Msg: n.redact(*note.ErrMessage)}
 		}
+		if note.LoginFinished != nil {
+			n.Logger.Info("node: logged in")
+		}
 		if note.State != nil {
 			switch *note.State {
 			case ipn.Running:
 				n.setState(StateRunning)
 			case ipn.NeedsLogin, ipn.NeedsMachineAuth:
 				if n.State() == StateRunning {
-					n.Logger.Error("node: logged out by the control server (node key expired, or the device was removed); clients are refused until it logs in again",
-						"fix", n.advice(ProblemLoggedOut))
+					n.Logger.Error("node: logged out by the control server (node key expired, or the device was removed)",
+						"effect", n.effectWithoutLiveMap(), "fix", n.advice(ProblemLoggedOut))
 				}
-				n.keys.reset()
+				n.dropped(n.keys.loggedOut())
 				n.setState(StateNeedsLogin)
 				if *note.State == ipn.NeedsMachineAuth {
 					n.Logger.Warn("node: the tailnet requires device approval", "fix", n.advice(ProblemNeedsApproval))
 				}
 			case ipn.Stopped:
-				n.keys.reset()
+				n.dropped(n.keys.loggedOut())
 				n.setState(StateStopped)
 			default:
 				n.setState(StateStarting)
 			}
 		}
-		n.keys.apply(&note)
+		first := note.NetMap != nil || note.SelfChange != nil
+		if first {
+			if src, _ := n.keys.status(); src != SourceLive {
+				n.Logger.Info("node: network map received; admitting the tailnet's nodes from it", "peers", len(n.peersIn(&note)))
+			}
+		}
+		n.dropped(n.keys.apply(&note))
+		n.updateSourceGauge()
+		if n.cache != nil {
+			n.cacheDirty.Store(true)
+		}
+	}
+}
+
+// peersIn returns the peers a full-map notification carries.
+func (n *Node) peersIn(note *ipn.Notify) []key.NodePublic {
+	var out []key.NodePublic
+	if note.NetMap != nil {
+		for _, p := range note.NetMap.Peers {
+			out = append(out, p.Key())
+		}
+		return out
+	}
+	for _, p := range note.PeersChanged {
+		out = append(out, p.Key)
+	}
+	return out
+}
+
+// effectWithoutLiveMap says what happens to admission while the node has
+// no live network map.
+func (n *Node) effectWithoutLiveMap() string {
+	src, received := n.keys.status()
+	switch {
+	case src == SourceLive:
+		return "clients are admitted from the last network map; nodes removed meanwhile are not seen"
+	case src == SourceCache || (n.CacheMaxAge > 0 && !received.IsZero()):
+		return fmt.Sprintf("clients are admitted from the known-peers cache of %s until %s, then refused",
+			received.UTC().Format(time.RFC3339), received.Add(n.CacheMaxAge).UTC().Format(time.RFC3339))
+	}
+	return "clients of this tailnet are refused until the node has a network map"
+}
+
+// dropped reports drops to OnDrop and counts them.
+func (n *Node) dropped(drops []Drop) {
+	if len(drops) == 0 {
+		return
+	}
+	for _, d := range drops {
+		n.drops.Add(string(d.Reason), 1)
+	}
+	if n.OnDrop != nil {
+		n.OnDrop(drops)
+	}
+}
+
+// housekeeping runs every second until Close: it drops keys whose expiry
+// passed (and a cache that aged out), writes the cache file when the set
+// changed (at most every CacheWriteEvery), and watches whether the
+// control server answers.
+func (n *Node) housekeeping() {
+	tick := time.NewTicker(min(time.Second, orDefault(n.ControlWarnAfter, DefaultControlWarnAfter)/4))
+	defer tick.Stop()
+	var lastWrite time.Time
+	for {
+		select {
+		case <-n.ctx.Done():
+			<-n.done // tsnet closed; the set no longer changes
+			n.writeCache()
+			return
+		case <-tick.C:
+		}
+		n.dropped(n.keys.expireDue())
+		n.updateSourceGauge()
+		if n.cache != nil && n.cacheDirty.Load() && time.Since(lastWrite) >= n.cache.interval {
+			n.writeCache()
+			lastWrite = time.Now()
+		}
+		n.checkControl()
+	}
+}
+
+func (n *Node) writeCache() {
+	if n.cache == nil {
+		return
+	}
+	n.cacheDirty.Store(false)
+	if err := n.cache.writeIfChanged(); err != nil {
+		n.Logger.Warn("node: cannot write the known-peers cache; a restart while the control server is unreachable would refuse every client", "err", err)
 	}
 }
 
@@ -331,9 +577,10 @@ func (n *Node) redact(s string) string {
 }
 
 // KnowsNodeKey reports whether k is a node of our tailnet (a peer the node
-// can see, or the node itself); ready is false until the node has a
-// network map, and then known is false too. Nodes whose key expired are
-// not known. It is a read-locked map lookup.
+// can see, or the node itself); ready is false while the node has no
+// answers (no network map and no usable cache), and then known is false
+// too. Nodes whose key expired are not known. It is a read-locked map
+// lookup.
 func (n *Node) KnowsNodeKey(k key.NodePublic) (known, ready bool) {
 	return n.keys.contains(k)
 }
@@ -372,14 +619,23 @@ func (n *Node) LocalClient() (*local.Client, error) {
 	return ts.LocalClient()
 }
 
-// Close logs the node off this process (its state stays on disk) and
-// waits for the background work to end.
+// Close logs the node off this process (its state stays on disk, the
+// cache file is written a last time) and waits for the background work to
+// end.
 func (n *Node) Close() error {
 	if n.cancel == nil {
 		return nil
 	}
 	n.cancel()
 	<-n.done
+	n.wg.Wait()
 	n.setState(StateStopped)
 	return nil
+}
+
+func orDefault(d, def time.Duration) time.Duration {
+	if d == 0 {
+		return def
+	}
+	return d
 }

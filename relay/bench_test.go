@@ -50,7 +50,7 @@ func benchRelay(b *testing.B, admission bool) (connect func(ctx context.Context,
 	s := &Server{Addr: "127.0.0.1:0", HTTPPort: -1, Certs: certs, PrivateKey: key.NewNode()}
 	kl := &keyList{keys: map[key.NodePublic]bool{}}
 	if admission {
-		s.Admitter = &verify.Verifier{Tailnet: kl}
+		s.Admitter = &verify.Verifier{Tailnets: []verify.Tailnet{{Name: "default", Keys: kl}}}
 	}
 	if err := s.Start(); err != nil {
 		b.Fatal(err)

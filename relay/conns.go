@@ -117,6 +117,17 @@ func (t *connTracker) clients() []Client {
 	return out
 }
 
+// keys lists the keys with a tracked connection.
+func (t *connTracker) keys() []key.NodePublic {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	out := make([]key.NodePublic, 0, len(t.byKey))
+	for k := range t.byKey {
+		out = append(out, k)
+	}
+	return out
+}
+
 // connected reports whether k has a tracked connection.
 func (t *connTracker) connected(k key.NodePublic) bool {
 	t.mu.Lock()

@@ -49,25 +49,34 @@ func TestMeshPeersSkipAdmission(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	dial := func(mesh bool) error {
-		c := derphttp.NewRegionClient(key.NewNode(), t.Logf, netmon.NewStatic(), func() *tailcfg.DERPRegion { return region })
-		defer c.Close()
+	dial := func(k key.NodePrivate, mesh bool) (*derphttp.Client, error) {
+		c := derphttp.NewRegionClient(k, t.Logf, netmon.NewStatic(), func() *tailcfg.DERPRegion { return region })
+		t.Cleanup(func() { c.Close() })
 		if mesh {
 			c.MeshKey = meshKey
 		}
 		if err := c.Connect(ctx); err != nil {
-			return err
+			return c, err
 		}
 		_, err := c.Recv() // ServerInfo for an admitted client; an error for a refused one
-		return err
+		return c, err
 	}
-	if err := dial(true); err != nil {
+	peerKey := key.NewNode()
+	peer, err := dial(peerKey, true)
+	if err != nil {
 		t.Fatalf("mesh peer refused: %v", err)
 	}
 	if n := adm.calls.Load(); n != 0 {
 		t.Fatalf("Admitter asked %d times about a mesh peer", n)
 	}
-	if err := dial(false); err == nil {
+	// Never asked about, never tracked: Revoke cannot close a mesh peer.
+	if n := s.Revoke(peerKey.Public()); n != 0 || s.Connected(peerKey.Public()) {
+		t.Errorf("Revoke of a mesh peer closed %d connections (connected=%v), want 0", n, s.Connected(peerKey.Public()))
+	}
+	if err := peer.SendPing([8]byte{1}); err != nil {
+		t.Errorf("mesh peer's connection after Revoke: %v", err)
+	}
+	if _, err := dial(key.NewNode(), false); err == nil {
 		t.Fatal("client without the mesh key admitted by a refuse-all Admitter")
 	}
 	if n := adm.calls.Load(); n != 1 {

@@ -303,6 +303,9 @@ func (s *Server) Revoke(k key.NodePublic) int { return s.conns.revoke(k) }
 // oldest first. Without an Admitter it is empty.
 func (s *Server) Clients() []Client { return s.conns.clients() }
 
+// ConnectedKeys lists the clients with an admitted connection open.
+func (s *Server) ConnectedKeys() []key.NodePublic { return s.conns.keys() }
+
 // Connected reports whether the client k has an admitted connection open.
 func (s *Server) Connected(k key.NodePublic) bool { return s.conns.connected(k) }
 

@@ -19,7 +19,7 @@ func (t tailnet) KnowsNodeKey(k key.NodePublic) (known, ready bool) { return t[k
 func ExampleVerifier() {
 	member, stranger := key.NewNode().Public(), key.NewNode().Public()
 	v := &verify.Verifier{
-		Tailnet: tailnet{member: true},
+		Tailnets: []verify.Tailnet{{Name: "default", Keys: tailnet{member: true}}},
 		// URL: "https://headscale.example.com/verify" would ask an
 		// admission controller too.
 	}

@@ -1,11 +1,14 @@
-// Package verify decides which clients may use the relay: a client is
-// admitted when its node key belongs to our tailnet (asked of the embedded
-// node, see package node) and, if an admission URL is configured, that URL
-// admits it too. When a check cannot answer (the node has not logged in
-// yet, the URL is down) the client is refused, unless FailOpen is set.
+// Package verify decides which clients may use the relay, at connect time
+// and afterwards: a client is admitted when its node key belongs to one of
+// our tailnets (asked of the embedded nodes, see package node) and, if an
+// admission URL is configured, that URL admits it too. When a check cannot
+// answer (no node has a network map yet, the URL is down) the client is
+// refused, unless FailOpen is set. When a key stops being admissible
+// (Revoke, and a periodic Sweep as a safety net) its connections are
+// closed.
 //
-// The tailnet check is an interface, KeyChecker, so this package is tested
-// without a tailnet and can ask several tailnets. See the Verifier example.
+// A tailnet is asked through an interface, KeyChecker, so this package is
+// tested without a tailnet and asks several. See the Verifier example.
 package verify
 
 import (
@@ -44,6 +47,30 @@ type PeerCounter interface {
 	PeerCount() int
 }
 
+// Namer is optionally implemented by a KeyChecker that knows the tailnet
+// names of node keys, for logs and the status page.
+type Namer interface {
+	NodeName(k key.NodePublic) string
+}
+
+// Conns is what Verifier needs of the relay to act on a revocation: its
+// admitted connections (relay.Server).
+type Conns interface {
+	// Revoke closes every admitted connection of k and reports how many.
+	Revoke(k key.NodePublic) int
+	// ConnectedKeys lists the keys with an admitted connection open.
+	ConnectedKeys() []key.NodePublic
+}
+
+// Tailnet is one tailnet whose clients are admitted.
+type Tailnet struct {
+	// Name labels the tailnet's metrics and log lines ("default" for the
+	// one a single-tailnet relay serves).
+	Name string
+	// Keys says which node keys belong to it.
+	Keys KeyChecker
+}
+
 // Reasons a client is refused, as counted in metrics and logged.
 const (
 	ReasonNotInTailnet    = "not_in_tailnet"
@@ -52,14 +79,26 @@ const (
 	ReasonURLUnreachable  = "url_unreachable"
 )
 
+// Reasons the sweep closes a connection (Revoke takes the caller's).
+const (
+	// RevokeNotAdmissible: no tailnet admits the key any more.
+	RevokeNotAdmissible = "not_admissible"
+	// RevokeNoAnswer: no tailnet can answer at all any more (fail-closed).
+	RevokeNoAnswer = "no_answer"
+)
+
 // URLTimeout bounds one call to the admission URL, as derper does.
 const URLTimeout = 5 * time.Second
+
+// DefaultSweepEvery is how often Watch re-checks connected clients.
+const DefaultSweepEvery = time.Second
 
 // Verifier is the admission decision. Its exported fields may be changed
 // until the first call to Admit.
 type Verifier struct {
-	// Tailnet, if non-nil, must know the client's node key.
-	Tailnet KeyChecker
+	// Tailnets are the tailnets whose clients are admitted: a key any of
+	// them knows is admitted. Empty means no tailnet check (only URL).
+	Tailnets []Tailnet
 
 	// URL, if non-empty, is an admission controller in derper's format:
 	// it is POSTed a tailcfg.DERPAdmitClientRequest and must answer 200
@@ -74,7 +113,12 @@ type Verifier struct {
 	// logged in yet, URL unreachable) instead of refusing them.
 	FailOpen bool
 
-	// Logger receives one line per refusal (rate-limited); nil discards.
+	// Conns, if set, is the relay, whose connections Revoke and Sweep
+	// close.
+	Conns Conns
+
+	// Logger receives one line per refusal and revocation (rate-limited);
+	// nil discards.
 	Logger *slog.Logger
 
 	once        sync.Once
@@ -83,10 +127,16 @@ type Verifier struct {
 	hintLimit   *logs.Limiter
 	recentMu    sync.Mutex
 	recent      map[key.NodePublic]Admission
-	admitted    expvar.Int
+	events      []Event // ring of the last maxEvents
+	nextEvent   int
+	admitted    metrics.LabelMap // by tailnet
 	failOpen    expvar.Int
-	refused     metrics.LabelMap
+	refused     metrics.LabelMap // by reason
+	revoked     metrics.LabelMap // by reason
 	lastRefusal expvar.String
+
+	sweepMu    sync.Mutex
+	suspicious map[key.NodePublic]bool // inadmissible at the last sweep
 }
 
 func (v *Verifier) init() { v.once.Do(v.setup) }
@@ -108,22 +158,52 @@ func (v *Verifier) setup() {
 	}
 	v.logLimit = logs.NewLimiter(10, 10*time.Second)
 	v.hintLimit = logs.NewLimiter(1, 10*time.Minute)
+	v.admitted = metrics.LabelMap{Label: "tailnet"}
 	v.refused = metrics.LabelMap{Label: "reason"}
+	v.revoked = metrics.LabelMap{Label: "reason"}
+}
+
+// lookup asks the tailnets about k: the first that knows it, and whether
+// any could answer.
+func (v *Verifier) lookup(k key.NodePublic) (tn *Tailnet, anyReady bool) {
+	for i := range v.Tailnets {
+		known, ready := v.Tailnets[i].Keys.KnowsNodeKey(k)
+		if known {
+			return &v.Tailnets[i], true
+		}
+		anyReady = anyReady || ready
+	}
+	return nil, anyReady
+}
+
+// name is k's tailnet name, from the first tailnet that names it.
+func (v *Verifier) name(k key.NodePublic) string {
+	for _, t := range v.Tailnets {
+		if n, ok := t.Keys.(Namer); ok {
+			if s := n.NodeName(k); s != "" {
+				return s
+			}
+		}
+	}
+	return ""
 }
 
 // Admit reports whether the client holding clientKey, connecting from
 // src, may use the relay.
 func (v *Verifier) Admit(ctx context.Context, clientKey key.NodePublic, src netip.Addr) bool {
 	v.init()
-	if v.Tailnet != nil {
-		ok, ready := v.Tailnet.KnowsNodeKey(clientKey)
+	tailnet := ""
+	if len(v.Tailnets) > 0 {
+		tn, anyReady := v.lookup(clientKey)
 		switch {
-		case !ready && v.FailOpen:
+		case tn != nil:
+			tailnet = tn.Name
+		case !anyReady && v.FailOpen:
 			v.admitFailOpen(clientKey, src, "tailnet membership not known yet", nil)
-		case !ready:
+		case !anyReady:
 			v.refuse(clientKey, src, ReasonTailnetNotReady, nil)
 			return false
-		case !ok:
+		default:
 			v.refuse(clientKey, src, ReasonNotInTailnet, nil)
 			return false
 		}
@@ -141,22 +221,39 @@ func (v *Verifier) Admit(ctx context.Context, clientKey key.NodePublic, src neti
 			return false
 		}
 	}
-	v.admitted.Add(1)
-	v.noteAdmitted(clientKey, src)
+	v.admitted.Add(tailnet, 1)
+	v.noteAdmitted(clientKey, src, tailnet)
 	return true
 }
 
 // Admission records a client admitted to the relay.
 type Admission struct {
-	Key  key.NodePublic
-	From netip.Addr
-	At   time.Time
+	Key     key.NodePublic
+	From    netip.Addr
+	At      time.Time
+	Tailnet string // the tailnet that knew it; "" without a tailnet check
 }
 
-// maxRecent bounds the memory kept for the debug client list.
-const maxRecent = 1024
+// Event is one admission decision, for the status page.
+type Event struct {
+	At      time.Time
+	Key     key.NodePublic
+	Name    string // tailnet name of the node, "" if unknown
+	From    netip.Addr
+	Tailnet string
+	What    string // "admitted", "refused" or "revoked"
+	Reason  string // why refused or revoked
+}
 
-func (v *Verifier) noteAdmitted(k key.NodePublic, src netip.Addr) {
+// maxRecent bounds the memory kept for the debug client list; maxEvents
+// the decisions kept for the status page.
+const (
+	maxRecent = 1024
+	maxEvents = 32
+)
+
+func (v *Verifier) noteAdmitted(k key.NodePublic, src netip.Addr, tailnet string) {
+	v.note(Event{Key: k, From: src, Tailnet: tailnet, What: "admitted"})
 	v.recentMu.Lock()
 	defer v.recentMu.Unlock()
 	if v.recent == nil {
@@ -172,7 +269,32 @@ func (v *Verifier) noteAdmitted(k key.NodePublic, src netip.Addr) {
 		}
 		delete(v.recent, oldest)
 	}
-	v.recent[k] = Admission{Key: k, From: src, At: time.Now()}
+	v.recent[k] = Admission{Key: k, From: src, At: time.Now(), Tailnet: tailnet}
+}
+
+// note adds a decision to the ring of recent ones.
+func (v *Verifier) note(e Event) {
+	e.At = time.Now()
+	if e.Name == "" {
+		e.Name = v.name(e.Key)
+	}
+	v.recentMu.Lock()
+	defer v.recentMu.Unlock()
+	if len(v.events) < maxEvents {
+		v.events = append(v.events, e)
+		return
+	}
+	v.events[v.nextEvent] = e
+	v.nextEvent = (v.nextEvent + 1) % maxEvents
+}
+
+// Events returns the last decisions (at most 32), newest first.
+func (v *Verifier) Events() []Event {
+	v.recentMu.Lock()
+	out := slices.Clone(v.events)
+	v.recentMu.Unlock()
+	slices.SortStableFunc(out, func(a, b Event) int { return b.At.Compare(a.At) })
+	return out
 }
 
 // Recent returns the latest admission of each of the most recently
@@ -186,6 +308,112 @@ func (v *Verifier) Recent() []Admission {
 	v.recentMu.Unlock()
 	slices.SortFunc(out, func(a, b Admission) int { return b.At.Compare(a.At) })
 	return out
+}
+
+// Revocation is a key a tailnet no longer admits.
+type Revocation struct {
+	Key     key.NodePublic
+	Name    string // the node's tailnet name, "" if unknown
+	Tailnet string // the tailnet that dropped it
+	Reason  string // why, e.g. "removed", "key_rotated", "key_expired"
+}
+
+// Revoke closes the connections of r.Key unless another tailnet still
+// admits it, counts them by reason and logs it (rate-limited). It returns
+// how many connections it closed.
+func (v *Verifier) Revoke(r Revocation) int {
+	v.init()
+	if v.Conns == nil {
+		return 0
+	}
+	tn, anyReady := v.lookup(r.Key)
+	if tn != nil {
+		return 0 // still a node of some tailnet
+	}
+	if !anyReady && v.FailOpen {
+		return 0 // nobody can say no: fail-open admits
+	}
+	return v.closeConns(r)
+}
+
+func (v *Verifier) closeConns(r Revocation) int {
+	n := v.Conns.Revoke(r.Key)
+	if n == 0 {
+		return 0
+	}
+	if r.Name == "" {
+		r.Name = v.name(r.Key)
+	}
+	v.revoked.Add(r.Reason, int64(n))
+	v.note(Event{Key: r.Key, Name: r.Name, Tailnet: r.Tailnet, What: "revoked", Reason: r.Reason})
+	if v.allowLog() {
+		v.Logger.Info("verify: client disconnected: its key is no longer admissible",
+			"key", r.Key.ShortString(), "name", r.Name, "tailnet", r.Tailnet, "reason", r.Reason, "connections", n)
+	}
+	return n
+}
+
+// Sweep re-checks every connected client against the tailnets and closes
+// the connections of those no tailnet admits any more; if no tailnet can
+// answer at all, it closes them all unless FailOpen. A client is closed
+// only when it was found inadmissible by the previous sweep too: Revoke,
+// called as each change happens and with its reason, goes first; Sweep is
+// the safety net for anything that changed without a word (and for
+// Tailnets that report no drops). It returns how many connections it
+// closed.
+func (v *Verifier) Sweep() int {
+	v.init()
+	if v.Conns == nil || len(v.Tailnets) == 0 {
+		return 0
+	}
+	v.sweepMu.Lock()
+	defer v.sweepMu.Unlock()
+	prev := v.suspicious
+	v.suspicious = make(map[key.NodePublic]bool)
+	closed := 0
+	for _, k := range v.Conns.ConnectedKeys() {
+		tn, anyReady := v.lookup(k)
+		reason := RevokeNotAdmissible
+		switch {
+		case tn != nil:
+			continue
+		case !anyReady && v.FailOpen:
+			continue
+		case !anyReady:
+			reason = RevokeNoAnswer
+		}
+		if !prev[k] {
+			v.suspicious[k] = true
+			continue
+		}
+		closed += v.closeConns(Revocation{Key: k, Tailnet: v.admittedBy(k), Reason: reason})
+	}
+	return closed
+}
+
+// admittedBy is the tailnet k was last admitted through.
+func (v *Verifier) admittedBy(k key.NodePublic) string {
+	v.recentMu.Lock()
+	defer v.recentMu.Unlock()
+	return v.recent[k].Tailnet
+}
+
+// Watch runs Sweep every interval (DefaultSweepEvery if zero) until ctx
+// ends.
+func (v *Verifier) Watch(ctx context.Context, every time.Duration) {
+	if every == 0 {
+		every = DefaultSweepEvery
+	}
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			v.Sweep()
+		}
+	}
 }
 
 func (v *Verifier) askURL(ctx context.Context, clientKey key.NodePublic, src netip.Addr) (bool, error) {
@@ -220,6 +448,7 @@ func (v *Verifier) askURL(ctx context.Context, clientKey key.NodePublic, src net
 func (v *Verifier) refuse(k key.NodePublic, src netip.Addr, reason string, err error) {
 	v.refused.Add(reason, 1)
 	v.lastRefusal.Set(time.Now().UTC().Format(time.RFC3339) + " " + reason)
+	v.note(Event{Key: k, From: src, What: "refused", Reason: reason})
 	if !v.allowLog() {
 		return
 	}
@@ -229,12 +458,24 @@ func (v *Verifier) refuse(k key.NodePublic, src netip.Addr, reason string, err e
 	}
 	v.Logger.Info("verify: client refused", attrs...)
 	if reason == ReasonNotInTailnet {
-		if pc, isPC := v.Tailnet.(PeerCounter); isPC && pc.PeerCount() <= 1 {
-			if ok, _ := v.hintLimit.Allow(time.Now()); ok {
-				v.Logger.Warn("verify: the relay's tailnet node sees almost no peers; if your tailnet policy hides clients from it, they are refused as strangers (see docs: the relay node must be able to see every client)",
-					"peers_seen", pc.PeerCount())
-			}
+		v.hintFewPeers()
+	}
+}
+
+// hintFewPeers warns (rarely) when a stranger is refused while a tailnet's
+// node sees almost no peers: a policy that hides clients from the relay's
+// node makes them look like strangers.
+func (v *Verifier) hintFewPeers() {
+	for _, t := range v.Tailnets {
+		pc, ok := t.Keys.(PeerCounter)
+		if !ok || pc.PeerCount() > 1 {
+			continue
 		}
+		if ok, _ := v.hintLimit.Allow(time.Now()); ok {
+			v.Logger.Warn("verify: the relay's tailnet node sees almost no peers; if your tailnet policy hides clients from it, they are refused as strangers (see docs: the relay node must be able to see every client)",
+				"tailnet", t.Name, "peers_seen", pc.PeerCount())
+		}
+		return
 	}
 }
 
@@ -260,14 +501,16 @@ func (v *Verifier) allowLog() bool {
 	return ok
 }
 
-// ExpVar returns the admission counters: admitted, admitted_fail_open,
-// and refused by reason.
+// ExpVar returns the admission counters: admitted by tailnet,
+// admitted_fail_open, refused by reason, and connections revoked by
+// reason.
 func (v *Verifier) ExpVar() expvar.Var {
 	v.init()
 	m := new(metrics.Set)
 	m.Set("counter_admitted", &v.admitted)
 	m.Set("counter_admitted_fail_open", &v.failOpen)
 	m.Set("counter_refused", &v.refused)
+	m.Set("counter_revoked_connections", &v.revoked)
 	m.Set("last_refusal", &v.lastRefusal)
 	return m
 }
@@ -278,5 +521,20 @@ func (v *Verifier) Refused(reason string) int64 {
 	return v.refused.Get(reason).Value()
 }
 
-// Admitted returns how many clients were admitted.
-func (v *Verifier) Admitted() int64 { return v.admitted.Value() }
+// Revoked returns how many connections were closed for reason.
+func (v *Verifier) Revoked(reason string) int64 {
+	v.init()
+	return v.revoked.Get(reason).Value()
+}
+
+// Admitted returns how many clients were admitted, in all.
+func (v *Verifier) Admitted() int64 {
+	v.init()
+	var n int64
+	v.admitted.Do(func(kv expvar.KeyValue) {
+		if i, ok := kv.Value.(*expvar.Int); ok {
+			n += i.Value()
+		}
+	})
+	return n
+}

@@ -34,6 +34,9 @@ func (m *members) KnowsNodeKey(k key.NodePublic) (known, ready bool) {
 
 func (m *members) PeerCount() int { return len(m.keys) }
 
+// one is a single tailnet named "default" with the keys of k.
+func one(k KeyChecker) []Tailnet { return []Tailnet{{Name: "default", Keys: k}} }
+
 // admissionServer is a real HTTP admission controller in derper's format
 // that allows the keys in allow.
 func admissionServer(t *testing.T, allow map[key.NodePublic]bool, status int) (*httptest.Server, *atomic.Int64) {
@@ -75,16 +78,16 @@ func TestAdmit(t *testing.T) {
 		want       bool
 		wantReason string
 	}{
-		{"member", &Verifier{Tailnet: tailnet}, in, true, ""},
-		{"stranger", &Verifier{Tailnet: tailnet}, out, false, ReasonNotInTailnet},
-		{"node not ready fails closed", &Verifier{Tailnet: notReady}, in, false, ReasonTailnetNotReady},
-		{"node not ready fail-open", &Verifier{Tailnet: notReady, FailOpen: true}, in, true, ""},
-		{"fail-open still refuses strangers", &Verifier{Tailnet: tailnet, FailOpen: true}, out, false, ReasonNotInTailnet},
-		{"url allows member", &Verifier{Tailnet: tailnet, URL: allowIn.URL}, in, true, ""},
-		{"url denies member", &Verifier{Tailnet: tailnet, URL: denyAll.URL}, in, false, ReasonURLDenied},
+		{"member", &Verifier{Tailnets: one(tailnet)}, in, true, ""},
+		{"stranger", &Verifier{Tailnets: one(tailnet)}, out, false, ReasonNotInTailnet},
+		{"node not ready fails closed", &Verifier{Tailnets: one(notReady)}, in, false, ReasonTailnetNotReady},
+		{"node not ready fail-open", &Verifier{Tailnets: one(notReady), FailOpen: true}, in, true, ""},
+		{"fail-open still refuses strangers", &Verifier{Tailnets: one(tailnet), FailOpen: true}, out, false, ReasonNotInTailnet},
+		{"url allows member", &Verifier{Tailnets: one(tailnet), URL: allowIn.URL}, in, true, ""},
+		{"url denies member", &Verifier{Tailnets: one(tailnet), URL: denyAll.URL}, in, false, ReasonURLDenied},
 		{"url non-200 is a refusal", &Verifier{URL: err500.URL}, in, false, ReasonURLDenied},
-		{"url down fails closed", &Verifier{Tailnet: tailnet, URL: downURL}, in, false, ReasonURLUnreachable},
-		{"url down fail-open", &Verifier{Tailnet: tailnet, URL: downURL, FailOpen: true}, in, true, ""},
+		{"url down fails closed", &Verifier{Tailnets: one(tailnet), URL: downURL}, in, false, ReasonURLUnreachable},
+		{"url down fail-open", &Verifier{Tailnets: one(tailnet), URL: downURL, FailOpen: true}, in, true, ""},
 		{"url alone", &Verifier{URL: allowIn.URL}, in, true, ""},
 		{"url alone denies", &Verifier{URL: allowIn.URL}, out, false, ReasonURLDenied},
 	}
@@ -113,7 +116,7 @@ func TestAdmit(t *testing.T) {
 func TestURLNotAskedForStrangers(t *testing.T) {
 	in, out := key.NewNode().Public(), key.NewNode().Public()
 	srv, calls := admissionServer(t, map[key.NodePublic]bool{in: true, out: true}, 200)
-	v := &Verifier{Tailnet: &members{keys: map[key.NodePublic]bool{in: true}}, URL: srv.URL}
+	v := &Verifier{Tailnets: one(&members{keys: map[key.NodePublic]bool{in: true}}), URL: srv.URL}
 	if v.Admit(context.Background(), out, src) {
 		t.Fatal("stranger admitted")
 	}
@@ -129,7 +132,7 @@ func TestRefusalLogIsRateLimitedAndNamesKeyAndSource(t *testing.T) {
 	var buf bytes.Buffer
 	var mu sync.Mutex
 	logger := slog.New(slog.NewTextHandler(&lockedWriter{w: &buf, mu: &mu}, nil))
-	v := &Verifier{Tailnet: &members{keys: map[key.NodePublic]bool{}}, Logger: logger}
+	v := &Verifier{Tailnets: one(&members{keys: map[key.NodePublic]bool{}}), Logger: logger}
 	k := key.NewNode().Public()
 	const n = 1000
 	var wg sync.WaitGroup
@@ -175,7 +178,7 @@ func (l *lockedWriter) Write(p []byte) (int, error) {
 
 func TestRecentAdmissions(t *testing.T) {
 	a, b := key.NewNode().Public(), key.NewNode().Public()
-	v := &Verifier{Tailnet: &members{keys: map[key.NodePublic]bool{a: true, b: true}}}
+	v := &Verifier{Tailnets: one(&members{keys: map[key.NodePublic]bool{a: true, b: true}})}
 	v.Admit(context.Background(), a, src)
 	v.Admit(context.Background(), b, src)
 	v.Admit(context.Background(), a, src)
@@ -192,11 +195,140 @@ func BenchmarkAdmitTailnet(b *testing.B) {
 		k = key.NewNode().Public()
 		keys[k] = true
 	}
-	v := &Verifier{Tailnet: &members{keys: keys}}
+	v := &Verifier{Tailnets: one(&members{keys: keys})}
 	b.ReportAllocs()
 	for b.Loop() {
 		if !v.Admit(context.Background(), k, src) {
 			b.Fatal("refused")
 		}
+	}
+}
+
+// connSet is a Conns over a set of connected keys, counting closes.
+type connSet struct {
+	mu     sync.Mutex
+	conns  map[key.NodePublic]int
+	closed map[key.NodePublic]int
+}
+
+func newConnSet(keys ...key.NodePublic) *connSet {
+	c := &connSet{conns: map[key.NodePublic]int{}, closed: map[key.NodePublic]int{}}
+	for _, k := range keys {
+		c.conns[k]++
+	}
+	return c
+}
+
+func (c *connSet) Revoke(k key.NodePublic) int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n := c.conns[k]
+	delete(c.conns, k)
+	c.closed[k] += n
+	return n
+}
+
+func (c *connSet) ConnectedKeys() []key.NodePublic {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var out []key.NodePublic
+	for k := range c.conns {
+		out = append(out, k)
+	}
+	return out
+}
+
+// TestSeveralTailnets: a key any tailnet knows is admitted, and counted
+// under that tailnet; one no ready tailnet knows is a stranger, even while
+// another tailnet cannot answer.
+func TestSeveralTailnets(t *testing.T) {
+	a, b, stranger := key.NewNode().Public(), key.NewNode().Public(), key.NewNode().Public()
+	v := &Verifier{Tailnets: []Tailnet{
+		{Name: "a", Keys: &members{keys: map[key.NodePublic]bool{a: true}}},
+		{Name: "down", Keys: &members{notReady: true}},
+		{Name: "b", Keys: &members{keys: map[key.NodePublic]bool{b: true}}},
+	}}
+	for k, want := range map[key.NodePublic]bool{a: true, b: true, stranger: false} {
+		if got := v.Admit(context.Background(), k, src); got != want {
+			t.Errorf("Admit(%v) = %v, want %v", k.ShortString(), got, want)
+		}
+	}
+	if v.admitted.Get("a").Value() != 1 || v.admitted.Get("b").Value() != 1 {
+		t.Errorf("admitted by tailnet: a=%d b=%d, want 1 each", v.admitted.Get("a").Value(), v.admitted.Get("b").Value())
+	}
+	if v.Refused(ReasonNotInTailnet) != 1 {
+		t.Errorf("refused not_in_tailnet = %d, want 1", v.Refused(ReasonNotInTailnet))
+	}
+	// With every tailnet unable to answer, the client is "not ready".
+	down := &Verifier{Tailnets: []Tailnet{{Name: "x", Keys: &members{notReady: true}}}}
+	if down.Admit(context.Background(), a, src) || down.Refused(ReasonTailnetNotReady) != 1 {
+		t.Error("a verifier with no ready tailnet admitted, or refused for another reason")
+	}
+}
+
+// TestRevoke: a revocation closes the key's connections, counts and logs
+// them with the node's name, and leaves the key alone while another
+// tailnet still admits it.
+func TestRevoke(t *testing.T) {
+	gone, moved, stays := key.NewNode().Public(), key.NewNode().Public(), key.NewNode().Public()
+	conns := newConnSet(gone, gone, moved, stays)
+	var logBuf bytes.Buffer
+	tn1 := &members{keys: map[key.NodePublic]bool{stays: true}}
+	tn2 := &members{keys: map[key.NodePublic]bool{moved: true}}
+	v := &Verifier{Tailnets: []Tailnet{{Name: "one", Keys: tn1}, {Name: "two", Keys: tn2}}, Conns: conns,
+		Logger: slog.New(slog.NewTextHandler(&logBuf, nil))}
+
+	if n := v.Revoke(Revocation{Key: gone, Name: "gone.example.ts.net.", Tailnet: "one", Reason: "removed"}); n != 2 {
+		t.Errorf("Revoke(gone) closed %d connections, want 2", n)
+	}
+	// "moved" is dropped by tailnet one but tailnet two has it.
+	if n := v.Revoke(Revocation{Key: moved, Tailnet: "one", Reason: "not_in_netmap"}); n != 0 {
+		t.Errorf("Revoke(moved) closed %d connections of a key tailnet two admits", n)
+	}
+	if v.Revoked("removed") != 2 {
+		t.Errorf("revoked{removed} = %d, want 2", v.Revoked("removed"))
+	}
+	for _, want := range []string{"gone.example.ts.net.", "reason=removed", "connections=2", gone.ShortString()} {
+		if !strings.Contains(logBuf.String(), want) {
+			t.Errorf("log does not mention %q:\n%s", want, logBuf.String())
+		}
+	}
+	ev := v.Events()
+	if len(ev) != 1 || ev[0].What != "revoked" || ev[0].Name != "gone.example.ts.net." || ev[0].Reason != "removed" {
+		t.Errorf("events %+v, want one revocation of gone.example.ts.net.", ev)
+	}
+	if conns.closed[stays] != 0 || conns.closed[moved] != 0 {
+		t.Errorf("closed %v; only gone's connections should be", conns.closed)
+	}
+}
+
+// TestSweep: the sweep closes what no tailnet admits any more, keeps the
+// rest, and with no tailnet able to answer closes everything unless
+// fail-open.
+func TestSweep(t *testing.T) {
+	a, b := key.NewNode().Public(), key.NewNode().Public()
+	tn := &members{keys: map[key.NodePublic]bool{a: true, b: true}}
+	conns := newConnSet(a, b)
+	v := &Verifier{Tailnets: one(tn), Conns: conns}
+	if n := v.Sweep(); n != 0 {
+		t.Fatalf("sweep closed %d with everyone admissible", n)
+	}
+	delete(tn.keys, b)
+	// The first sweep that finds b inadmissible leaves it to Revoke; the
+	// next one closes it.
+	if n := v.Sweep(); n != 0 {
+		t.Fatalf("first sweep after b left closed %d, want 0 (Revoke goes first)", n)
+	}
+	if n := v.Sweep(); n != 1 || conns.closed[b] != 1 || v.Revoked(RevokeNotAdmissible) != 1 {
+		t.Fatalf("second sweep after b left: closed %d (b: %d), want b's one", n, conns.closed[b])
+	}
+	tn.notReady = true
+	open := &Verifier{Tailnets: one(tn), Conns: conns, FailOpen: true}
+	if n := open.Sweep(); n != 0 {
+		t.Errorf("fail-open sweep with no answers closed %d", n)
+	}
+	v.Sweep()
+	if n := v.Sweep(); n != 1 || v.Revoked(RevokeNoAnswer) != 1 {
+		t.Errorf("fail-closed sweeps with no answers closed %d, want 1 (no_answer)", n)
 	}
 }

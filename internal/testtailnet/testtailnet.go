@@ -56,6 +56,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/netip"
 	"os"
 	"sync"
 	"testing"
@@ -134,6 +135,11 @@ type Control struct {
 	// mu orders SetRequireAuthKey before the requests that follow it:
 	// every request passes through mu before reaching Server.
 	mu sync.Mutex
+
+	hsMu   sync.Mutex
+	hs     *httptest.Server // nil while stopped
+	addr   string           // where it serves, kept across Stop/Resume
+	nextID tailcfg.NodeID   // for AddNode
 }
 
 // SetRequireAuthKey changes the key the control server demands ("" for
@@ -182,6 +188,18 @@ func NewControlOn(t testing.TB, ln net.Listener, derpMap *tailcfg.DERPMap, authK
 		Logf:                    testLogf(t),
 	}
 	// httptest listens on 127.0.0.1:0 (falling back to [::1]:0).
+	c.serve(ln)
+	c.Server.HTTPTestServer = c.hs
+	// Nodes created after this point are closed first (cleanups run last
+	// in, first out).
+	t.Cleanup(c.Stop)
+	c.URL = c.hs.URL
+	c.addr = c.hs.Listener.Addr().String()
+	return c
+}
+
+// serve starts serving c.Server on ln (nil: a new 127.0.0.1:0 listener).
+func (c *Control) serve(ln net.Listener) {
 	hs := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		c.mu.Lock()
 		//lint:ignore SA2001 an empty critical section is the point: it orders SetRequireAuthKey before this request
@@ -192,17 +210,72 @@ func NewControlOn(t testing.TB, ln net.Listener, derpMap *tailcfg.DERPMap, authK
 		hs.Listener.Close()
 		hs.Listener = ln
 	}
-	c.Server.HTTPTestServer = hs
 	hs.Start()
-	// Nodes created after this point are closed first (cleanups run last
-	// in, first out); dropping any connection still open (a long map poll
-	// of a node not made by NewNode) keeps Close from waiting on it.
-	t.Cleanup(func() {
+	c.hsMu.Lock()
+	c.hs = hs
+	c.hsMu.Unlock()
+}
+
+// Stop takes the control server off the network, as an outage would: its
+// listener and every connection are closed, so nodes find it unreachable.
+// What it knows (nodes, keys) is kept for Resume.
+func (c *Control) Stop() {
+	c.hsMu.Lock()
+	hs := c.hs
+	c.hs = nil
+	c.hsMu.Unlock()
+	if hs != nil {
+		// Dropping the connections still open (long map polls) keeps
+		// Close from waiting on them.
 		hs.CloseClientConnections()
 		hs.Close()
-	})
-	c.URL = hs.URL
-	return c
+	}
+}
+
+// Resume serves the control server again on the address it had, after
+// Stop.
+func (c *Control) Resume(t testing.TB) {
+	t.Helper()
+	ln, err := net.Listen("tcp", c.addr)
+	if err != nil {
+		t.Fatalf("testtailnet: Resume on %s: %v", c.addr, err)
+	}
+	c.serve(ln)
+}
+
+// AddNode registers a node holding the node key k in the tailnet, as the
+// control server would once it logged in, and tells every connected node.
+// It is how a test makes a plain DERP client (derphttp, with the private
+// half of k) one of the tailnet's clients. name is its tailnet name
+// (e.g. "laptop.tailnet.example."). The node's ID is unique in c.
+func (c *Control) AddNode(t testing.TB, k key.NodePublic, name string) *tailcfg.Node {
+	t.Helper()
+	c.hsMu.Lock()
+	c.nextID++
+	id := 2_000_000 + c.nextID
+	first := c.nextID == 1
+	c.hsMu.Unlock()
+	addr := netip.PrefixFrom(netip.AddrFrom4([4]byte{100, 80, byte(id >> 8), byte(id)}), 32)
+	n := &tailcfg.Node{
+		ID:                id,
+		StableID:          tailcfg.StableNodeID(fmt.Sprintf("ADDED%06d", id)),
+		Name:              name,
+		User:              tailcfg.UserID(id),
+		Key:               k,
+		Machine:           key.NewMachine().Public(),
+		DiscoKey:          key.NewDisco().Public(),
+		MachineAuthorized: true,
+		Addresses:         []netip.Prefix{addr},
+		AllowedIPs:        []netip.Prefix{addr},
+	}
+	if first {
+		// UpdateNode needs testcontrol's node table, which only a
+		// registration or AddFakeNode creates (the fake node is one more
+		// peer nobody uses).
+		c.Server.AddFakeNode()
+	}
+	c.Server.UpdateNode(n)
+	return n
 }
 
 // nodeCapabilities is testcontrol's default node capability map plus

@@ -1,0 +1,141 @@
+package node
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"tailscale.com/tailcfg"
+	"tailscale.com/types/key"
+)
+
+// KnownPeersFile is the file in Dir where the node keeps the keys its
+// last network map admitted, so that a restart while the control server is
+// unreachable still admits the tailnet's clients (see Node.CacheMaxAge).
+const KnownPeersFile = "known-peers.json"
+
+// cacheVersion is the layout of KnownPeersFile.
+const cacheVersion = 1
+
+// cacheFile is KnownPeersFile: the admissible keys of the last network
+// map, with names and node IDs, and when that map arrived.
+type cacheFile struct {
+	Version  int         `json:"version"`
+	Received time.Time   `json:"netmap_received"`
+	Self     cacheNode   `json:"self"`
+	Nodes    []cacheNode `json:"nodes"`
+}
+
+type cacheNode struct {
+	Key       key.NodePublic `json:"key"`
+	Name      string         `json:"name,omitempty"`
+	ID        tailcfg.NodeID `json:"id"`
+	KeyExpiry time.Time      `json:"key_expiry,omitzero"`
+}
+
+// readCache reads and checks a cache file. Anything but a complete file of
+// this layout is an error: a corrupt cache must not admit anyone.
+func readCache(path string) (*cacheFile, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	var c cacheFile
+	if err := json.Unmarshal(b, &c); err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	if c.Version != cacheVersion {
+		return nil, fmt.Errorf("%s: layout version %d, want %d", path, c.Version, cacheVersion)
+	}
+	if c.Received.IsZero() {
+		return nil, fmt.Errorf("%s: no netmap_received time", path)
+	}
+	for i, n := range c.Nodes {
+		if n.Key.IsZero() {
+			return nil, fmt.Errorf("%s: node %d has no key", path, i)
+		}
+	}
+	return &c, nil
+}
+
+// writeFileAtomic writes data to path so that a reader (or a restart after
+// a crash at any point) sees either the old file or the whole new one:
+// a temporary file in the same directory, synced, renamed over path, and
+// the directory synced. rename is os.Rename; a test swaps it to stop
+// where a crash would.
+func writeFileAtomic(path string, data []byte, perm os.FileMode, rename func(oldpath, newpath string) error) (err error) {
+	dir := filepath.Dir(path)
+	f, err := os.CreateTemp(dir, filepath.Base(path)+".tmp*")
+	if err != nil {
+		return err
+	}
+	tmp := f.Name()
+	defer func() {
+		if err != nil {
+			f.Close()
+			os.Remove(tmp)
+		}
+	}()
+	if err := f.Chmod(perm); err != nil {
+		return err
+	}
+	if _, err := f.Write(data); err != nil {
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	if err := rename(tmp, path); err != nil {
+		return err
+	}
+	if d, err := os.Open(dir); err == nil {
+		d.Sync() // best effort: the rename itself is durable on most filesystems
+		d.Close()
+	}
+	return nil
+}
+
+// removeStaleTemps removes temporary files a crash left beside path.
+func removeStaleTemps(path string) {
+	matches, _ := filepath.Glob(path + ".tmp*")
+	for _, m := range matches {
+		os.Remove(m)
+	}
+}
+
+// cacheWriter persists the key set, debounced: a burst of map updates is
+// one write, at most one per interval.
+type cacheWriter struct {
+	path     string
+	keys     *keySet
+	interval time.Duration
+	rename   func(oldpath, newpath string) error
+	written  uint64 // change count of the last write
+}
+
+// writeIfChanged writes the set if it changed since the last write and is
+// live.
+func (w *cacheWriter) writeIfChanged() error {
+	c, changes, ok := w.keys.snapshot()
+	if !ok || changes == w.written {
+		return nil
+	}
+	b, err := json.MarshalIndent(c, "", " ")
+	if err != nil {
+		return err
+	}
+	if err := writeFileAtomic(w.path, append(b, '\n'), 0o600, w.rename); err != nil {
+		return err
+	}
+	w.written = changes
+	return nil
+}
+
+// errCacheOff is returned by loadCache when the cache is switched off.
+var errCacheOff = errors.New("cache off")
