@@ -21,14 +21,14 @@ import (
 // checkOpts are the flags of `tailderp check` itself; the server's
 // settings are parsed beside them (they describe this server).
 type checkOpts struct {
-	local         bool
-	json          bool
-	timeout       time.Duration
-	certName      string
-	caFile        string
-	expectRefused bool
-	meshKeyFile   string
-	pings         int
+	local       bool
+	json        bool
+	timeout     time.Duration
+	certName    string
+	caFile      string
+	expectOpen  bool
+	meshKeyFile string
+	pings       int
 
 	load         bool
 	yes          bool
@@ -55,7 +55,7 @@ func defineCheckFlags(fs *flag.FlagSet) *checkOpts {
 	fs.DurationVar(&o.timeout, "timeout", 30*time.Second, "give up after this long (default for -load: 10m; each of its parts is bounded by -load-duration)")
 	fs.StringVar(&o.certName, "cert-name", "", `the derpMap node's CertName: a "sha256-raw:<hex>" pin of a self-signed certificate (IP mode; "tailderp derpmap" prints it), or the DNS name on the certificate when it is not the URL's host`)
 	fs.StringVar(&o.caFile, "ca-file", "", "PEM file of extra root CAs to trust (a private CA)")
-	fs.BoolVar(&o.expectRefused, "expect-refused", false, "the relay must refuse strangers (it verifies clients): an admitted stranger fails the check. Without a URL this follows the server's -verify-clients")
+	fs.BoolVar(&o.expectOpen, "expect-open", false, "the relay is meant to be open: a stranger admitted passes (by default an open relay is a failure). Without a URL this follows the server's -verify-clients")
 	fs.StringVar(&o.meshKeyFile, "mesh-key-file", "", "file holding the relay's mesh key: the relay test then uses two mesh clients, proving relaying works even when strangers are refused; -load uses it for every client (default: the server's -mesh-psk-file when no URL is given)")
 	fs.IntVar(&o.pings, "pings", 20, "round trips for the latency figures")
 
@@ -77,13 +77,11 @@ func defineCheckFlags(fs *flag.FlagSet) *checkOpts {
 	return o
 }
 
-// newCheckFlags returns the check's flag set: its own flags and the
-// server's settings.
-func newCheckFlags(stderr io.Writer) (*flag.FlagSet, *checkOpts) {
+// newCheckFlags returns the check's flag set with its own flags; the
+// server's settings are added by parseConfig.
+func newCheckFlags() (*flag.FlagSet, *checkOpts) {
 	fs := flag.NewFlagSet("tailderp check", flag.ContinueOnError)
-	fs.SetOutput(stderr)
 	o := defineCheckFlags(fs)
-	fs.Usage = func() { printCheckUsage(stderr, fs) }
 	return fs, o
 }
 
@@ -94,7 +92,7 @@ func newCheckFlags(stderr io.Writer) (*flag.FlagSet, *checkOpts) {
 // environment describes this server).
 func parseCheckArgs(args []string, getenv func(string) string, stderr io.Writer) (o *checkOpts, cfg *config, target string, err error) {
 	// Find the URL with a scratch parse, then parse the flags without it.
-	scratch, _ := newCheckFlags(io.Discard)
+	scratch, _ := newCheckFlags()
 	if _, err := parseConfig(scratch, nil, func(string) string { return "" }); err != nil {
 		return nil, nil, "", err
 	}
@@ -115,8 +113,11 @@ func parseCheckArgs(args []string, getenv func(string) string, stderr io.Writer)
 	if target == "" {
 		flags = args
 	}
-	fs, o := newCheckFlags(stderr)
+	fs, o := newCheckFlags()
 	cfg, err = parseConfig(fs, flags, getenv)
+	if errors.Is(err, flag.ErrHelp) {
+		printCheckUsage(stderr, fs)
+	}
 	if err != nil {
 		return nil, nil, "", err
 	}
@@ -216,8 +217,8 @@ func localTarget(own *config) (lt check.LocalTarget, from string, err error) {
 // prints it.
 func checkTarget(o *checkOpts, cfg *config, target string, stderr io.Writer) (check.Target, error) {
 	t := check.Target{Pings: o.pings}
-	if o.expectRefused {
-		t.Expect = check.ExpectRefused
+	if o.expectOpen {
+		t.Expect = check.ExpectOpen
 	}
 	if o.caFile != "" {
 		pool, err := loadCertPool(o.caFile)
@@ -287,8 +288,8 @@ func checkTarget(o *checkOpts, cfg *config, target string, stderr io.Writer) (ch
 		t.Node.CertName = o.certName
 	}
 	t.TrustOnFirstUse = cfg.Dev && t.Node.CertName == ""
-	if cfg.VerifyClients {
-		t.Expect = check.ExpectRefused
+	if !cfg.VerifyClients && cfg.VerifyClientURL == "" && !o.expectOpen {
+		t.Expect = check.ExpectOpen // as this server is configured
 	}
 	return t, nil
 }
@@ -318,7 +319,9 @@ func describeTarget(t check.Target) string {
 	if n.CertName != "" {
 		extra = append(extra, "CertName "+n.CertName)
 	}
-	if t.Expect == check.ExpectRefused {
+	if t.Expect == check.ExpectOpen {
+		extra = append(extra, "expected open")
+	} else {
 		extra = append(extra, "strangers must be refused")
 	}
 	if !t.MeshKey.IsZero() {

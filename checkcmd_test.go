@@ -204,8 +204,16 @@ func TestCheckIPMode(t *testing.T) {
 	if !strings.Contains(ckLine(t, out, "certificate"), "matches the pin "+s.node.CertName[:len("sha256-raw:")+16]) {
 		t.Errorf("certificate line does not name the pin %s", s.node.CertName)
 	}
-	// The same by URL and pin, as from another machine; JSON.
-	code, out, _ = ckCheck(t, nil, "https://127.0.0.1:"+s.derpPort(), "-stun-port", s.stunPort(), "-cert-name", s.node.CertName, "-json", "-pings", "5")
+	// The same by URL and pin, as from another machine: this relay is
+	// open, which by URL is a failure unless -expect-open says it is meant
+	// to be.
+	code, out, _ = ckCheck(t, nil, "https://127.0.0.1:"+s.derpPort(), "-stun-port", s.stunPort(), "-cert-name", s.node.CertName, "-pings", "5")
+	ckWantFailure(t, code, out, "admission", "open to anyone")
+	if strings.Contains(out, "all good") {
+		t.Errorf("an open relay is reported as all good:\n%s", out)
+	}
+	// JSON, expecting it open.
+	code, out, _ = ckCheck(t, nil, "https://127.0.0.1:"+s.derpPort(), "-stun-port", s.stunPort(), "-cert-name", s.node.CertName, "-json", "-pings", "5", "-expect-open")
 	var rep struct {
 		OK      bool `json:"ok"`
 		Results []struct {
@@ -249,11 +257,11 @@ func TestCheckWrongCertName(t *testing.T) {
 	}
 	s := ckServe(t, "-hostname", "relay.test", "-certmode", "manual", "-state-dir", state,
 		"-a", "127.0.0.1:0", "-stun-port", "0", "-http-port", "-1", "-verify-clients=false")
-	code, out, _ := ckCheck(t, nil, "https://127.0.0.1:"+s.derpPort(), "-stun-port", s.stunPort(), "-ca-file", caFile)
+	code, out, _ := ckCheck(t, nil, "https://127.0.0.1:"+s.derpPort(), "-stun-port", s.stunPort(), "-ca-file", caFile, "-expect-open")
 	ckWantFailure(t, code, out, "certificate", "the certificate is for relay.test, not 127.0.0.1")
 
 	// By its name (dialled at 127.0.0.1; nothing resolved) it passes.
-	code, out, _ = ckCheck(t, nil, "https://relay.test:"+s.derpPort(), "-ipv4", "127.0.0.1", "-ipv6", "none",
+	code, out, _ = ckCheck(t, nil, "https://relay.test:"+s.derpPort(), "-expect-open", "-ipv4", "127.0.0.1", "-ipv6", "none",
 		"-stun-port", s.stunPort(), "-ca-file", caFile, "-pings", "5")
 	ckWantAllGood(t, code, out)
 }
@@ -305,7 +313,7 @@ func TestCheckClosedSTUNPort(t *testing.T) {
 	}
 	closed := fmt.Sprint(pc.LocalAddr().(*net.UDPAddr).Port)
 	pc.Close()
-	code, out, _ := ckCheck(t, nil, "https://127.0.0.1:"+s.derpPort(), "-cert-name", s.node.CertName, "-stun-port", closed, "-pings", "5")
+	code, out, _ := ckCheck(t, nil, "https://127.0.0.1:"+s.derpPort(), "-cert-name", s.node.CertName, "-stun-port", closed, "-pings", "5", "-expect-open")
 	ckWantFailure(t, code, out, "stun", "no answer")
 }
 
@@ -345,7 +353,7 @@ func TestCheckUsage(t *testing.T) {
 		}
 	}
 	code, _, stderr := ckCheck(t, nil, "-h")
-	if code != 0 || !strings.Contains(stderr, "-expect-refused") || !strings.Contains(stderr, "-yes-i-own-this-server") {
+	if code != 0 || !strings.Contains(stderr, "-expect-open") || !strings.Contains(stderr, "-yes-i-own-this-server") {
 		t.Errorf("-h: exit %d:\n%s", code, stderr)
 	}
 }

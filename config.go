@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -38,6 +39,10 @@ type config struct {
 	StateDir    string
 	MeshPSKFile string
 
+	TCPKeepAlive    time.Duration
+	TCPUserTimeout  time.Duration
+	TCPWriteTimeout time.Duration
+
 	// Certificates
 	CertMode         string
 	CertDir          string
@@ -59,6 +64,7 @@ type config struct {
 	VerifyClients            bool
 	VerifyClientURL          string
 	VerifyClientsFailOpen    bool
+	VerifyClientURLFailOpen  bool
 	VerifyClientsCacheMaxAge time.Duration
 
 	// derpMap snippet
@@ -74,6 +80,11 @@ type config struct {
 
 	// src says which settings were given, and how.
 	src sources
+	// notes are lines for the operator about names tailderp does not read
+	// (derper's, its images'), found in the environment.
+	notes []string
+	// meshKey is the key in MeshPSKFile, read by loadConfig.
+	meshKey key.DERPMesh
 }
 
 // settingsFor lists every setting, bound to c: the one table of settings.
@@ -86,24 +97,30 @@ func settingsFor(c *config) []setting {
 			usage: "plain-HTTP port on the same IP (ACME HTTP-01, /generate_204, redirect to HTTPS); -1 turns it off"},
 		{flag: "stun-port", env: "STUN_PORT", aliases: []string{"DERP_STUN_PORT"}, group: "Relay", bind: intVar(&c.STUNPort, 3478),
 			usage: "UDP port for STUN, on the same IP"},
-		{flag: "stun", env: "STUN", aliases: []string{"DERP_STUN"}, group: "Relay", bind: boolVar(&c.STUN, true),
+		{flag: "stun", env: "STUN", aliases: []string{"DERP_STUN", "RUN_STUN", "DERP_STUN_ENABLE"}, group: "Relay", bind: boolVar(&c.STUN, true),
 			usage: "serve STUN (clients need it to find direct paths and measure latency)"},
 		{flag: "hostname", env: "TAILSCALE_DERP_HOSTNAME", aliases: []string{"DERP_DOMAIN", "DERP_HOSTNAME"}, group: "Relay", bind: strVar(&c.Hostname, ""),
 			usage: "this server's public DNS name (or IP address, with -certmode manual); required"},
-		{flag: "home", env: "HOME_PAGE", group: "Relay", bind: strVar(&c.Home, ""),
+		{flag: "home", env: "HOME_PAGE", aliases: []string{"FLAGHOME", "DERP_HOME"}, group: "Relay", bind: strVar(&c.Home, ""),
 			usage: `what "/" serves: empty for a neutral page, "blank", or a URL to redirect to`},
 		{flag: "state-dir", env: "STATE_DIR", aliases: []string{"TAILDERP_STATE_DIR"}, group: "Relay", bind: strVar(&c.StateDir, "/var/lib/tailderp"),
 			usage: "directory for all state: DERP key, certificates, tailnet node; must persist and be writable"},
-		{flag: "mesh-psk-file", env: "MESH_PSK_FILE", group: "Relay", bind: strVar(&c.MeshPSKFile, ""),
+		{flag: "mesh-psk-file", env: "MESH_PSK_FILE", aliases: []string{"MESH_PSKFILE", "DERP_MESH_PSK_FILE"}, group: "Relay", bind: strVar(&c.MeshPSKFile, ""),
 			usage: "file holding the relay fleet's mesh key (64 hex digits); clients presenting it skip admission"},
 		{flag: "dev", env: "DEV", group: "Relay", bind: boolVar(&c.Dev, false),
 			usage: "try it out: serve on 127.0.0.1:3340 with a self-signed certificate, no port 80, and no tailnet node unless a key is set"},
+		{flag: "tcp-keepalive-time", env: "TCP_KEEPALIVE_TIME", aliases: []string{"DERP_TCP_KEEPALIVE_TIME"}, group: "Relay", bind: durationVar(&c.TCPKeepAlive, relay.DefaultTCPKeepAlive),
+			usage: "TCP keepalive time of client connections (long, to spare mobile batteries: DERP has its own keepalive)"},
+		{flag: "tcp-user-timeout", env: "TCP_USER_TIMEOUT", aliases: []string{"DERP_TCP_USER_TIMEOUT"}, group: "Relay", bind: durationVar(&c.TCPUserTimeout, relay.DefaultTCPUserTimeout),
+			usage: "TCP user timeout of client connections: a dead connection is dropped after this long without acknowledgement"},
+		{flag: "tcp-write-timeout", env: "TCP_WRITE_TIMEOUT", aliases: []string{"DERP_TCP_WRITE_TIMEOUT"}, group: "Relay", bind: durationVar(&c.TCPWriteTimeout, relay.DefaultTCPWriteTimeout),
+			usage: "write timeout to a client; a client that cannot take a write for this long is dropped (0: none)"},
 
 		{flag: "certmode", env: "CERTMODE", aliases: []string{"TAILSCALE_DERP_CERTMODE", "CERT_MODE", "DERP_CERT_MODE"}, group: "Certificates", bind: strVar(&c.CertMode, "letsencrypt"),
 			usage: "letsencrypt (any ACME CA; automatic, renewed in the background) or manual (<certdir>/<hostname>.crt and .key, reloaded when they change; self-signed and generated when -hostname is an IP)"},
 		{flag: "certdir", env: "CERTDIR", aliases: []string{"CERT_DIR", "DERP_CERT_DIR"}, group: "Certificates", bind: strVar(&c.CertDir, ""),
 			usage: "certificate directory (default <state-dir>/certs)"},
-		{flag: "acme-email", env: "ACME_EMAIL", group: "Certificates", bind: strVar(&c.ACMEEmail, ""),
+		{flag: "acme-email", env: "ACME_EMAIL", aliases: []string{"DERP_ACME_EMAIL"}, group: "Certificates", bind: strVar(&c.ACMEEmail, ""),
 			usage: "contact address for the ACME account (expiry notices); optional"},
 		{flag: "acme-directory-url", env: "ACME_DIRECTORY_URL", group: "Certificates", bind: strVar(&c.ACMEDirectoryURL, ""),
 			usage: "ACME directory URL (default Let's Encrypt production; e.g. staging, ZeroSSL, step-ca)"},
@@ -133,6 +150,8 @@ func settingsFor(c *config) []setting {
 			usage: "admission controller URL (derper's JSON contract); when set it must admit too"},
 		{flag: "verify-clients-fail-open", env: "VERIFY_CLIENTS_FAIL_OPEN", group: "Admission", bind: boolVar(&c.VerifyClientsFailOpen, false),
 			usage: "admit clients when a check cannot answer (node not logged in yet, URL down); default refuses"},
+		{flag: "verify-client-url-fail-open", env: "VERIFY_CLIENT_URL_FAIL_OPEN", aliases: []string{"VERIFY_FAIL_OPEN", "DERP_VERIFY_CLIENT_URL_FAIL_OPEN"}, group: "Admission", bind: boolVar(&c.VerifyClientURLFailOpen, false),
+			usage: "admit clients when -verify-client-url is unreachable (derper's flag; its default is true, tailderp's refuses)"},
 		{flag: "verify-clients-cache-max-age", env: "VERIFY_CLIENTS_CACHE_MAX_AGE", group: "Admission", bind: durationVar(&c.VerifyClientsCacheMaxAge, defaultCacheMaxAge),
 			usage: "while the node has no network map (a restart with the control server down, or logged out), admit the keys of the last map for this long after it arrived; 0 turns that off"},
 
@@ -188,13 +207,23 @@ const devAddr = "127.0.0.1:3340"
 // settings' flags defined on fs (which may carry more flags: those of
 // `tailderp check`), then applies the -dev defaults. It reads no file:
 // `tailderp check` also uses it on another process's command line.
+//
+// It prints nothing: a bad flag is one line of error (derper's flags with
+// what to use instead), and -help returns flag.ErrHelp for the caller to
+// print its usage.
 func parseConfig(fs *flag.FlagSet, args []string, getenv func(string) string) (*config, error) {
+	fs.SetOutput(io.Discard)
+	fs.Usage = func() {}
 	c := &config{}
 	src, err := parseSettings(fs, settingsFor(c), args, getenv)
 	if err != nil {
-		return nil, err
+		if errors.Is(err, flag.ErrHelp) {
+			return nil, err
+		}
+		return nil, explainFlagError(err)
 	}
 	c.src = src
+	c.notes = envNotes(getenv, src)
 	if c.Dev {
 		// -dev changes defaults only: whatever was given stays.
 		if c.src["a"] == "" {
@@ -218,9 +247,10 @@ func parseConfig(fs *flag.FlagSet, args []string, getenv func(string) string) (*
 // before anything is written.
 func loadConfig(name string, args []string, getenv func(string) string, stderr io.Writer) (*config, error) {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	fs.Usage = func() { printUsage(stderr, fs, settingsFor(&config{})) }
 	c, err := parseConfig(fs, args, getenv)
+	if errors.Is(err, flag.ErrHelp) {
+		printUsage(stderr, fs, settingsFor(&config{}))
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -231,6 +261,9 @@ func loadConfig(name string, args []string, getenv func(string) string, stderr i
 		return nil, err
 	}
 	if err := c.validate(); err != nil {
+		return nil, err
+	}
+	if c.meshKey, err = readMeshKey(c.MeshPSKFile); err != nil {
 		return nil, err
 	}
 	return c, c.validateLogin()
@@ -247,6 +280,73 @@ func (c *config) readAuthKeyFile() error {
 		return fmt.Errorf("%s: %w", settingName("auth-key-file"), err)
 	}
 	c.AuthKey = strings.TrimSpace(string(b))
+	if c.AuthKey == "" {
+		return fmt.Errorf("%s %s is empty: put the auth key in it", settingName("auth-key-file"), c.AuthKeyFile)
+	}
+	return nil
+}
+
+// placeholderWords betray an auth key that was never filled in, as
+// popular images' .env files ship them ("ENTER YOUR TAILSCALE AUTH KEY
+// HERE").
+var placeholderWords = []string{"enter", "your", "here", "change", "replace", "placeholder", "example", "xxxx", "…", "...", "<", ">"}
+
+// checkAuthKey rejects an auth key that is obviously a placeholder. Real
+// keys (tskey-…, Headscale's hex or hskey-…) have no spaces or quotes.
+func checkAuthKey(k string) error {
+	if k == "" {
+		return nil
+	}
+	bad := strings.ContainsAny(k, " \t\n\"'")
+	if !bad && !strings.HasPrefix(k, "tskey-") && !strings.HasPrefix(k, "hskey-") {
+		low := strings.ToLower(k)
+		for _, w := range placeholderWords {
+			bad = bad || strings.Contains(low, w)
+		}
+	}
+	if bad {
+		return errors.New("TAILSCALE_AUTH_KEY looks like a placeholder, not an auth key (it has spaces, quotes or words like ENTER/YOUR/HERE): set it to an auth key from the admin console (tskey-auth-…) or from `headscale preauthkeys create`; the value is not shown")
+	}
+	return nil
+}
+
+// checkHostname checks a public name: a DNS name or an IP address, no
+// scheme, port or path.
+func checkHostname(h string) error {
+	if net.ParseIP(h) != nil {
+		return nil
+	}
+	if strings.Contains(h, "://") || strings.ContainsAny(h, "/:") {
+		return errors.New("want a bare DNS name or IP address, without scheme, port or path")
+	}
+	if len(h) > 253 {
+		return errors.New("longer than 253 characters")
+	}
+	for _, label := range strings.Split(strings.TrimSuffix(h, "."), ".") {
+		if label == "" || len(label) > 63 || label[0] == '-' || label[len(label)-1] == '-' {
+			return errors.New("not a valid DNS name (empty, over-long or dash-edged label)")
+		}
+		for _, r := range label {
+			if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-') {
+				return fmt.Errorf("not a valid DNS name (character %q)", r)
+			}
+		}
+	}
+	return nil
+}
+
+// checkHTTPURL checks a URL tailderp will call: http or https, with a
+// host.
+func checkHTTPURL(s string) error {
+	u, err := url.Parse(s)
+	switch {
+	case err != nil:
+		return err
+	case u.Scheme != "http" && u.Scheme != "https":
+		return fmt.Errorf("scheme %q: want http:// or https://", u.Scheme)
+	case u.Host == "" || u.Hostname() == "":
+		return errors.New("no host")
+	}
 	return nil
 }
 
@@ -280,6 +380,20 @@ func (c *config) validate() error {
 	if c.Hostname == "" {
 		return fmt.Errorf("%s is required: the DNS name clients reach this server by, or its public IP address with -certmode manual", settingName("hostname"))
 	}
+	if err := checkHostname(c.Hostname); err != nil {
+		return fmt.Errorf("%s %q: %v", settingName("hostname"), c.Hostname, err)
+	}
+	if err := checkAuthKey(c.AuthKey); err != nil {
+		return err
+	}
+	for _, u := range []struct{ key, val string }{{"verify-client-url", c.VerifyClientURL}, {"acme-directory-url", c.ACMEDirectoryURL}, {"control-url", c.ControlURL}} {
+		if u.val == "" {
+			continue
+		}
+		if err := checkHTTPURL(u.val); err != nil {
+			return fmt.Errorf("%s %q: %v", settingName(u.key), u.val, err)
+		}
+	}
 	if !c.Dev {
 		switch c.CertMode {
 		case "letsencrypt":
@@ -300,11 +414,21 @@ func (c *config) validate() error {
 	if c.RegionID < 1 {
 		return fmt.Errorf("%s %d: want a positive number, 900 or more for a custom relay", settingName("region-id"), c.RegionID)
 	}
-	for _, ip := range []struct{ key, val string }{{"ipv4", c.IPv4}, {"ipv6", c.IPv6}} {
-		if ip.val != "" && ip.val != "none" {
-			if _, err := netip.ParseAddr(ip.val); err != nil {
-				return fmt.Errorf("%s %q: not an IP address", settingName(ip.key), ip.val)
-			}
+	for _, ip := range []struct {
+		key, val string
+		want4    bool
+	}{{"ipv4", c.IPv4, true}, {"ipv6", c.IPv6, false}} {
+		if ip.val == "" || ip.val == "none" {
+			continue
+		}
+		a, err := netip.ParseAddr(ip.val)
+		switch {
+		case err != nil:
+			return fmt.Errorf("%s %q: not an IP address (or \"none\")", settingName(ip.key), ip.val)
+		case ip.want4 && !a.Is4():
+			return fmt.Errorf("%s %q: not an IPv4 address (IPv6 goes in %s)", settingName(ip.key), ip.val, settingName("ipv6"))
+		case !ip.want4 && !a.Is6():
+			return fmt.Errorf("%s %q: not an IPv6 address (IPv4 goes in %s)", settingName(ip.key), ip.val, settingName("ipv4"))
 		}
 	}
 	if strings.HasPrefix(c.AuthKey, "tskey-client-") && c.AdvertiseTags == "" {

@@ -27,10 +27,9 @@ func writeSnippet(w io.Writer, r *tailcfg.DERPRegion) error {
 // (notes go to stderr), without serving.
 func runDERPMap(args []string, getenv func(string) string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("tailderp derpmap", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	fs.Usage = func() { printDERPMapUsage(stderr) }
 	cfg, err := parseConfig(fs, args, getenv)
 	if errors.Is(err, flag.ErrHelp) {
+		printDERPMapUsage(stderr)
 		return 0
 	}
 	if err == nil && fs.NArg() > 0 {
@@ -39,6 +38,9 @@ func runDERPMap(args []string, getenv func(string) string, stdout, stderr io.Wri
 	if err != nil {
 		fmt.Fprintf(stderr, "tailderp derpmap: %v\n", err)
 		return 2
+	}
+	for _, n := range cfg.notes {
+		fmt.Fprintf(stderr, "tailderp derpmap: %s\n", n)
 	}
 	region, note, err := derpMapRegion(cfg)
 	if _, bad := errors.AsType[settingsError](err); bad {

@@ -79,6 +79,9 @@ func realMain(args []string, getenv func(string) string, stdout, stderr io.Write
 	// Libraries that log through the standard logger (stunserver) go to slog.
 	log.SetFlags(0)
 	log.SetOutput(logs.Writer(logger, slog.LevelInfo))
+	for _, n := range cfg.notes {
+		logger.Warn(n)
+	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
@@ -131,10 +134,6 @@ func run(ctx context.Context, cfg *config, logger *slog.Logger, out io.Writer) e
 	if err != nil {
 		return err
 	}
-	meshKey, err := readMeshKey(cfg.MeshPSKFile)
-	if err != nil {
-		return err
-	}
 
 	var n *node.Node
 	var verifier *verify.Verifier
@@ -153,16 +152,21 @@ func run(ctx context.Context, cfg *config, logger *slog.Logger, out io.Writer) e
 		}
 	}
 	if cfg.VerifyClients || cfg.VerifyClientURL != "" {
-		verifier = &verify.Verifier{URL: cfg.VerifyClientURL, FailOpen: cfg.VerifyClientsFailOpen, Logger: logger}
+		verifier = &verify.Verifier{URL: cfg.VerifyClientURL, FailOpen: cfg.VerifyClientsFailOpen, URLFailOpen: cfg.VerifyClientURLFailOpen, Logger: logger}
 		if n != nil {
 			verifier.Tailnets = []verify.Tailnet{{Name: defaultTailnet, Keys: n}}
 			n.OnDrop = revokeDropped(verifier, defaultTailnet)
 		}
 		if cfg.VerifyClientsFailOpen {
 			logger.Warn("admission fails open: clients are admitted unverified while a check cannot answer (-verify-clients-fail-open)")
+		} else if cfg.VerifyClientURLFailOpen && cfg.VerifyClientURL != "" {
+			logger.Warn("admission fails open while the admission URL is unreachable: clients are admitted unverified then (-verify-client-url-fail-open)")
 		}
 	}
-	if !cfg.VerifyClients {
+	switch {
+	case !cfg.VerifyClients && cfg.VerifyClientURL != "":
+		logger.Info("the tailnet check is off (-verify-clients=false): the admission URL alone decides who may relay; /debug is not served (it needs the tailnet node)")
+	case !cfg.VerifyClients:
 		logger.Warn("client verification is off (-verify-clients=false): anyone who finds this relay can relay through it, and /debug is not served")
 	}
 
@@ -172,8 +176,12 @@ func run(ctx context.Context, cfg *config, logger *slog.Logger, out io.Writer) e
 		Certs:      certs,
 		PrivateKey: derpKey,
 		Home:       cfg.Home,
-		MeshKey:    meshKey,
+		MeshKey:    cfg.meshKey,
 		Logger:     logger,
+
+		TCPKeepAlive:    cfg.TCPKeepAlive,
+		TCPUserTimeout:  cfg.TCPUserTimeout,
+		TCPWriteTimeout: cmp.Or(cfg.TCPWriteTimeout, -1), // 0 in the settings means none
 	}
 	if verifier != nil {
 		rs.Admitter = verifier

@@ -13,9 +13,11 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"errors"
+	"flag"
 	"fmt"
 	"io/fs"
 	"log"
+	"maps"
 	"math/big"
 	"net"
 	"os"
@@ -816,6 +818,153 @@ func TestHealthcheckFindsTheServer(t *testing.T) {
 			t.Logf("healthcheck after the stop: exit %d\n%s", code, out)
 			if code == 0 {
 				t.Errorf("healthcheck passes with the server stopped")
+			}
+		})
+	}
+}
+
+// TestDerperFlags: derper's flags that tailderp has under another name
+// take effect; those it does not have are one line saying what to use
+// instead (never the whole usage); an unknown flag is one line too.
+func TestDerperFlags(t *testing.T) {
+	env := map[string]string{"TAILSCALE_DERP_HOSTNAME": "derp.example.com", "VERIFY_CLIENTS": "false"}
+	var stderr lockedBuffer
+	cfg, err := loadConfig("tailderp", []string{"-verify-client-url-fail-open", "-verify-client-url", "https://admit.example.com/"}, envFrom(env), &stderr)
+	if err != nil || !cfg.VerifyClientURLFailOpen || cfg.src["verify-client-url-fail-open"] != "-verify-client-url-fail-open" {
+		t.Fatalf("-verify-client-url-fail-open: err %v, cfg %+v", err, cfg)
+	}
+	for _, tt := range []struct {
+		args []string
+		want []string
+	}{
+		{[]string{"-c", "/var/lib/derper/derper.key"}, []string{"-c is derper's", "derp.key", "-state-dir"}},
+		{[]string{"-socket", "/var/run/tailscale/tailscaled.sock"}, []string{"-socket is derper's", "not needed", "TAILSCALE_AUTH_KEY"}},
+		{[]string{"--secrets-url=https://setec.example.com"}, []string{"-secrets-url is derper's", "-mesh-psk-file"}},
+		{[]string{"-acme-eab-kid", "x"}, []string{"-acme-eab-kid is derper's", "-acme-directory-url"}},
+		{[]string{"-no-such-thing"}, []string{"unknown flag -no-such-thing", "-help"}},
+		{[]string{"-http-port", "eighty"}, []string{"-http-port", "eighty"}},
+	} {
+		code, stdout, stderr := runMain(t, env, tt.args...)
+		lines := strings.Split(strings.TrimSpace(stderr), "\n")
+		if code != 2 || len(lines) != 1 || stdout != "" {
+			t.Errorf("tailderp %q: exit %d with %d lines, want 2 and one line:\n%s", tt.args, code, len(lines), stderr)
+			continue
+		}
+		for _, w := range tt.want {
+			if !strings.Contains(lines[0], w) {
+				t.Errorf("tailderp %q: %q does not mention %q", tt.args, lines[0], w)
+			}
+		}
+	}
+}
+
+// TestDerperImageVariables: the variables of derper images whose meaning
+// is tailderp's take effect; the ones tailderp does not read are named
+// with what to do instead; HOSTNAME is never read, and only mentioned when
+// it looks like a public name and no name was given.
+func TestDerperImageVariables(t *testing.T) {
+	dir := t.TempDir()
+	base := map[string]string{"TAILSCALE_DERP_HOSTNAME": "derp.example.com", "VERIFY_CLIENTS": "false"}
+	with := func(kv ...string) map[string]string {
+		m := maps.Clone(base)
+		for i := 0; i < len(kv); i += 2 {
+			m[kv[i]] = kv[i+1]
+		}
+		return m
+	}
+	if err := os.WriteFile(dir+"/psk", []byte(strings.Repeat("ab", 32)+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var stderr lockedBuffer
+	cfg, err := loadConfig("tailderp", nil, envFrom(with("RUN_STUN", "false", "MESH_PSKFILE", dir+"/psk", "VERIFY_FAIL_OPEN", "true",
+		"FLAGHOME", "blank", "TCP_USER_TIMEOUT", "20s", "DERP_ACME_EMAIL", "ops@example.com")), &stderr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.STUN || cfg.MeshPSKFile != dir+"/psk" || !cfg.VerifyClientURLFailOpen || cfg.Home != "blank" || cfg.TCPUserTimeout != 20*time.Second || cfg.ACMEEmail != "ops@example.com" {
+		t.Errorf("aliases did not take effect: %+v", cfg)
+	}
+	for name, hint := range foreignEnv() {
+		cfg, err := loadConfig("tailderp", nil, envFrom(with(name, "x")), &stderr)
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		if len(cfg.notes) != 1 || !strings.HasPrefix(cfg.notes[0], name+" is set but is not a tailderp setting: "+hint) {
+			t.Errorf("%s set: notes %q, want one line with its hint", name, cfg.notes)
+		}
+	}
+	for _, tt := range []struct {
+		env  map[string]string
+		note bool
+	}{
+		{with("HOSTNAME", "3f2a9c1d7e4b"), false}, // Docker's container ID
+		{with("HOSTNAME", "derp.example.net"), false},
+		{map[string]string{"HOSTNAME": "derp.example.net", "VERIFY_CLIENTS": "false"}, true},
+		{map[string]string{"HOSTNAME": "203.0.113.7", "VERIFY_CLIENTS": "false"}, true},
+	} {
+		cfg, err := parseConfig(flag.NewFlagSet("t", flag.ContinueOnError), nil, envFrom(tt.env))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := len(cfg.notes) == 1 && strings.Contains(cfg.notes[0], "TAILSCALE_DERP_HOSTNAME"); got != tt.note || cfg.Hostname == tt.env["HOSTNAME"] {
+			t.Errorf("env %v: notes %q, hostname %q; want a note: %v, and HOSTNAME never read", tt.env, cfg.notes, cfg.Hostname, tt.note)
+		}
+	}
+}
+
+// TestBadSettingsAreStartupErrors: on the built binary, each of these
+// values is refused at start with exit status 2 and one line naming the
+// setting, before anything is written or listened on.
+func TestBadSettingsAreStartupErrors(t *testing.T) {
+	bin := buildTailderp(t)
+	dir := t.TempDir()
+	emptyFile := filepath.Join(dir, "empty")
+	badMesh := filepath.Join(dir, "mesh-bad")
+	os.WriteFile(emptyFile, nil, 0o600)
+	os.WriteFile(badMesh, []byte("not a key\n"), 0o600)
+	base := []string{"-hostname", "derp.example.com", "-verify-clients=false", "-a", "127.0.0.1:0", "-http-port", "-1", "-stun-port", "0"}
+	tests := []struct {
+		name string
+		env  []string
+		args []string
+		want []string
+	}{
+		{"hostname with scheme", nil, []string{"-hostname", "https://derp.example.com/"}, []string{"-hostname", "without scheme"}},
+		{"hostname with a space", nil, []string{"-hostname", "bad host!"}, []string{"-hostname", "not a valid DNS name"}},
+		{"admission URL unparsable", nil, []string{"-verify-client-url", "ht!tp://::"}, []string{"-verify-client-url"}},
+		{"admission URL not http", nil, []string{"-verify-client-url", "ftp://admit.example.com/"}, []string{"-verify-client-url", "ftp"}},
+		{"ACME directory not a URL", nil, []string{"-acme-directory-url", "notaurl"}, []string{"-acme-directory-url", "notaurl"}},
+		{"control URL not a URL", nil, []string{"-control-url", "headscale.example.com"}, []string{"-control-url"}},
+		{"IPv4 in -ipv6", nil, []string{"-ipv6", "1.2.3.4"}, []string{"-ipv6", "not an IPv6 address"}},
+		{"IPv6 in -ipv4", nil, []string{"-ipv4", "2001:db8::1"}, []string{"-ipv4", "not an IPv4 address"}},
+		{"empty mesh key file", nil, []string{"-mesh-psk-file", emptyFile}, []string{"-mesh-psk-file", emptyFile}},
+		{"malformed mesh key file", nil, []string{"-mesh-psk-file", badMesh}, []string{"-mesh-psk-file", badMesh, "64 hex digits"}},
+		{"empty auth key file", []string{"TAILSCALE_AUTH_KEY_FILE=" + emptyFile}, []string{"-verify-clients=true"}, []string{"TAILSCALE_AUTH_KEY_FILE", "is empty"}},
+		{"placeholder auth key", []string{"TAILSCALE_AUTH_KEY=ENTER YOUR TAILSCALE AUTH KEY HERE"}, []string{"-verify-clients=true"}, []string{"TAILSCALE_AUTH_KEY", "placeholder"}},
+		{"quoted placeholder", []string{`TAILSCALE_AUTH_KEY="your-key-here"`}, []string{"-verify-clients=true"}, []string{"TAILSCALE_AUTH_KEY", "placeholder"}},
+		{"negative cache age", nil, []string{"-verify-clients-cache-max-age", "-1h"}, []string{"-verify-clients-cache-max-age"}},
+		{"tailnet port out of range", nil, []string{"-tailnet-port", "70000"}, []string{"-tailnet-port", "70000"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			state := filepath.Join(t.TempDir(), "state")
+			cmd := exec.Command(bin, append(append(slices.Clone(base), "-state-dir", state), tt.args...)...)
+			cmd.Env = cleanEnv(t, tt.env...)
+			out, _ := cmd.CombinedOutput()
+			lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+			if code := cmd.ProcessState.ExitCode(); code != 2 || len(lines) != 1 {
+				t.Fatalf("exit %d with %d lines, want 2 and one line:\n%s", code, len(lines), out)
+			}
+			for _, w := range tt.want {
+				if !strings.Contains(lines[0], w) {
+					t.Errorf("%q does not name %q", lines[0], w)
+				}
+			}
+			if strings.Contains(string(out), "ENTER YOUR") || strings.Contains(string(out), "your-key-here") {
+				t.Errorf("the auth key was printed: %s", out)
+			}
+			if _, err := os.Stat(state); err == nil {
+				t.Errorf("state directory created before the settings were checked")
 			}
 		})
 	}

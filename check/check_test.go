@@ -146,7 +146,7 @@ func wantOnlyFailure(t *testing.T, r check.Report, name, mark, errSubstr string)
 
 func TestRunOpenRelayPinned(t *testing.T) {
 	tr := startRelay(t, relayOpts{})
-	r := run(t, check.Target{Node: tr.node, Pings: 5})
+	r := run(t, check.Target{Node: tr.node, Pings: 5, Expect: check.ExpectOpen})
 	if !r.OK() {
 		t.Fatalf("report failed: %+v", r.Failed())
 	}
@@ -211,17 +211,29 @@ func TestRunMeshKeyOnVerifyingRelay(t *testing.T) {
 	}
 }
 
-func TestRunExpectRefusedOnOpenRelay(t *testing.T) {
+// TestRunOpenRelayFailsByDefault: an open relay is a finding unless the
+// check is told it is meant to be open.
+func TestRunOpenRelayFailsByDefault(t *testing.T) {
 	tr := startRelay(t, relayOpts{})
-	r := run(t, check.Target{Node: tr.node, Expect: check.ExpectRefused, Pings: 3})
+	r := run(t, check.Target{Node: tr.node, Pings: 3}) // the zero Expect
 	wantOnlyFailure(t, r, check.NameAdmission, "✗", "open to anyone")
+}
+
+// TestRunExpectOpenOnVerifyingRelay: told to expect an open relay, the
+// check fails on one that refuses strangers.
+func TestRunExpectOpenOnVerifyingRelay(t *testing.T) {
+	tr := startRelay(t, relayOpts{admit: denyAll{}})
+	r := run(t, check.Target{Node: tr.node, Expect: check.ExpectOpen, Pings: 3})
+	if adm := result(t, r, check.NameAdmission); adm.OK || !strings.Contains(adm.Err, "expected to be open") {
+		t.Errorf("admission = %+v, want a failure saying the relay was expected to be open", adm)
+	}
 }
 
 func TestRunWrongPin(t *testing.T) {
 	tr := startRelay(t, relayOpts{})
 	n := tr.node
 	n.CertName = "sha256-raw:" + strings.Repeat("ab", 32)
-	r := run(t, check.Target{Node: n, Pings: 3})
+	r := run(t, check.Target{Node: n, Pings: 3, Expect: check.ExpectOpen})
 	wantOnlyFailure(t, r, check.NameCertificate, "✗", "pin mismatch: the relay presents "+tr.pin)
 	if adm := result(t, r, check.NameAdmission); !adm.Skipped {
 		t.Errorf("admission = %+v, want skipped (no client can connect)", adm)
@@ -232,7 +244,7 @@ func TestRunSelfSignedWithoutPin(t *testing.T) {
 	tr := startRelay(t, relayOpts{})
 	n := tr.node
 	n.CertName = ""
-	r := run(t, check.Target{Node: n, Pings: 3})
+	r := run(t, check.Target{Node: n, Pings: 3, Expect: check.ExpectOpen})
 	wantOnlyFailure(t, r, check.NameCertificate, "✗", `self-signed: Tailscale clients accept it only pinned, with CertName "`+tr.pin+`"`)
 }
 
@@ -240,7 +252,7 @@ func TestRunTrustOnFirstUse(t *testing.T) {
 	tr := startRelay(t, relayOpts{})
 	n := tr.node
 	n.CertName = ""
-	r := run(t, check.Target{Node: n, TrustOnFirstUse: true, Pings: 3})
+	r := run(t, check.Target{Node: n, TrustOnFirstUse: true, Pings: 3, Expect: check.ExpectOpen})
 	if !r.OK() {
 		t.Fatalf("report failed: %+v", r.Failed())
 	}
@@ -320,7 +332,7 @@ func TestRunCASignedCertificate(t *testing.T) {
 	// (so nothing is resolved).
 	n := tr.node
 	n.HostName, n.CertName = "relay.test", ""
-	r := run(t, check.Target{Node: n, RootCAs: ca.pool, Pings: 3})
+	r := run(t, check.Target{Node: n, RootCAs: ca.pool, Pings: 3, Expect: check.ExpectOpen})
 	if !r.OK() {
 		t.Fatalf("report failed: %+v", r.Failed())
 	}
@@ -334,7 +346,7 @@ func TestRunWrongCertName(t *testing.T) {
 	tr := startRelay(t, relayOpts{certs: memCert{issue(t, ca, "relay.test", 90*24*time.Hour)}})
 	n := tr.node // HostName 127.0.0.1: not on the certificate
 	n.CertName = ""
-	r := run(t, check.Target{Node: n, RootCAs: ca.pool, Pings: 3})
+	r := run(t, check.Target{Node: n, RootCAs: ca.pool, Pings: 3, Expect: check.ExpectOpen})
 	wantOnlyFailure(t, r, check.NameCertificate, "✗", "the certificate is for relay.test, not 127.0.0.1")
 }
 
@@ -343,7 +355,7 @@ func TestRunCertificateExpiresSoon(t *testing.T) {
 	tr := startRelay(t, relayOpts{certs: memCert{issue(t, ca, "relay.test", 5*24*time.Hour)}})
 	n := tr.node
 	n.HostName, n.CertName = "relay.test", ""
-	r := run(t, check.Target{Node: n, RootCAs: ca.pool, Pings: 3})
+	r := run(t, check.Target{Node: n, RootCAs: ca.pool, Pings: 3, Expect: check.ExpectOpen})
 	wantOnlyFailure(t, r, check.NameCertificate, "⚠", "expires in under 14 days")
 	// A warning still lets clients in, so the relay is still tested.
 	if rel := result(t, r, check.NameRelay); rel.Mark() != "✓" {
@@ -355,13 +367,13 @@ func TestRunSTUNClosed(t *testing.T) {
 	tr := startRelay(t, relayOpts{noSTUN: true})
 	n := tr.node
 	n.STUNPort = closedUDPPort(t)
-	r := run(t, check.Target{Node: n, Pings: 3})
+	r := run(t, check.Target{Node: n, Pings: 3, Expect: check.ExpectOpen})
 	wantOnlyFailure(t, r, check.NameSTUN, "✗", "no answer")
 }
 
 func TestRunSTUNOff(t *testing.T) {
 	tr := startRelay(t, relayOpts{noSTUN: true}) // STUNPort -1: the derpMap says no STUN
-	r := run(t, check.Target{Node: tr.node, Pings: 3})
+	r := run(t, check.Target{Node: tr.node, Pings: 3, Expect: check.ExpectOpen})
 	if !r.OK() {
 		t.Fatalf("report failed: %+v", r.Failed())
 	}
@@ -372,7 +384,7 @@ func TestRunSTUNOff(t *testing.T) {
 
 func TestRunStopped(t *testing.T) {
 	n := tailcfg.DERPNode{HostName: "127.0.0.1", IPv4: "127.0.0.1", IPv6: "none", DERPPort: closedTCPPort(t), STUNPort: closedUDPPort(t)}
-	r := run(t, check.Target{Node: n, Pings: 3})
+	r := run(t, check.Target{Node: n, Pings: 3, Expect: check.ExpectOpen})
 	if r.OK() {
 		t.Fatal("report OK against a stopped relay")
 	}

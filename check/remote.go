@@ -35,13 +35,13 @@ import (
 type Expect int
 
 const (
-	// ExpectAny accepts either answer: a relay that refuses strangers
-	// passes ("refuses clients outside the tailnet"), and so does an open
-	// relay that relays for them.
-	ExpectAny Expect = iota
-	// ExpectRefused fails the check when a stranger is admitted: the relay
-	// is meant to verify its clients, and an open relay is a finding.
-	ExpectRefused
+	// ExpectRefused, the zero value, fails the check when a stranger is
+	// admitted: a relay is meant to verify its clients, and an open relay
+	// (anyone who finds it can use its bandwidth) is a finding.
+	ExpectRefused Expect = iota
+	// ExpectOpen is for a relay that is meant to be open: a stranger
+	// admitted passes, and a stranger refused fails (it is not open).
+	ExpectOpen
 )
 
 // WarnCertDays: a certificate expiring sooner than this is a warning.
@@ -688,6 +688,9 @@ func (c *checker) admission(ctx context.Context) (res Result, admitted bool) {
 	err := ConnectDERP(actx, dc)
 	d := time.Since(t0)
 	switch {
+	case errors.Is(err, ErrRefused) && c.t.Expect == ExpectOpen:
+		res.Err = fmt.Sprintf("refuses clients outside the tailnet (a fresh key was disconnected right after the handshake, in %v), but the relay was expected to be open (-expect-open)", roundDur(d))
+		return res, false
 	case errors.Is(err, ErrRefused):
 		res.OK = true
 		res.Value = fmt.Sprintf("refuses clients outside the tailnet (a fresh key was disconnected right after the handshake, in %v)", roundDur(d))
@@ -696,11 +699,11 @@ func (c *checker) admission(ctx context.Context) (res Result, admitted bool) {
 		res.Err = "a DERP client cannot connect as a Tailscale client would: " + err.Error()
 		return res, false
 	case c.t.Expect == ExpectRefused:
-		res.Err = "a stranger (a fresh key no tailnet knows) was admitted: this relay is open to anyone who finds it (want it refused: is -verify-clients off?)"
+		res.Err = "a stranger (a fresh key no tailnet knows) was admitted: this relay is open to anyone who finds it (is -verify-clients off? If it is meant to be open, check with -expect-open)"
 		return res, true
 	}
 	res.OK = true
-	res.Value = fmt.Sprintf("admits any client: an open relay (a fresh key was admitted in %v)", roundDur(d))
+	res.Value = fmt.Sprintf("admits any client: an open relay, as expected (a fresh key was admitted in %v)", roundDur(d))
 	return res, true
 }
 

@@ -48,6 +48,9 @@ const (
 	// DefaultTCPUserTimeout is short so a dead connection is dropped
 	// promptly.
 	DefaultTCPUserTimeout = 15 * time.Second
+	// DefaultTCPWriteTimeout is derpserver's: a client that cannot take a
+	// write for this long is dropped.
+	DefaultTCPWriteTimeout = derpserver.DefaultTCPWiteTimeout
 )
 
 // Server is a DERP relay listening on the public internet.
@@ -83,7 +86,8 @@ type Server struct {
 	MeshKey key.DERPMesh
 
 	// TCPKeepAlive, TCPUserTimeout and TCPWriteTimeout tune client
-	// connections; zero means derper's defaults (10 min, 15 s, 2 s).
+	// connections; zero means derper's defaults (10 min, 15 s, 2 s). A
+	// negative TCPWriteTimeout means none.
 	TCPKeepAlive    time.Duration
 	TCPUserTimeout  time.Duration
 	TCPWriteTimeout time.Duration
@@ -148,8 +152,11 @@ func (s *Server) Start() (err error) {
 			s.derp = nil
 		}
 	}()
-	if s.TCPWriteTimeout != 0 {
+	switch {
+	case s.TCPWriteTimeout > 0:
 		s.derp.SetTCPWriteTimeout(s.TCPWriteTimeout)
+	case s.TCPWriteTimeout < 0:
+		s.derp.SetTCPWriteTimeout(0)
 	}
 	if !s.MeshKey.IsZero() {
 		if err := s.derp.SetMeshKey(s.MeshKey.String()); err != nil {

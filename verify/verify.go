@@ -113,6 +113,10 @@ type Verifier struct {
 	// logged in yet, URL unreachable) instead of refusing them.
 	FailOpen bool
 
+	// URLFailOpen admits clients when URL is unreachable (derper's
+	// -verify-client-url-fail-open), without FailOpen's tailnet part.
+	URLFailOpen bool
+
 	// Conns, if set, is the relay, whose connections Revoke and Sweep
 	// close.
 	Conns Conns
@@ -211,7 +215,7 @@ func (v *Verifier) Admit(ctx context.Context, clientKey key.NodePublic, src neti
 	if v.URL != "" {
 		allow, err := v.askURL(ctx, clientKey, src)
 		switch {
-		case err != nil && v.FailOpen:
+		case err != nil && (v.FailOpen || v.URLFailOpen):
 			v.admitFailOpen(clientKey, src, "admission URL unreachable", err)
 		case err != nil:
 			v.refuse(clientKey, src, ReasonURLUnreachable, err)
