@@ -1,21 +1,11 @@
 package main
 
 import (
-	"bytes"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/json"
-	"encoding/pem"
 	"fmt"
-	"math/big"
-	"net"
 	"os"
 	"path/filepath"
-	"regexp"
 	"strings"
 	"sync"
 	"testing"
@@ -24,88 +14,61 @@ import (
 	"tailscale.com/tailcfg"
 
 	"github.com/tailderp/tailderp/internal/logs"
+	"github.com/tailderp/tailderp/internal/testutil"
 )
-
-// ckBuffer is a bytes.Buffer safe for concurrent use.
-type ckBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (c *ckBuffer) Write(p []byte) (int, error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.b.Write(p)
-}
-
-func (c *ckBuffer) String() string {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.b.String()
-}
 
 // ckServer is a tailderp serving in this process, as `tailderp ARGS` would.
 type ckServer struct {
 	node   *tailcfg.DERPNode // from its derpMap snippet
 	stop   func()
-	logOut *ckBuffer
+	logOut *testutil.Buffer
 }
-
-var ckSnippetRE = regexp.MustCompile(`(?s)--- derpMap[^\n]*\n(\{.*?\n\})\n---\n`)
 
 // ckServe starts tailderp with args (no environment) on loopback and
 // waits until it serves. It stops when the test ends, or at stop().
 func ckServe(t *testing.T, args ...string) *ckServer {
 	t.Helper()
-	var stderr ckBuffer
+	var stderr testutil.Buffer
 	cfg, err := loadConfig("tailderp", args, func(string) string { return "" }, &stderr)
 	if err != nil {
 		t.Fatalf("tailderp %s: %v\n%s", strings.Join(args, " "), err, stderr.String())
 	}
-	s := &ckServer{logOut: &ckBuffer{}}
+	s := &ckServer{logOut: &testutil.Buffer{}}
 	logger, err := logs.New(s.logOut, "text", "info")
 	if err != nil {
 		t.Fatal(err)
 	}
-	var out ckBuffer
+	var out testutil.Buffer
 	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- run(ctx, cfg, logger, &out) }()
+	exited := make(chan struct{})
+	var runErr error
+	go func() {
+		runErr = run(ctx, cfg, logger, &out)
+		close(exited)
+	}()
 	var once sync.Once
 	s.stop = func() {
 		once.Do(func() {
 			cancel()
 			select {
-			case <-done:
+			case <-exited:
 			case <-time.After(10 * time.Second):
 				t.Errorf("tailderp did not stop within 10s")
 			}
 		})
 	}
 	t.Cleanup(s.stop)
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		if m := ckSnippetRE.FindStringSubmatch(out.String()); m != nil {
-			var policy struct {
-				DERPMap tailcfg.DERPMap `json:"derpMap"`
-			}
-			if err := json.Unmarshal([]byte(m[1]), &policy); err != nil {
-				t.Fatal(err)
-			}
-			for _, r := range policy.DERPMap.Regions {
-				s.node = r.Nodes[0]
-			}
-			return s
-		}
+	m := out.WaitMatch(snippetRE, 10*time.Second, exited)
+	if m == nil {
 		select {
-		case err := <-done:
-			t.Fatalf("tailderp exited (%v) before serving:\n%s", err, s.logOut.String())
-		case <-time.After(20 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
+		case <-exited:
+			t.Fatalf("tailderp exited (%v) before serving:\n%s", runErr, s.logOut.String())
+		default:
 			t.Fatalf("tailderp not serving after 10s:\n%s", s.logOut.String())
 		}
 	}
+	s.node = testutil.DERPMapRegion(t, m[1]).Nodes[0]
+	return s
 }
 
 func (s *ckServer) derpPort() string { return fmt.Sprint(s.node.DERPPort) }
@@ -126,7 +89,7 @@ func ckIPMode(t *testing.T, extra ...string) (*ckServer, string) {
 // and output.
 func ckCheck(t *testing.T, env map[string]string, args ...string) (int, string, string) {
 	t.Helper()
-	var stdout, stderr ckBuffer
+	var stdout, stderr testutil.Buffer
 	code := runCheck(args, func(k string) string { return env[k] }, &stdout, &stderr)
 	t.Logf("tailderp check %s → exit %d\n%s%s", strings.Join(args, " "), code, stdout.String(), stderr.String())
 	return code, stdout.String(), stderr.String()
@@ -266,53 +229,19 @@ func TestCheckWrongCertName(t *testing.T) {
 	ckWantAllGood(t, code, out)
 }
 
-// ckWriteCASigned writes <dir>/<name>.crt and .key, signed by a new CA,
-// and returns the CA certificate in PEM.
+// ckWriteCASigned writes <dir>/<name>.crt and .key (an EC PRIVATE KEY),
+// signed by a new CA, and returns the CA certificate in PEM.
 func ckWriteCASigned(t *testing.T, dir, name string) []byte {
 	t.Helper()
-	caKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	caTmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "check test CA"},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
-		KeyUsage: x509.KeyUsageCertSign, BasicConstraintsValid: true, IsCA: true,
-	}
-	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ca, _ := x509.ParseCertificate(caDER)
-	k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: name}, DNSNames: []string{name},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(90 * 24 * time.Hour),
-		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &k.PublicKey, caKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	keyDER, _ := x509.MarshalECPrivateKey(k)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	write := func(file, typ string, b []byte) {
-		if err := os.WriteFile(filepath.Join(dir, file), pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: b}), 0o600); err != nil {
-			t.Fatal(err)
-		}
-	}
-	write(name+".crt", "CERTIFICATE", der)
-	write(name+".key", "EC PRIVATE KEY", keyDER)
-	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER})
+	ca := testutil.NewCert(t, testutil.CertOptions{CommonName: "check test CA", IsCA: true})
+	leaf := testutil.NewCert(t, testutil.CertOptions{Names: []string{name}, CA: ca, ValidFor: 90 * 24 * time.Hour, KeyFormat: testutil.EC})
+	leaf.WriteFiles(t, filepath.Join(dir, name+".crt"), filepath.Join(dir, name+".key"))
+	return ca.CertPEM
 }
 
 func TestCheckClosedSTUNPort(t *testing.T) {
 	s, _ := ckIPMode(t, "-stun=false")
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	closed := fmt.Sprint(pc.LocalAddr().(*net.UDPAddr).Port)
-	pc.Close()
+	closed := fmt.Sprint(testutil.FreePort(t, "udp"))
 	code, out, _ := ckCheck(t, nil, "https://127.0.0.1:"+s.derpPort(), "-cert-name", s.node.CertName, "-stun-port", closed, "-pings", "5", "-expect-open")
 	ckWantFailure(t, code, out, "stun", "no answer")
 }

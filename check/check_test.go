@@ -3,16 +3,11 @@ package check_test
 import (
 	"bytes"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
-	"math/big"
 	"net"
 	"net/http"
 	"net/netip"
@@ -26,6 +21,7 @@ import (
 	"tailscale.com/types/key"
 
 	"github.com/tailderp/tailderp/check"
+	"github.com/tailderp/tailderp/internal/testutil"
 	"github.com/tailderp/tailderp/relay"
 	"github.com/tailderp/tailderp/stun"
 )
@@ -193,15 +189,23 @@ func TestRunRefusesStrangers(t *testing.T) {
 	}
 }
 
-func TestRunMeshKeyOnVerifyingRelay(t *testing.T) {
+// newMeshKey returns a random mesh key as a relay's -mesh-psk-file holds
+// it (hex) and parsed.
+func newMeshKey(t *testing.T) (string, key.DERPMesh) {
+	t.Helper()
 	var raw [32]byte
 	rand.Read(raw[:])
 	mk := hex.EncodeToString(raw[:])
-	tr := startRelay(t, relayOpts{admit: denyAll{}, meshKey: mk})
 	meshKey, err := key.ParseDERPMesh(mk)
 	if err != nil {
 		t.Fatal(err)
 	}
+	return mk, meshKey
+}
+
+func TestRunMeshKeyOnVerifyingRelay(t *testing.T) {
+	mk, meshKey := newMeshKey(t)
+	tr := startRelay(t, relayOpts{admit: denyAll{}, meshKey: mk})
 	r := run(t, check.Target{Node: tr.node, Expect: check.ExpectRefused, MeshKey: meshKey, Pings: 3})
 	if !r.OK() {
 		t.Fatalf("report failed: %+v", r.Failed())
@@ -261,78 +265,23 @@ func TestRunTrustOnFirstUse(t *testing.T) {
 	}
 }
 
-// testCA is a private certificate authority.
-type testCA struct {
-	cert *x509.Certificate
-	key  *ecdsa.PrivateKey
-	pool *x509.CertPool
-}
-
-func newCA(t *testing.T) *testCA {
+// startCASignedRelay starts a relay serving a certificate for relay.test
+// from a new private CA ("tailderp test CA"), valid for validFor from an
+// hour ago, and returns it with the CA.
+func startCASignedRelay(t *testing.T, validFor time.Duration) (*testRelay, *testutil.Cert) {
 	t.Helper()
-	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "tailderp test CA"},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(24 * time.Hour),
-		KeyUsage:              x509.KeyUsageCertSign,
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &k.PublicKey, k)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, _ := x509.ParseCertificate(der)
-	pool := x509.NewCertPool()
-	pool.AddCert(c)
-	return &testCA{cert: c, key: k, pool: pool}
-}
-
-// issue returns a certificate for dnsName signed by the CA (or
-// self-signed when ca is nil), valid for validFor from an hour ago.
-func issue(t *testing.T, ca *testCA, dnsName string, validFor time.Duration) *tls.Certificate {
-	t.Helper()
-	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(time.Now().UnixNano()),
-		Subject:      pkix.Name{CommonName: dnsName},
-		DNSNames:     []string{dnsName},
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(validFor),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-	}
-	if ip := net.ParseIP(dnsName); ip != nil {
-		tmpl.DNSNames, tmpl.IPAddresses = nil, []net.IP{ip}
-	}
-	parent, signer := tmpl, any(k)
-	if ca != nil {
-		parent, signer = ca.cert, ca.key
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, parent, &k.PublicKey, signer)
-	if err != nil {
-		t.Fatal(err)
-	}
-	leaf, _ := x509.ParseCertificate(der)
-	return &tls.Certificate{Certificate: [][]byte{der}, PrivateKey: k, Leaf: leaf}
+	ca := testutil.NewCert(t, testutil.CertOptions{CommonName: "tailderp test CA", IsCA: true})
+	leaf := testutil.NewCert(t, testutil.CertOptions{Names: []string{"relay.test"}, CA: ca, ValidFor: validFor})
+	return startRelay(t, relayOpts{certs: memCert{&leaf.TLS}}), ca
 }
 
 func TestRunCASignedCertificate(t *testing.T) {
-	ca := newCA(t)
-	tr := startRelay(t, relayOpts{certs: memCert{issue(t, ca, "relay.test", 90*24*time.Hour)}})
+	tr, ca := startCASignedRelay(t, 90*24*time.Hour)
 	// As the derpMap would have it: the name, and the address to dial
 	// (so nothing is resolved).
 	n := tr.node
 	n.HostName, n.CertName = "relay.test", ""
-	r := run(t, check.Target{Node: n, RootCAs: ca.pool, Pings: 3, Expect: check.ExpectOpen})
+	r := run(t, check.Target{Node: n, RootCAs: ca.Pool(), Pings: 3, Expect: check.ExpectOpen})
 	if !r.OK() {
 		t.Fatalf("report failed: %+v", r.Failed())
 	}
@@ -342,20 +291,18 @@ func TestRunCASignedCertificate(t *testing.T) {
 }
 
 func TestRunWrongCertName(t *testing.T) {
-	ca := newCA(t)
-	tr := startRelay(t, relayOpts{certs: memCert{issue(t, ca, "relay.test", 90*24*time.Hour)}})
+	tr, ca := startCASignedRelay(t, 90*24*time.Hour)
 	n := tr.node // HostName 127.0.0.1: not on the certificate
 	n.CertName = ""
-	r := run(t, check.Target{Node: n, RootCAs: ca.pool, Pings: 3, Expect: check.ExpectOpen})
+	r := run(t, check.Target{Node: n, RootCAs: ca.Pool(), Pings: 3, Expect: check.ExpectOpen})
 	wantOnlyFailure(t, r, check.NameCertificate, "✗", "the certificate is for relay.test, not 127.0.0.1")
 }
 
 func TestRunCertificateExpiresSoon(t *testing.T) {
-	ca := newCA(t)
-	tr := startRelay(t, relayOpts{certs: memCert{issue(t, ca, "relay.test", 5*24*time.Hour)}})
+	tr, ca := startCASignedRelay(t, 5*24*time.Hour)
 	n := tr.node
 	n.HostName, n.CertName = "relay.test", ""
-	r := run(t, check.Target{Node: n, RootCAs: ca.pool, Pings: 3, Expect: check.ExpectOpen})
+	r := run(t, check.Target{Node: n, RootCAs: ca.Pool(), Pings: 3, Expect: check.ExpectOpen})
 	wantOnlyFailure(t, r, check.NameCertificate, "⚠", "expires in under 14 days")
 	// A warning still lets clients in, so the relay is still tested.
 	if rel := result(t, r, check.NameRelay); rel.Mark() != "✓" {
@@ -366,7 +313,7 @@ func TestRunCertificateExpiresSoon(t *testing.T) {
 func TestRunSTUNClosed(t *testing.T) {
 	tr := startRelay(t, relayOpts{noSTUN: true})
 	n := tr.node
-	n.STUNPort = closedUDPPort(t)
+	n.STUNPort = testutil.FreePort(t, "udp")
 	r := run(t, check.Target{Node: n, Pings: 3, Expect: check.ExpectOpen})
 	wantOnlyFailure(t, r, check.NameSTUN, "✗", "no answer")
 }
@@ -383,7 +330,7 @@ func TestRunSTUNOff(t *testing.T) {
 }
 
 func TestRunStopped(t *testing.T) {
-	n := tailcfg.DERPNode{HostName: "127.0.0.1", IPv4: "127.0.0.1", IPv6: "none", DERPPort: closedTCPPort(t), STUNPort: closedUDPPort(t)}
+	n := tailcfg.DERPNode{HostName: "127.0.0.1", IPv4: "127.0.0.1", IPv6: "none", DERPPort: testutil.FreePort(t, "tcp"), STUNPort: testutil.FreePort(t, "udp")}
 	r := run(t, check.Target{Node: n, Pings: 3, Expect: check.ExpectOpen})
 	if r.OK() {
 		t.Fatal("report OK against a stopped relay")
@@ -396,26 +343,6 @@ func TestRunStopped(t *testing.T) {
 			t.Errorf("%s = %+v, want skipped", name, res)
 		}
 	}
-}
-
-// closedTCPPort returns a loopback TCP port nothing listens on.
-func closedTCPPort(t *testing.T) int {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
-}
-
-// closedUDPPort returns a loopback UDP port nothing listens on.
-func closedUDPPort(t *testing.T) int {
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pc.Close()
-	return pc.LocalAddr().(*net.UDPAddr).Port
 }
 
 func TestParseURL(t *testing.T) {
@@ -480,7 +407,7 @@ func TestLocal(t *testing.T) {
 	if !r.OK() || len(r) != 2 {
 		t.Fatalf("Local = %+v", r)
 	}
-	r = check.Local(ctx, check.LocalTarget{HTTPSAddr: net.JoinHostPort("", strconv.Itoa(tr.node.DERPPort)), STUNAddr: net.JoinHostPort("", strconv.Itoa(closedUDPPort(t)))})
+	r = check.Local(ctx, check.LocalTarget{HTTPSAddr: net.JoinHostPort("", strconv.Itoa(tr.node.DERPPort)), STUNAddr: net.JoinHostPort("", strconv.Itoa(testutil.FreePort(t, "udp")))})
 	if r.OK() || r[1].OK {
 		t.Fatalf("Local with STUN closed = %+v", r)
 	}
@@ -549,9 +476,7 @@ func TestLoadRefusesNonLoopback(t *testing.T) {
 }
 
 func TestLoadVerifyingRelay(t *testing.T) {
-	var raw [32]byte
-	rand.Read(raw[:])
-	mk := hex.EncodeToString(raw[:])
+	mk, meshKey := newMeshKey(t)
 	tr := startRelay(t, relayOpts{admit: denyAll{}, meshKey: mk})
 	n := tr.node
 	cfg := check.LoadConfig{
@@ -564,7 +489,7 @@ func TestLoadVerifyingRelay(t *testing.T) {
 	if _, err := check.Load(ctx, cfg); err == nil || !strings.Contains(err.Error(), "-mesh-key-file") {
 		t.Fatalf("Load with fresh keys on a verifying relay = %v, want a refusal naming -mesh-key-file", err)
 	}
-	cfg.MeshKey, _ = key.ParseDERPMesh(mk)
+	cfg.MeshKey = meshKey
 	res, err := check.Load(ctx, cfg)
 	if err != nil {
 		t.Fatal(err)

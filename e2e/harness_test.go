@@ -5,22 +5,18 @@
 package e2e
 
 import (
-	"bytes"
 	"context"
 	"crypto/tls"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strings"
-	"sync"
-	"syscall"
 	"testing"
 	"time"
 
+	"github.com/tailderp/tailderp/internal/testutil"
 	"github.com/tailderp/tailderp/relay"
 )
 
@@ -45,36 +41,11 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-// freePort returns a port on 127.0.0.1 that was free a moment ago, for
-// the relay's listeners: the DERP map handed to the tailnet must name
-// them before tailderp starts.
-func freePort(t *testing.T, network string) int {
-	t.Helper()
-	switch network {
-	case "udp":
-		pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer pc.Close()
-		return pc.LocalAddr().(*net.UDPAddr).Port
-	default:
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer ln.Close()
-		return ln.Addr().(*net.TCPAddr).Port
-	}
-}
-
 // relayProc is a tailderp subprocess.
 type relayProc struct {
 	t         *testing.T
-	cmd       *exec.Cmd
-	out       *syncBuffer // stdout and stderr, interleaved
-	done      chan struct{}
-	exitErr   error
+	cmd       *exec.Cmd         // prepared by newRelay; tests may add to it before start
+	proc      *testutil.Process // the running process, once started
 	HTTPSPort int
 	HTTPPort  int
 	STUNPort  int
@@ -95,12 +66,12 @@ type relayOpts struct {
 // the DERP map before it starts.
 func newRelay(t *testing.T, o relayOpts) *relayProc {
 	t.Helper()
-	p := &relayProc{t: t, HTTPSPort: freePort(t, "tcp"), STUNPort: freePort(t, "udp"), HTTPPort: -1, StateDir: o.stateDir}
+	p := &relayProc{t: t, HTTPSPort: testutil.FreePort(t, "tcp"), STUNPort: testutil.FreePort(t, "udp"), HTTPPort: -1, StateDir: o.stateDir}
 	if p.StateDir == "" {
 		p.StateDir = t.TempDir()
 	}
 	if o.httpPort {
-		p.HTTPPort = freePort(t, "tcp")
+		p.HTTPPort = testutil.FreePort(t, "tcp")
 	}
 	certDir := filepath.Join(p.StateDir, "certs")
 	if _, err := relay.EnsureSelfSignedIPCert(certDir, "127.0.0.1"); err != nil {
@@ -123,68 +94,31 @@ func newRelay(t *testing.T, o relayOpts) *relayProc {
 	p.cmd = exec.Command(binary, append(args, o.args...)...)
 	p.cmd.Env = append(os.Environ(), "TS_NO_LOGS_NO_SUPPORT=true")
 	p.cmd.Env = append(p.cmd.Env, o.env...)
-	p.out = &syncBuffer{}
-	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
 	return p
 }
 
 // start starts the process and waits until the relay serves.
 func (p *relayProc) start() {
-	t := p.t
-	t.Helper()
-	if err := p.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	p.done = make(chan struct{})
-	go func() {
-		p.exitErr = p.cmd.Wait()
-		close(p.done)
-	}()
-	t.Cleanup(func() {
-		p.stop()
-		if t.Failed() || testing.Verbose() {
-			t.Logf("tailderp output:\n%s", p.out.String())
-		}
-	})
+	p.t.Helper()
+	p.proc = testutil.StartProcess(p.t, p.cmd, testutil.ProcessOptions{Name: "tailderp", StopGrace: stopGrace})
 	p.waitLog("relay: serving DERP over HTTPS", 10*time.Second)
 }
 
+// stopGrace bounds the wait for tailderp's exit after SIGTERM.
+const stopGrace = 10 * time.Second
+
 // stop sends SIGTERM and waits (bounded) for the exit.
 func (p *relayProc) stop() error {
-	if p.done == nil {
+	if p.proc == nil {
 		return nil
 	}
-	select {
-	case <-p.done:
-		return p.exitErr
-	default:
-	}
-	p.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-p.done:
-	case <-time.After(10 * time.Second):
-		p.cmd.Process.Kill()
-		<-p.done
-		return fmt.Errorf("tailderp did not exit within 10s of SIGTERM")
-	}
-	return p.exitErr
+	return p.proc.Stop(stopGrace)
 }
 
 // waitLog waits until the output contains s.
 func (p *relayProc) waitLog(s string, d time.Duration) {
 	p.t.Helper()
-	deadline := time.Now().Add(d)
-	for !strings.Contains(p.out.String(), s) {
-		select {
-		case <-p.done:
-			p.t.Fatalf("tailderp exited (%v) before logging %q:\n%s", p.exitErr, s, p.out.String())
-		default:
-		}
-		if time.Now().After(deadline) {
-			p.t.Fatalf("tailderp did not log %q within %v:\n%s", s, d, p.out.String())
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	p.proc.WaitOutput(p.t, s, d)
 }
 
 // waitNodeRunning waits until tailderp's own node is on the tailnet.
@@ -228,22 +162,4 @@ func get(ctx context.Context, t *testing.T, c *http.Client, url string, hdr ...s
 	defer res.Body.Close()
 	b, _ := io.ReadAll(res.Body)
 	return res.StatusCode, string(b)
-}
-
-// syncBuffer is a bytes.Buffer safe for concurrent use.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }

@@ -212,7 +212,7 @@ func TestTailnetThroughTailderp(t *testing.T) {
 		t.Fatal("stranger's connection stayed open: not refused")
 	}
 	p.waitLog("reason="+"not_in_tailnet", 5*time.Second)
-	if !strings.Contains(p.out.String(), stranger.ShortString()) {
+	if !strings.Contains(p.proc.Output.String(), stranger.ShortString()) {
 		t.Errorf("refusal log does not name the stranger's key %s", stranger.ShortString())
 	}
 

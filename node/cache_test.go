@@ -8,13 +8,14 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"tailscale.com/ipn"
 	"tailscale.com/tailcfg"
 	"tailscale.com/types/key"
+
+	"github.com/tailderp/tailderp/internal/testutil"
 )
 
 // liveSet is a key set with a live map of peers.
@@ -159,7 +160,7 @@ func TestNodeStartsFailClosedOnCorruptCache(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Setenv("TS_NO_LOGS_NO_SUPPORT", "true")
-	var logBuf syncWriter
+	var logBuf testutil.Buffer
 	n := &Node{Dir: dir, Hostname: "corrupt-cache-test", ControlURL: "http://127.0.0.1:1", CacheMaxAge: time.Hour,
 		Logger: slog.New(slog.NewTextHandler(&logBuf, nil))}
 	if err := n.Start(); err != nil {
@@ -180,23 +181,4 @@ func TestNodeStartsFailClosedOnCorruptCache(t *testing.T) {
 		t.Errorf("node stopped: %v", err)
 	default:
 	}
-}
-
-// syncWriter is a concurrency-safe log buffer.
-// TODO(merge): use internal/testutil's buffer once it lands.
-type syncWriter struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (w *syncWriter) Write(p []byte) (int, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.buf.Write(p)
-}
-
-func (w *syncWriter) String() string {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.buf.String()
 }

@@ -19,6 +19,8 @@ import (
 	"github.com/jsimonetti/rtnetlink"
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/tailderp/tailderp/internal/testutil"
 )
 
 // The empty root: the image's files in a fresh directory, entered in a
@@ -348,86 +350,23 @@ func (r *emptyRoot) run(t *testing.T, env []string, argv ...string) (int, string
 	return cmd.ProcessState.ExitCode(), string(out)
 }
 
-// proc is a long-running process in the root.
-type proc struct {
-	t    *testing.T
-	cmd  *exec.Cmd
-	out  *syncBuffer
-	done chan struct{}
-	err  error
-}
-
-// start starts argv in the root with exactly env.
-func (r *emptyRoot) start(t *testing.T, env []string, argv ...string) *proc {
+// start starts argv in the root with exactly env; it is stopped as
+// `docker stop` stops a container (stopGrace) when the test ends.
+func (r *emptyRoot) start(t *testing.T, env []string, argv ...string) *testutil.Process {
 	t.Helper()
-	p := &proc{t: t, out: &syncBuffer{}, done: make(chan struct{})}
-	p.cmd = r.command(context.Background(), env, argv...)
-	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
-	if err := p.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() {
-		p.err = p.cmd.Wait()
-		close(p.done)
-	}()
-	t.Cleanup(func() {
-		p.stop()
-		if t.Failed() || testing.Verbose() {
-			t.Logf("%s output:\n%s", argv[0], p.out.String())
-		}
-	})
-	return p
+	return testutil.StartProcess(t, r.command(context.Background(), env, argv...), testutil.ProcessOptions{Name: argv[0], StopGrace: stopGrace})
 }
 
-// stop sends SIGTERM, as `docker stop` does, and waits for the exit.
-func (p *proc) stop() error {
-	select {
-	case <-p.done:
-		return p.err
-	default:
-	}
-	p.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-p.done:
-		return p.err
-	case <-time.After(15 * time.Second):
-		p.cmd.Process.Kill()
-		<-p.done
-		return errors.New("no exit within 15s of SIGTERM")
-	}
-}
+// stopGrace is how long a process in the root gets to exit after
+// SIGTERM, as `docker stop` gives it, before it is killed.
+const stopGrace = 15 * time.Second
 
-// exited reports whether the process has exited.
-func (p *proc) exited() bool {
-	select {
-	case <-p.done:
-		return true
-	default:
-		return false
-	}
-}
-
-// waitLog waits until the output contains s.
-func (p *proc) waitLog(s string, d time.Duration) {
-	p.t.Helper()
-	deadline := time.Now().Add(d)
-	for !strings.Contains(p.out.String(), s) {
-		if p.exited() {
-			p.t.Fatalf("exited (%v) before logging %q:\n%s", p.err, s, p.out.String())
-		}
-		if time.Now().After(deadline) {
-			p.t.Fatalf("did not log %q within %v:\n%s", s, d, p.out.String())
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
-// status returns the fields of /proc/PID/status.
-func (p *proc) status() map[string]string {
-	p.t.Helper()
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", p.cmd.Process.Pid))
+// procStatus returns the fields of /proc/PID/status of p.
+func procStatus(t *testing.T, p *testutil.Process) map[string]string {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", p.Cmd.Process.Pid))
 	if err != nil {
-		p.t.Fatal(err)
+		t.Fatal(err)
 	}
 	m := map[string]string{}
 	for _, line := range strings.Split(string(b), "\n") {
@@ -442,9 +381,9 @@ func (p *proc) status() map[string]string {
 // checkUnprivileged asserts that the process runs as the image's user
 // with no capability at all, as under cap_drop: [ALL] and
 // no-new-privileges.
-func (r *emptyRoot) checkUnprivileged(t *testing.T, p *proc) {
+func (r *emptyRoot) checkUnprivileged(t *testing.T, p *testutil.Process) {
 	t.Helper()
-	st := p.status()
+	st := procStatus(t, p)
 	want := map[string]string{
 		"Uid":        fmt.Sprintf("%d %d %d %d", r.uid, r.uid, r.uid, r.uid),
 		"Gid":        fmt.Sprintf("%d %d %d %d", r.gid, r.gid, r.gid, r.gid),
@@ -458,14 +397,14 @@ func (r *emptyRoot) checkUnprivileged(t *testing.T, p *proc) {
 	}
 	for k, v := range want {
 		if st[k] != v {
-			t.Errorf("/proc/%d/status %s: %q, want %q", p.cmd.Process.Pid, k, st[k], v)
+			t.Errorf("/proc/%d/status %s: %q, want %q", p.Cmd.Process.Pid, k, st[k], v)
 		}
 	}
 }
 
 // awaitHealthy runs the healthcheck until it passes, as Docker does
 // during the start period.
-func (r *emptyRoot) awaitHealthy(t *testing.T, p *proc, env, healthcheck []string, d time.Duration) string {
+func (r *emptyRoot) awaitHealthy(t *testing.T, p *testutil.Process, env, healthcheck []string, d time.Duration) string {
 	t.Helper()
 	deadline := time.Now().Add(d)
 	for {
@@ -473,8 +412,8 @@ func (r *emptyRoot) awaitHealthy(t *testing.T, p *proc, env, healthcheck []strin
 		if code == 0 {
 			return out
 		}
-		if p.exited() {
-			t.Fatalf("server exited (%v); last healthcheck (exit %d):\n%s", p.err, code, out)
+		if p.Exited() {
+			t.Fatalf("server exited (%v); last healthcheck (exit %d):\n%s", p.Err(), code, out)
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("healthcheck %q still failing after %v (exit %d):\n%s", healthcheck, d, code, out)

@@ -4,7 +4,6 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
 	"slices"
@@ -12,9 +11,8 @@ import (
 	"testing"
 	"time"
 
-	"tailscale.com/net/stun"
-
 	"github.com/tailderp/tailderp/internal/testtailnet"
+	"github.com/tailderp/tailderp/internal/testutil"
 )
 
 // TestImageRootDev: in the empty root, as the image's uid with no
@@ -37,7 +35,7 @@ func TestImageRootDev(t *testing.T) {
 	r.checkUnprivileged(t, p)
 	r.checkEnviron(t, p, env)
 
-	if err := p.stop(); err != nil {
+	if err := p.Stop(stopGrace); err != nil {
 		t.Errorf("after SIGTERM: %v", err)
 	}
 	code, out := r.run(t, env, img.healthcheck...)
@@ -82,15 +80,15 @@ func TestImageRootIPOnly(t *testing.T) {
 	if err := ns.stun("127.0.0.1:3478"); err != nil {
 		t.Errorf("STUN on 127.0.0.1:3478: %v", err)
 	}
-	p.waitLog("to=running", 60*time.Second)
-	n := derpNode(t, p.out.String())
+	p.WaitOutput(t, "to=running", 60*time.Second)
+	n := *testutil.DERPMapRegion(t, p.Output.String()).Nodes[0]
 	if n.HostName != "127.0.0.1" || n.IPv4 != "127.0.0.1" || publicDERPPort(n) != 443 || publicSTUNPort(n) != 3478 || !strings.HasPrefix(n.CertName, "sha256-raw:") {
 		t.Errorf("derpMap node %+v: want 127.0.0.1 on 443, STUN 3478, a sha256-raw CertName", n)
 	}
 	if got := ctl.Server.NumNodes(); got != 1 {
 		t.Errorf("control has %d nodes, want 1", got)
 	}
-	if err := p.stop(); err != nil {
+	if err := p.Stop(stopGrace); err != nil {
 		t.Errorf("after SIGTERM: %v", err)
 	}
 	if code, out := r.run(t, env, img.healthcheck...); code == 0 {
@@ -133,8 +131,8 @@ func TestImageRootIPOnly(t *testing.T) {
 	env2 := slices.DeleteFunc(slices.Clone(env), func(kv string) bool { return strings.HasPrefix(kv, "TAILSCALE_AUTH_KEY=") })
 	p2 := r.start(t, env2, img.entrypoint...)
 	r.awaitHealthy(t, p2, env2, img.healthcheck, 30*time.Second)
-	p2.waitLog("to=running", 60*time.Second)
-	if n2 := derpNode(t, p2.out.String()); n2.CertName != n.CertName {
+	p2.WaitOutput(t, "to=running", 60*time.Second)
+	if n2 := *testutil.DERPMapRegion(t, p2.Output.String()).Nodes[0]; n2.CertName != n.CertName {
 		t.Errorf("CertName changed across a restart (%s → %s): the pin in the tailnet policy would break", n.CertName, n2.CertName)
 	}
 	if got := ctl.Server.NumNodes(); got != 1 {
@@ -157,7 +155,7 @@ func TestSeedsStart(t *testing.T) {
 		env = append(env, "TAILSCALE_CONTROL_URL="+ctl.URL)
 		before := ctl.Server.NumNodes()
 		p := r.start(t, env, img.entrypoint...)
-		p.waitLog("relay: serving DERP over HTTPS", 30*time.Second)
+		p.WaitOutput(t, "relay: serving DERP over HTTPS", 30*time.Second)
 		r.checkUnprivileged(t, p)
 		start := logLine(t, p, "tailderp starting")
 		for _, want := range []string{"hostname=derp.example.com", "certmode=letsencrypt", "addr=:443", "verify_clients=true", "auth_key=set"} {
@@ -176,12 +174,12 @@ func TestSeedsStart(t *testing.T) {
 		// TAILSCALE_AUTH_KEY logged the node in: control has one more node.
 		deadline := time.Now().Add(30 * time.Second)
 		for ctl.Server.NumNodes() == before {
-			if time.Now().After(deadline) || p.exited() {
-				t.Fatalf("the node did not register with TAILSCALE_AUTH_KEY:\n%s", p.out.String())
+			if time.Now().After(deadline) || p.Exited() {
+				t.Fatalf("the node did not register with TAILSCALE_AUTH_KEY:\n%s", p.Output.String())
 			}
 			time.Sleep(50 * time.Millisecond)
 		}
-		if err := p.stop(); err != nil {
+		if err := p.Stop(stopGrace); err != nil {
 			t.Errorf("after SIGTERM: %v", err)
 		}
 
@@ -192,8 +190,8 @@ func TestSeedsStart(t *testing.T) {
 		})
 		open = append(open, "TAILSCALE_DERP_VERIFY_CLIENTS=false")
 		p = r.start(t, open, img.entrypoint...)
-		p.waitLog("client verification is off", 30*time.Second)
-		if err := p.stop(); err != nil {
+		p.WaitOutput(t, "client verification is off", 30*time.Second)
+		if err := p.Stop(stopGrace); err != nil {
 			t.Errorf("after SIGTERM: %v", err)
 		}
 	})
@@ -213,18 +211,18 @@ func TestSeedsStart(t *testing.T) {
 		p := r.start(t, env, img.entrypoint...)
 		r.awaitHealthy(t, p, env, img.healthcheck, 30*time.Second)
 		r.checkUnprivileged(t, p)
-		p.waitLog("to=running", 60*time.Second)
+		p.WaitOutput(t, "to=running", 60*time.Second)
 		start := logLine(t, p, "tailderp starting")
 		for _, want := range []string{"certmode=manual", "addr=:443", "verify_clients=true"} {
 			if !strings.Contains(start, want) {
 				t.Errorf("start line lacks %s: %s", want, start)
 			}
 		}
-		n := derpNode(t, p.out.String())
+		n := *testutil.DERPMapRegion(t, p.Output.String()).Nodes[0]
 		if publicDERPPort(n) != 443 || publicSTUNPort(n) != 3478 || n.CertName == "" {
 			t.Errorf("derpMap node %+v: want 443, STUN 3478, a CertName", n)
 		}
-		if err := p.stop(); err != nil {
+		if err := p.Stop(stopGrace); err != nil {
 			t.Errorf("after SIGTERM: %v", err)
 		}
 	})
@@ -242,21 +240,21 @@ func newControl(t *testing.T, ns *netns) *testtailnet.Control {
 }
 
 // logLine returns the first output line containing s.
-func logLine(t *testing.T, p *proc, s string) string {
+func logLine(t *testing.T, p *testutil.Process, s string) string {
 	t.Helper()
-	for _, line := range strings.Split(p.out.String(), "\n") {
+	for _, line := range strings.Split(p.Output.String(), "\n") {
 		if strings.Contains(line, s) {
 			return line
 		}
 	}
-	t.Fatalf("no line with %q in:\n%s", s, p.out.String())
+	t.Fatalf("no line with %q in:\n%s", s, p.Output.String())
 	return ""
 }
 
 // checkEnviron asserts that the process got exactly env.
-func (r *emptyRoot) checkEnviron(t *testing.T, p *proc, env []string) {
+func (r *emptyRoot) checkEnviron(t *testing.T, p *testutil.Process, env []string) {
 	t.Helper()
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", p.cmd.Process.Pid))
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", p.Cmd.Process.Pid))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -272,27 +270,6 @@ func (r *emptyRoot) checkEnviron(t *testing.T, p *proc, env []string) {
 // stun sends a STUN binding request to addr in the namespace.
 func (n *netns) stun(addr string) error {
 	var err error
-	n.do(func() {
-		var c net.Conn
-		c, err = net.Dial("udp4", addr)
-		if err != nil {
-			return
-		}
-		defer c.Close()
-		c.SetDeadline(time.Now().Add(2 * time.Second))
-		tx := stun.NewTxID()
-		if _, err = c.Write(stun.Request(tx)); err != nil {
-			return
-		}
-		buf := make([]byte, 1500)
-		var k int
-		if k, err = c.Read(buf); err != nil {
-			return
-		}
-		var got stun.TxID
-		if got, _, err = stun.ParseResponse(buf[:k]); err == nil && got != tx {
-			err = fmt.Errorf("answer for another transaction")
-		}
-	})
+	n.do(func() { _, _, err = testutil.STUNBinding("udp4", "", addr, 2*time.Second) })
 	return err
 }

@@ -319,41 +319,6 @@ func runBinary(t *testing.T, env []string, args ...string) (int, string, string)
 	return cmd.ProcessState.ExitCode(), stdout.String(), stderr.String()
 }
 
-// derpNode extracts the single node of the derpMap snippet tailderp
-// prints (at start, and with `tailderp derpmap`).
-func derpNode(t *testing.T, out string) tailcfg.DERPNode {
-	t.Helper()
-	// The server prints the snippet between banner lines in its log;
-	// `tailderp derpmap` prints nothing but the JSON.
-	const begin = "--- derpMap for your tailnet policy file"
-	rest, j := out, len(out)
-	if i := strings.Index(out, begin); i >= 0 {
-		rest = out[i:]
-		rest = rest[strings.Index(rest, "\n")+1:]
-		if j = strings.Index(rest, "\n---"); j < 0 {
-			t.Fatalf("derpMap snippet not terminated in:\n%s", out)
-		}
-	}
-	var p struct {
-		DERPMap struct {
-			Regions map[string]struct {
-				Nodes []tailcfg.DERPNode
-			}
-		} `json:"derpMap"`
-	}
-	if err := json.Unmarshal([]byte(rest[:j]), &p); err != nil {
-		t.Fatalf("derpMap snippet: %v\n%s", err, rest[:j])
-	}
-	var nodes []tailcfg.DERPNode
-	for _, r := range p.DERPMap.Regions {
-		nodes = append(nodes, r.Nodes...)
-	}
-	if len(nodes) != 1 {
-		t.Fatalf("derpMap snippet has %d nodes, want 1:\n%s", len(nodes), rest[:j])
-	}
-	return nodes[0]
-}
-
 // publicDERPPort is the HTTPS port a derpMap node advertises.
 func publicDERPPort(n tailcfg.DERPNode) int {
 	if n.DERPPort == 0 {
@@ -368,24 +333,6 @@ func publicSTUNPort(n tailcfg.DERPNode) int {
 		return 3478
 	}
 	return n.STUNPort
-}
-
-// syncBuffer is a bytes.Buffer safe for a process's output and a reader.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
 }
 
 // sortedKeys returns a map's keys in order, for messages.

@@ -4,6 +4,8 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/tailderp/tailderp/internal/testutil"
 )
 
 // The seeds: environment files users of the popular derper images already
@@ -63,7 +65,7 @@ func TestSeedNames(t *testing.T) {
 		if code != 0 {
 			t.Fatalf("tailderp derpmap with tijjjy's .env: exit %d\n%s", code, stderr)
 		}
-		n := derpNode(t, stdout)
+		n := *testutil.DERPMapRegion(t, stdout).Nodes[0]
 		if n.HostName != "derp.example.com" || publicDERPPort(n) != 443 || publicSTUNPort(n) != 3478 || n.CertName != "" {
 			t.Errorf("derpMap node %+v: want derp.example.com on 443, STUN 3478, a CA certificate (no pin)", n)
 		}
@@ -83,7 +85,7 @@ func TestSeedNames(t *testing.T) {
 		if code != 0 {
 			t.Fatalf("tailderp derpmap with camllia's env: exit %d\n%s", code, stderr)
 		}
-		n := derpNode(t, stdout)
+		n := *testutil.DERPMapRegion(t, stdout).Nodes[0]
 		if n.HostName != "derp.example.com" || publicDERPPort(n) != 443 || publicSTUNPort(n) != 3478 {
 			t.Errorf("derpMap node %+v: want derp.example.com on 443, STUN 3478", n)
 		}
@@ -94,7 +96,7 @@ func TestSeedNames(t *testing.T) {
 		if code != 0 {
 			t.Fatalf("tailderp derpmap: exit %d\n%s", code, stderr)
 		}
-		if n := derpNode(t, stdout); publicDERPPort(n) != 8443 || publicSTUNPort(n) != 3479 {
+		if n := *testutil.DERPMapRegion(t, stdout).Nodes[0]; publicDERPPort(n) != 8443 || publicSTUNPort(n) != 3479 {
 			t.Errorf("ADDR=:8443 STUN_PORT=3479: derpMap node %+v, want DERPPort 8443, STUNPort 3479", n)
 		}
 		code, _, stderr = runBinary(t, []string{"CERTMODE=bogus", "TAILSCALE_DERP_HOSTNAME=derp.example.com", "VERIFY_CLIENTS=false"}, "derpmap")

@@ -1,7 +1,6 @@
 package relay_test
 
 import (
-	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -18,6 +17,7 @@ import (
 	"tailscale.com/types/key"
 
 	"github.com/tailderp/tailderp/internal/testacme"
+	"github.com/tailderp/tailderp/internal/testutil"
 	"github.com/tailderp/tailderp/relay"
 )
 
@@ -171,7 +171,7 @@ func TestACMEUnreachableCA(t *testing.T) {
 		if ctx.Err() != nil {
 			t.Fatalf("handshake failed only when the context ended (%v)", took)
 		}
-		if !r.log.waitFor(t, "ACME certificate not available", 5*time.Second) {
+		if !r.log.WaitFor("ACME certificate not available", 5*time.Second) {
 			t.Fatalf("relay logged no ACME failure:\n%s", r.log)
 		}
 		if s := r.log.String(); !strings.Contains(s, caAddr) || !strings.Contains(s, acmeTestHost) {
@@ -246,7 +246,7 @@ func TestACMEUnreachableCA(t *testing.T) {
 			t.Errorf("handshake returned %v after its %v context", took-clientWait, clientWait)
 		}
 		silence() // the CA connection dies: the relay's ACME attempt fails
-		if !r.log.waitFor(t, "ACME certificate not available", 15*time.Second) {
+		if !r.log.WaitFor("ACME certificate not available", 15*time.Second) {
 			t.Fatalf("relay logged no ACME failure:\n%s", r.log)
 		}
 	})
@@ -256,7 +256,7 @@ func TestACMEUnreachableCA(t *testing.T) {
 type acmeRelay struct {
 	srv   *relay.Server
 	certs *relay.ACMECerts
-	log   *acmeLog
+	log   *testutil.Buffer // its log
 }
 
 // acmeConfig is the ACME configuration pointing the relay at ca.
@@ -270,7 +270,7 @@ func acmeConfig(ca *testacme.CA) relay.ACMEConfig {
 // closed at the end of the test.
 func startACMERelay(t *testing.T, cfg relay.ACMEConfig, httpPort int) *acmeRelay {
 	t.Helper()
-	r := &acmeRelay{log: new(acmeLog)}
+	r := &acmeRelay{log: new(testutil.Buffer)}
 	logger := slog.New(slog.NewTextHandler(r.log, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	cfg.Hostname = acmeTestHost
 	cfg.CacheDir = t.TempDir()
@@ -423,35 +423,4 @@ func checkCurrent(t *testing.T, certs *relay.ACMECerts, leaf *x509.Certificate) 
 	if !info.NotAfter.Equal(leaf.NotAfter) || info.CertName != relay.CertName(leaf.Raw) {
 		t.Errorf("Current = %+v, want NotAfter %v, CertName %s", info, leaf.NotAfter, relay.CertName(leaf.Raw))
 	}
-}
-
-// acmeLog collects a relay's log for a test; safe for concurrent use.
-type acmeLog struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (l *acmeLog) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.Write(p)
-}
-
-func (l *acmeLog) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.String()
-}
-
-// waitFor reports whether the log contains s within timeout.
-func (l *acmeLog) waitFor(t *testing.T, s string, timeout time.Duration) bool {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !strings.Contains(l.String(), s) {
-		if time.Now().After(deadline) {
-			return false
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	return true
 }

@@ -3,15 +3,9 @@ package relay_test
 import (
 	"bytes"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"log/slog"
-	"math/big"
 	"net"
 	"os"
 	"path/filepath"
@@ -25,56 +19,18 @@ import (
 	"tailscale.com/types/key"
 	"tailscale.com/types/logger"
 
+	"github.com/tailderp/tailderp/internal/testutil"
 	"github.com/tailderp/tailderp/relay"
 )
 
 const testHost = "derp.test.example"
 
-// pair is a certificate and its key, as an operator's tooling leaves them.
-type pair struct {
-	certPEM, keyPEM []byte
-	cert            *x509.Certificate
-}
-
 // newPair makes a self-signed certificate for names (DNS names or IPs)
 // with the test's own code, so the relay's generator is not under test
 // here.
-func newPair(t *testing.T, names ...string) pair {
+func newPair(t *testing.T, names ...string) *testutil.Cert {
 	t.Helper()
-	priv, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	serial, _ := rand.Int(rand.Reader, big.NewInt(1<<62))
-	tmpl := &x509.Certificate{
-		SerialNumber: serial,
-		Subject:      pkix.Name{CommonName: names[0]},
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(24 * time.Hour),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-	}
-	for _, n := range names {
-		if ip := net.ParseIP(n); ip != nil {
-			tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
-		} else {
-			tmpl.DNSNames = append(tmpl.DNSNames, n)
-		}
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &priv.PublicKey, priv)
-	if err != nil {
-		t.Fatal(err)
-	}
-	keyDER, err := x509.MarshalPKCS8PrivateKey(priv)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, _ := x509.ParseCertificate(der)
-	return pair{
-		certPEM: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
-		keyPEM:  pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}),
-		cert:    cert,
-	}
+	return testutil.NewCert(t, testutil.CertOptions{Names: names})
 }
 
 // fileClock hands out strictly increasing modification times. File
@@ -110,11 +66,11 @@ func (c *fileClock) replace(t *testing.T, path string, data []byte) {
 }
 
 // writePair puts p where manual mode looks for hostname's files in dir.
-func (c *fileClock) writePair(t *testing.T, dir, hostname string, p pair) {
+func (c *fileClock) writePair(t *testing.T, dir, hostname string, p *testutil.Cert) {
 	t.Helper()
 	crt, key := relay.CertPaths(dir, hostname)
-	c.replace(t, crt, p.certPEM)
-	c.replace(t, key, p.keyPEM)
+	c.replace(t, crt, p.CertPEM)
+	c.replace(t, key, p.KeyPEM)
 }
 
 // logRecorder is a slog handler keeping every record.
@@ -211,19 +167,19 @@ func TestManualCertsReloadWhileServing(t *testing.T) {
 	}
 	s := startRelay(t, certs)
 	addr := s.LocalAddr().String()
-	mustPresent(t, addr, first.cert, "at start")
+	mustPresent(t, addr, first.Cert, "at start")
 
 	// A renewal: both files replaced. The next handshake has it.
 	clock.writePair(t, dir, testHost, second)
-	mustPresent(t, addr, second.cert, "after replacing both files")
-	if got, want := mustCurrent(t, certs).CertName, relay.CertName(second.cert.Raw); got != want {
+	mustPresent(t, addr, second.Cert, "after replacing both files")
+	if got, want := mustCurrent(t, certs).CertName, relay.CertName(second.Cert.Raw); got != want {
 		t.Errorf("Current().CertName = %s, want %s", got, want)
 	}
 	if logs.count(slog.LevelInfo, "reloaded") != 1 {
 		t.Errorf("want one info line about the reload, got %d", logs.count(slog.LevelInfo, "reloaded"))
 	}
 	// A real client that trusts only the new certificate connects.
-	early := watch(clientVia(t, testHost, s.LocalAddr(), second.cert))
+	early := watch(clientVia(t, testHost, s.LocalAddr(), second.Cert))
 	early.mustBeAdmitted(t)
 
 	// Broken replacements keep the last good certificate, with one
@@ -232,15 +188,15 @@ func TestManualCertsReloadWhileServing(t *testing.T) {
 		name     string
 		crt, key []byte
 	}{
-		{"garbage certificate", []byte("-----BEGIN CERTIFICATE-----\nnot base64 at all\n"), second.keyPEM},
-		{"key of another certificate", third.certPEM, second.keyPEM},
-		{"empty key file", second.certPEM, nil},
+		{"garbage certificate", []byte("-----BEGIN CERTIFICATE-----\nnot base64 at all\n"), second.KeyPEM},
+		{"key of another certificate", third.CertPEM, second.KeyPEM},
+		{"empty key file", second.CertPEM, nil},
 	}
 	for i, b := range broken {
 		clock.replace(t, crtPath, b.crt)
 		clock.replace(t, keyPath, b.key)
 		for range 3 {
-			mustPresent(t, addr, second.cert, b.name)
+			mustPresent(t, addr, second.Cert, b.name)
 		}
 		if got := logs.count(slog.LevelWarn, "still serving the previous certificate"); got != i+1 {
 			t.Errorf("%s: %d warnings so far, want %d (one per broken version)", b.name, got, i+1)
@@ -249,10 +205,10 @@ func TestManualCertsReloadWhileServing(t *testing.T) {
 
 	// Fixed: the next handshake has the new pair.
 	clock.writePair(t, dir, testHost, third)
-	mustPresent(t, addr, third.cert, "after fixing the files")
+	mustPresent(t, addr, third.Cert, "after fixing the files")
 	// A new client trusting only the third certificate connects, and the
 	// one connected before all of this is still connected.
-	watch(clientVia(t, testHost, s.LocalAddr(), third.cert)).mustBeAdmitted(t)
+	watch(clientVia(t, testHost, s.LocalAddr(), third.Cert)).mustBeAdmitted(t)
 	select {
 	case err := <-early.err:
 		t.Errorf("client connected before the replacements was cut off: %v", err)
@@ -269,21 +225,28 @@ func mustCurrent(t *testing.T, certs *relay.ManualCerts) relay.CertInfo {
 	return info
 }
 
-func TestManualCertsVanishedFilesKeepServing(t *testing.T) {
-	// Mid-renewal a tool may delete before it writes: keep serving.
+// serveManualPair puts p where manual mode looks for hostname's files in
+// a new directory, and starts a relay serving them (LoadManualCerts). It
+// returns the relay and the directory.
+func serveManualPair(t *testing.T, hostname string, p *testutil.Cert) (*relay.Server, string) {
+	t.Helper()
 	dir := t.TempDir()
-	clock := newFileClock()
-	p := newPair(t, testHost)
-	clock.writePair(t, dir, testHost, p)
-	certs, err := relay.LoadManualCerts(dir, testHost, nil)
+	newFileClock().writePair(t, dir, hostname, p)
+	certs, err := relay.LoadManualCerts(dir, hostname, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := startRelay(t, certs)
+	return startRelay(t, certs), dir
+}
+
+func TestManualCertsVanishedFilesKeepServing(t *testing.T) {
+	// Mid-renewal a tool may delete before it writes: keep serving.
+	p := newPair(t, testHost)
+	s, dir := serveManualPair(t, testHost, p)
 	crt, key := relay.CertPaths(dir, testHost)
 	os.Remove(crt)
 	os.Remove(key)
-	mustPresent(t, s.LocalAddr().String(), p.cert, "with the files gone")
+	mustPresent(t, s.LocalAddr().String(), p.Cert, "with the files gone")
 }
 
 func TestLoadManualCertsErrors(t *testing.T) {
@@ -297,19 +260,19 @@ func TestLoadManualCertsErrors(t *testing.T) {
 		// the two paths.
 		want []string
 	}{
-		{"mismatched certificate and key", testHost, a.certPEM, b.keyPEM,
+		{"mismatched certificate and key", testHost, a.CertPEM, b.KeyPEM,
 			[]string{"$crt", "$key", "private key does not match"}},
-		{"certificate for another name", testHost, other.certPEM, other.keyPEM,
+		{"certificate for another name", testHost, other.CertPEM, other.KeyPEM,
 			[]string{testHost, "$crt", "not valid for"}},
-		{"certificate without the IP", "192.0.2.10", a.certPEM, a.keyPEM,
+		{"certificate without the IP", "192.0.2.10", a.CertPEM, a.KeyPEM,
 			[]string{"192.0.2.10", "not valid for"}},
 		{"no files", testHost, nil, nil,
 			[]string{"$crt", "no such file"}},
-		{"no key file", testHost, a.certPEM, nil,
+		{"no key file", testHost, a.CertPEM, nil,
 			[]string{"$key", "no such file"}},
-		{"no certificate file", testHost, nil, a.keyPEM,
+		{"no certificate file", testHost, nil, a.KeyPEM,
 			[]string{"$crt", "no such file"}},
-		{"garbage certificate", testHost, []byte("hello"), a.keyPEM,
+		{"garbage certificate", testHost, []byte("hello"), a.KeyPEM,
 			[]string{"$crt"}},
 	}
 	for _, tt := range tests {
@@ -360,14 +323,8 @@ func TestCertPathsMatchDerper(t *testing.T) {
 }
 
 func TestManualCertsSNI(t *testing.T) {
-	dir := t.TempDir()
 	p := newPair(t, testHost)
-	newFileClock().writePair(t, dir, testHost, p)
-	certs, err := relay.LoadManualCerts(dir, testHost, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := startRelay(t, certs)
+	s, _ := serveManualPair(t, testHost, p)
 	tests := []struct {
 		sni    string
 		served bool
@@ -389,7 +346,7 @@ func TestManualCertsSNI(t *testing.T) {
 			switch {
 			case tt.served && err != nil:
 				t.Errorf("handshake refused: %v", err)
-			case tt.served && !bytes.Equal(leaf.Raw, p.cert.Raw):
+			case tt.served && !bytes.Equal(leaf.Raw, p.Cert.Raw):
 				t.Errorf("served another certificate: %v", leaf.Subject)
 			case !tt.served && err == nil:
 				t.Errorf("served %v, want the handshake refused", leaf.Subject)
@@ -403,14 +360,7 @@ func TestManualCertsHostnameCase(t *testing.T) {
 	// loads: certificate name checks ignore case. Clients then send the name
 	// in whatever case their derpMap has, usually lower: they must be served.
 	const typed = "DERP.Test.Example"
-	dir := t.TempDir()
-	p := newPair(t, testHost)
-	newFileClock().writePair(t, dir, typed, p)
-	certs, err := relay.LoadManualCerts(dir, typed, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := startRelay(t, certs)
+	s, _ := serveManualPair(t, typed, newPair(t, testHost))
 	for _, sni := range []string{testHost, typed} {
 		if _, err := presented(t, s.LocalAddr().String(), sni); err != nil {
 			t.Errorf("-hostname %s, SNI %s: handshake refused: %v", typed, sni, err)

@@ -8,6 +8,8 @@ import (
 	"time"
 
 	tsstun "tailscale.com/net/stun"
+
+	"github.com/tailderp/tailderp/internal/testutil"
 )
 
 // startServer starts a STUN server on addr and stops it when the test ends.
@@ -26,37 +28,11 @@ func startServer(t *testing.T, addr string) *Server {
 // response and the client socket's own address.
 func bindingRequest(t *testing.T, network, clientAddr string, dst net.Addr) (mapped, local netip.AddrPort) {
 	t.Helper()
-	pc, err := net.ListenPacket(network, clientAddr)
+	mapped, local, err := testutil.STUNBinding(network, clientAddr, dst.String(), 5*time.Second)
 	if err != nil {
-		t.Fatalf("client ListenPacket(%s, %s): %v", network, clientAddr, err)
+		t.Fatal(err)
 	}
-	defer pc.Close()
-	local = pc.LocalAddr().(*net.UDPAddr).AddrPort()
-
-	tx := tsstun.NewTxID()
-	if _, err := pc.WriteTo(tsstun.Request(tx), dst); err != nil {
-		t.Fatalf("send binding request: %v", err)
-	}
-	pc.SetReadDeadline(time.Now().Add(5 * time.Second))
-	buf := make([]byte, 1500)
-	for {
-		n, from, err := pc.ReadFrom(buf)
-		if err != nil {
-			t.Fatalf("no STUN response from %v: %v", dst, err)
-		}
-		if !tsstun.Is(buf[:n]) {
-			t.Logf("ignoring non-STUN packet from %v", from)
-			continue
-		}
-		gotTx, addr, err := tsstun.ParseResponse(buf[:n])
-		if err != nil {
-			t.Fatalf("ParseResponse: %v", err)
-		}
-		if gotTx != tx {
-			t.Fatalf("response transaction ID %x, want %x", gotTx, tx)
-		}
-		return addr, local
-	}
+	return mapped, local
 }
 
 // serverAddrFor returns where a client on loopback of the given family

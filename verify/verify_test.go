@@ -1,7 +1,6 @@
 package verify
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"log/slog"
@@ -15,6 +14,8 @@ import (
 
 	"tailscale.com/tailcfg"
 	"tailscale.com/types/key"
+
+	"github.com/tailderp/tailderp/internal/testutil"
 )
 
 // members is a KeyChecker over a fixed set, standing in for a tailnet.
@@ -129,9 +130,8 @@ func TestURLNotAskedForStrangers(t *testing.T) {
 }
 
 func TestRefusalLogIsRateLimitedAndNamesKeyAndSource(t *testing.T) {
-	var buf bytes.Buffer
-	var mu sync.Mutex
-	logger := slog.New(slog.NewTextHandler(&lockedWriter{w: &buf, mu: &mu}, nil))
+	var buf testutil.Buffer
+	logger := slog.New(slog.NewTextHandler(&buf, nil))
 	v := &Verifier{Tailnets: one(&members{keys: map[key.NodePublic]bool{}}), Logger: logger}
 	k := key.NewNode().Public()
 	const n = 1000
@@ -144,9 +144,7 @@ func TestRefusalLogIsRateLimitedAndNamesKeyAndSource(t *testing.T) {
 		})
 	}
 	wg.Wait()
-	mu.Lock()
 	out := buf.String()
-	mu.Unlock()
 	refusals := strings.Count(out, "client refused")
 	if refusals == 0 || refusals > 20 {
 		t.Fatalf("%d refusal lines for %d refusals; want between 1 and 20:\n%s", refusals, n, out)
@@ -163,17 +161,6 @@ func TestRefusalLogIsRateLimitedAndNamesKeyAndSource(t *testing.T) {
 	if !strings.Contains(out, "sees almost no peers") {
 		t.Errorf("no hint about a suspiciously small netmap:\n%s", out)
 	}
-}
-
-type lockedWriter struct {
-	w  *bytes.Buffer
-	mu *sync.Mutex
-}
-
-func (l *lockedWriter) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.w.Write(p)
 }
 
 func TestRecentAdmissions(t *testing.T) {
@@ -272,7 +259,7 @@ func TestSeveralTailnets(t *testing.T) {
 func TestRevoke(t *testing.T) {
 	gone, moved, stays := key.NewNode().Public(), key.NewNode().Public(), key.NewNode().Public()
 	conns := newConnSet(gone, gone, moved, stays)
-	var logBuf bytes.Buffer
+	var logBuf testutil.Buffer
 	tn1 := &members{keys: map[key.NodePublic]bool{stays: true}}
 	tn2 := &members{keys: map[key.NodePublic]bool{moved: true}}
 	v := &Verifier{Tailnets: []Tailnet{{Name: "one", Keys: tn1}, {Name: "two", Keys: tn2}}, Conns: conns,

@@ -60,7 +60,6 @@
 package testacme
 
 import (
-	"bytes"
 	"context"
 	"crypto/x509"
 	"encoding/hex"
@@ -82,6 +81,8 @@ import (
 	"github.com/letsencrypt/pebble/v2/db"
 	"github.com/letsencrypt/pebble/v2/va"
 	"github.com/letsencrypt/pebble/v2/wfe"
+
+	"github.com/tailderp/tailderp/internal/testutil"
 )
 
 // Challenge types, as ACME names them.
@@ -144,7 +145,7 @@ type CA struct {
 	dns      *dnsServer
 	http01   *httpGateway
 	tlsALPN  *tcpGateway
-	logBuf   *lockedBuffer
+	logBuf   *testutil.Buffer
 	closeOne sync.Once
 }
 
@@ -197,7 +198,7 @@ func Start(t testing.TB, opts Options) *CA {
 }
 
 func start(opts Options) (_ *CA, err error) {
-	c := &CA{logBuf: new(lockedBuffer)}
+	c := &CA{logBuf: new(testutil.Buffer)}
 	defer func() {
 		if err != nil {
 			c.Close()
@@ -359,22 +360,4 @@ func (c *CA) Close() {
 			c.dns.close()
 		}
 	})
-}
-
-// lockedBuffer is a bytes.Buffer safe for concurrent writes and reads.
-type lockedBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }

@@ -1,0 +1,71 @@
+package testutil
+
+import (
+	"bytes"
+	"regexp"
+	"strings"
+	"sync"
+	"time"
+)
+
+// pollInterval is how often the Wait methods look at a Buffer again.
+const pollInterval = 20 * time.Millisecond
+
+// Buffer is a bytes.Buffer safe for concurrent use: a logger, a program
+// under test or a child process writes to it from its own goroutines while
+// the test reads it. The zero value is an empty buffer.
+type Buffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+// Write appends p.
+func (b *Buffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.Write(p)
+}
+
+// String returns everything written so far.
+func (b *Buffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.String()
+}
+
+// WaitFor reports whether the buffer holds s within timeout.
+func (b *Buffer) WaitFor(s string, timeout time.Duration) bool {
+	return b.wait(timeout, nil, func(out string) bool { return strings.Contains(out, s) })
+}
+
+// WaitMatch waits until re matches what the buffer holds and returns the
+// match and its submatches (as [regexp.Regexp.FindStringSubmatch]). It
+// returns nil if timeout passes first, or once stop is closed (nil: never)
+// and the buffer still does not match: stop says the writer is gone, so
+// the buffer holds all it ever will.
+func (b *Buffer) WaitMatch(re *regexp.Regexp, timeout time.Duration, stop <-chan struct{}) []string {
+	var m []string
+	b.wait(timeout, stop, func(out string) bool {
+		m = re.FindStringSubmatch(out)
+		return m != nil
+	})
+	return m
+}
+
+// wait polls the buffer until ok accepts its contents (true), timeout
+// passes or stop is closed (false, unless ok accepts what the buffer holds
+// then).
+func (b *Buffer) wait(timeout time.Duration, stop <-chan struct{}, ok func(string) bool) bool {
+	deadline := time.Now().Add(timeout)
+	for !ok(b.String()) {
+		if time.Now().After(deadline) {
+			return false
+		}
+		select {
+		case <-stop:
+			return ok(b.String())
+		case <-time.After(pollInterval):
+		}
+	}
+	return true
+}
