@@ -110,7 +110,18 @@ type Options struct {
 	// golang.org/x/crypto/acme/autocert before x/crypto v0.58.0
 	// (golang/go#77704), whose CreateOrderCert then polls the order URL "".
 	FinalizeLocation bool
+
+	// ShortlivedValidity, if non-zero, adds a second profile named
+	// "shortlived" (Let's Encrypt's name for its ~6-day profile, the one
+	// it issues IP address certificates under) whose certificates live
+	// this long, in whole seconds. Pebble gives an order that names no
+	// profile a random one of those it has, so a client that wants a
+	// lifetime names the profile.
+	ShortlivedValidity time.Duration
 }
+
+// ShortlivedProfile is the name of the profile ShortlivedValidity adds.
+const ShortlivedProfile = "shortlived"
 
 // CA is a running Pebble CA with its DNS server and validation gateways.
 // Its fields are read-only.
@@ -146,6 +157,9 @@ type CA struct {
 	tlsALPN  *tcpGateway
 	logBuf   *lockedBuffer
 	closeOne sync.Once
+
+	ordersMu sync.Mutex
+	orders   []time.Time // when each new-order request arrived
 }
 
 // envMu serializes the environment changes around Pebble's constructors,
@@ -221,18 +235,26 @@ func start(opts Options) (_ *CA, err error) {
 		ValidityPeriod:    uint64(opts.ValidityPeriod / time.Second),
 		PromoteCommonName: opts.PromoteCommonName,
 	}
+	profiles := map[string]pebbleca.Profile{"default": profile}
+	if opts.ShortlivedValidity > 0 {
+		profiles[ShortlivedProfile] = pebbleca.Profile{
+			Description:       "testacme short-lived profile",
+			ValidityPeriod:    uint64(opts.ShortlivedValidity / time.Second),
+			PromoteCommonName: opts.PromoteCommonName,
+		}
+	}
 	c.db = db.NewMemoryStore()
 	var handler *wfe.WebFrontEndImpl
 	var ca *pebbleca.CAImpl
 	withPebbleEnv(func() {
 		// ECDSA keys are generated much faster than RSA ones, under -race too.
-		ca = pebbleca.New(logger, c.db, "", "ecdsa", 0, 1, map[string]pebbleca.Profile{"default": profile})
+		ca = pebbleca.New(logger, c.db, "", "ecdsa", 0, 1, profiles)
 		v := va.New(logger, c.http01.port(), c.tlsALPN.port(), false, c.DNSAddr, c.db)
 		w := wfe.New(logger, c.db, v, ca, []string{"pebble.letsencrypt.org"}, false, false, 0, 0)
 		handler = &w
 	})
 
-	api := handler.Handler()
+	api := c.countOrders(handler.Handler())
 	if opts.FinalizeLocation {
 		api = addFinalizeLocation(api)
 	}
@@ -266,6 +288,31 @@ func addFinalizeLocation(next http.Handler) http.Handler {
 		}
 		next.ServeHTTP(w, r)
 	})
+}
+
+// newOrderPath is where Pebble takes new orders (wfe's newOrderPath).
+const newOrderPath = "/order-plz"
+
+// countOrders notes the time of every new-order request before passing it
+// on to Pebble, whether or not Pebble then accepts the order.
+func (c *CA) countOrders(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == newOrderPath && r.Method == http.MethodPost {
+			c.ordersMu.Lock()
+			c.orders = append(c.orders, time.Now())
+			c.ordersMu.Unlock()
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// Orders returns when each new-order request reached the CA, oldest
+// first: what a client asked of the CA, whatever came of it. A test of a
+// client's backoff counts them.
+func (c *CA) Orders() []time.Time {
+	c.ordersMu.Lock()
+	defer c.ordersMu.Unlock()
+	return slices.Clone(c.orders)
 }
 
 // SetHTTP01Target makes Pebble's HTTP-01 validations reach addr
