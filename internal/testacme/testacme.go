@@ -55,6 +55,13 @@
 //	// A TLS client trusting ca.IssuerRoots now gets a certificate for
 //	// derp.test issued by Pebble after a real TLS-ALPN-01 validation.
 //
+// Pebble issues certificates for IP address identifiers too (it validates
+// them by connecting to the address itself, i.e. to the gateways on
+// 127.0.0.1); [Options.ShortlivedValidity] adds a "shortlived" profile like
+// Let's Encrypt's, with a lifetime short enough to watch a renewal.
+// [CA.Orders] lists the new-order requests the CA received, for tests of
+// a client's backoff.
+//
 // Pebble's log is kept in memory ([CA.Log]) and printed through t.Log when
 // the test fails.
 package testacme
