@@ -165,6 +165,10 @@ func TestACMEIPCertificate(t *testing.T) {
 	if got := leaf.NotAfter.Sub(leaf.NotBefore); got < lifetime-2*time.Second || got > lifetime {
 		t.Errorf("certificate lifetime %v, want the shortlived profile's %v (Pebble's default profile is 90 days)", got, lifetime)
 	}
+	// Without a profile Pebble picks one at random: check the request.
+	if orders := ca.Orders(); len(orders) == 0 || orders[0].Profile != testacme.ShortlivedProfile {
+		t.Errorf("orders %+v; want the first to ask for the %q profile the directory offers", orders, testacme.ShortlivedProfile)
+	}
 	if len(leaf.IPAddresses) != 1 || leaf.IPAddresses[0].String() != acmeIPTestIP || len(leaf.DNSNames) != 0 {
 		t.Errorf("certificate for IPs %v and names %v, want [%s] only", leaf.IPAddresses, leaf.DNSNames, acmeIPTestIP)
 	}
@@ -245,7 +249,8 @@ func TestACMEIPCertificate(t *testing.T) {
 
 // TestACMEIPTLSALPN01 gets the IP certificate through TLS-ALPN-01 on the
 // HTTPS port, the relay having no HTTP port, from a CA with no short-lived
-// profile (the order names none).
+// profile (so the order names none: naming one the directory does not
+// list is an error).
 func TestACMEIPTLSALPN01(t *testing.T) {
 	t.Parallel()
 	ca := testacme.Start(t, testacme.Options{})
@@ -263,6 +268,11 @@ func TestACMEIPTLSALPN01(t *testing.T) {
 	}
 	if n := ca.HTTP01Attempts(); n != 0 {
 		t.Errorf("Pebble made %d HTTP-01 requests, want 0: the relay has no HTTP port", n)
+	}
+	for _, o := range ca.Orders() {
+		if o.Profile != "" {
+			t.Errorf("an order named profile %q, which the CA does not offer", o.Profile)
+		}
 	}
 }
 
@@ -322,7 +332,7 @@ func checkBackoff(t *testing.T, ca *testacme.CA, start time.Time, handshakes, pe
 	orders := ca.Orders()
 	var attempts []time.Time
 	for i := 0; i < len(orders); i += perAttempt {
-		attempts = append(attempts, orders[i])
+		attempts = append(attempts, orders[i].At)
 	}
 	t.Logf("%d handshakes in %v; the CA saw %d orders, in %d attempts starting at %v (backoff %v doubling to %v)",
 		handshakes, backoffWindow, len(orders), len(attempts), sinceEach(start, attempts), backoffMin, backoffMax)

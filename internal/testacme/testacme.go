@@ -70,9 +70,12 @@ import (
 	"bytes"
 	"context"
 	"crypto/x509"
+	"encoding/base64"
 	"encoding/hex"
+	"encoding/json"
 	"encoding/pem"
 	"fmt"
+	"io"
 	"log"
 	"net/http"
 	"net/http/httptest"
@@ -166,7 +169,15 @@ type CA struct {
 	closeOne sync.Once
 
 	ordersMu sync.Mutex
-	orders   []time.Time // when each new-order request arrived
+	orders   []Order // each new-order request, in arrival order
+}
+
+// Order is a new-order request as the CA received it.
+type Order struct {
+	At time.Time
+	// Profile is the profile the request named; "" for none (Pebble then
+	// picks one of its profiles at random).
+	Profile string
 }
 
 // envMu serializes the environment changes around Pebble's constructors,
@@ -300,23 +311,51 @@ func addFinalizeLocation(next http.Handler) http.Handler {
 // newOrderPath is where Pebble takes new orders (wfe's newOrderPath).
 const newOrderPath = "/order-plz"
 
-// countOrders notes the time of every new-order request before passing it
-// on to Pebble, whether or not Pebble then accepts the order.
+// countOrders notes every new-order request (its time and the profile it
+// names) before passing it on to Pebble, whether or not Pebble then
+// accepts the order.
 func (c *CA) countOrders(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path == newOrderPath && r.Method == http.MethodPost {
+			o := Order{At: time.Now()}
+			body, err := io.ReadAll(io.LimitReader(r.Body, 1<<20))
+			r.Body.Close()
+			r.Body = io.NopCloser(bytes.NewReader(body))
+			if err == nil {
+				o.Profile = requestedProfile(body)
+			}
 			c.ordersMu.Lock()
-			c.orders = append(c.orders, time.Now())
+			c.orders = append(c.orders, o)
 			c.ordersMu.Unlock()
 		}
 		next.ServeHTTP(w, r)
 	})
 }
 
-// Orders returns when each new-order request reached the CA, oldest
+// requestedProfile reads the "profile" of a new-order request: a JWS in
+// flattened JSON whose payload is base64url JSON.
+func requestedProfile(body []byte) string {
+	var jws struct {
+		Payload string `json:"payload"`
+	}
+	if json.Unmarshal(body, &jws) != nil {
+		return ""
+	}
+	payload, err := base64.RawURLEncoding.DecodeString(jws.Payload)
+	if err != nil {
+		return ""
+	}
+	var req struct {
+		Profile string `json:"profile"`
+	}
+	json.Unmarshal(payload, &req)
+	return req.Profile
+}
+
+// Orders returns the new-order requests that reached the CA, oldest
 // first: what a client asked of the CA, whatever came of it. A test of a
 // client's backoff counts them.
-func (c *CA) Orders() []time.Time {
+func (c *CA) Orders() []Order {
 	c.ordersMu.Lock()
 	defer c.ordersMu.Unlock()
 	return slices.Clone(c.orders)
