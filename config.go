@@ -38,6 +38,7 @@ type config struct {
 	Dev         bool
 	StateDir    string
 	MeshPSKFile string
+	RateConfig  string
 
 	TCPKeepAlive    time.Duration
 	TCPUserTimeout  time.Duration
@@ -49,6 +50,7 @@ type config struct {
 	ACMEEmail        string
 	ACMEDirectoryURL string
 	ACMECABundle     string
+	ACMEIPCerts      bool
 
 	// Tailnet node
 	AuthKey         string // secret: from the environment or a file only
@@ -100,7 +102,7 @@ func settingsFor(c *config) []setting {
 		{flag: "stun", env: "STUN", aliases: []string{"DERP_STUN", "RUN_STUN", "DERP_STUN_ENABLE"}, group: "Relay", bind: boolVar(&c.STUN, true),
 			usage: "serve STUN (clients need it to find direct paths and measure latency)"},
 		{flag: "hostname", env: "TAILSCALE_DERP_HOSTNAME", aliases: []string{"DERP_DOMAIN", "DERP_HOSTNAME"}, group: "Relay", bind: strVar(&c.Hostname, ""),
-			usage: "this server's public DNS name (or IP address, with -certmode manual); required"},
+			usage: "this server's public DNS name (or IP address: with -certmode manual, or -acme-ip-certs); required"},
 		{flag: "home", env: "HOME_PAGE", aliases: []string{"FLAGHOME", "DERP_HOME"}, group: "Relay", bind: strVar(&c.Home, ""),
 			usage: `what "/" serves: empty for a neutral page, "blank", or a URL to redirect to`},
 		{flag: "state-dir", env: "STATE_DIR", aliases: []string{"TAILDERP_STATE_DIR"}, group: "Relay", bind: strVar(&c.StateDir, "/var/lib/tailderp"),
@@ -115,6 +117,8 @@ func settingsFor(c *config) []setting {
 			usage: "TCP user timeout of client connections: a dead connection is dropped after this long without acknowledgement"},
 		{flag: "tcp-write-timeout", env: "TCP_WRITE_TIMEOUT", aliases: []string{"DERP_TCP_WRITE_TIMEOUT"}, group: "Relay", bind: durationVar(&c.TCPWriteTimeout, relay.DefaultTCPWriteTimeout),
 			usage: "write timeout to a client; a client that cannot take a write for this long is dropped (0: none)"},
+		{flag: "rate-config", env: "RATE_CONFIG", group: "Relay", bind: strVar(&c.RateConfig, ""),
+			usage: `JSON file of per-client rate limits, derper's format: {"PerClientRateLimitBytesPerSec": N, "PerClientRateBurstBytes": N}; read again on SIGHUP and when it changes`},
 
 		{flag: "certmode", env: "CERTMODE", aliases: []string{"TAILSCALE_DERP_CERTMODE", "CERT_MODE", "DERP_CERT_MODE"}, group: "Certificates", bind: strVar(&c.CertMode, "letsencrypt"),
 			usage: "letsencrypt (any ACME CA; automatic, renewed in the background) or manual (<certdir>/<hostname>.crt and .key, reloaded when they change; self-signed and generated when -hostname is an IP)"},
@@ -126,6 +130,8 @@ func settingsFor(c *config) []setting {
 			usage: "ACME directory URL (default Let's Encrypt production; e.g. staging, ZeroSSL, step-ca)"},
 		{flag: "acme-ca-bundle", env: "ACME_CA_BUNDLE", group: "Certificates", bind: strVar(&c.ACMECABundle, ""),
 			usage: "PEM file of extra root CAs to trust when talking to -acme-directory-url (a private CA)"},
+		{flag: "acme-ip-certs", env: "ACME_IP_CERTS", group: "Certificates", bind: boolVar(&c.ACMEIPCerts, false),
+			usage: "with -certmode letsencrypt and an IP address as -hostname: get the address a certificate from the ACME CA (Let's Encrypt's ~6-day profile; HTTP-01 on port 80 or TLS-ALPN-01), renewed in the background; clients need no CertName pin"},
 
 		{flag: "", env: "TAILSCALE_AUTH_KEY", aliases: []string{"TS_AUTHKEY"}, group: "Tailnet node", secret: true, target: &c.AuthKey,
 			usage: "auth key (tskey-auth-…) or OAuth client secret (tskey-client-…, needs -advertise-tags) for the first login; never printed. Environment only, so it stays out of process listings"},
@@ -263,6 +269,9 @@ func loadConfig(name string, args []string, getenv func(string) string, stderr i
 	if err := c.validate(); err != nil {
 		return nil, err
 	}
+	if err := c.checkRateConfig(); err != nil {
+		return nil, err
+	}
 	if c.meshKey, err = readMeshKey(c.MeshPSKFile); err != nil {
 		return nil, err
 	}
@@ -383,9 +392,6 @@ func (c *config) validate() error {
 	if err := checkHostname(c.Hostname); err != nil {
 		return fmt.Errorf("%s %q: %v", settingName("hostname"), c.Hostname, err)
 	}
-	if err := checkAuthKey(c.AuthKey); err != nil {
-		return err
-	}
 	for _, u := range []struct{ key, val string }{{"verify-client-url", c.VerifyClientURL}, {"acme-directory-url", c.ACMEDirectoryURL}, {"control-url", c.ControlURL}} {
 		if u.val == "" {
 			continue
@@ -397,13 +403,16 @@ func (c *config) validate() error {
 	if !c.Dev {
 		switch c.CertMode {
 		case "letsencrypt":
-			if net.ParseIP(c.Hostname) != nil {
-				return fmt.Errorf("%s %s is an IP address, which -certmode letsencrypt cannot get a certificate for: use -certmode manual (CERTMODE=manual) for a self-signed certificate that clients pin by CertName", settingName("hostname"), c.Hostname)
+			if net.ParseIP(c.Hostname) != nil && !c.ACMEIPCerts {
+				return fmt.Errorf("%s %s is an IP address: set %s to get a certificate for it from the ACME CA (Let's Encrypt issues ~6-day IP certificates; it must reach port 80 or 443), or use -certmode manual (CERTMODE=manual) for a self-signed certificate that clients pin by CertName", settingName("hostname"), c.Hostname, settingName("acme-ip-certs"))
 			}
 		case "manual":
 		default:
 			return fmt.Errorf("%s %q: want letsencrypt or manual", settingName("certmode"), c.CertMode)
 		}
+	}
+	if err := c.validateACMEIPCerts(); err != nil {
+		return err
 	}
 	if _, err := relay.HomeHandler(c.Home); err != nil {
 		return fmt.Errorf("%s: %w", settingName("home"), err)
@@ -442,9 +451,44 @@ func (c *config) validate() error {
 	return nil
 }
 
+// validateACMEIPCerts checks that -acme-ip-certs goes with what it needs:
+// an ACME CA and an IP address to get the certificate for.
+func (c *config) validateACMEIPCerts() error {
+	if !c.ACMEIPCerts {
+		return nil
+	}
+	switch {
+	case c.Dev:
+		return fmt.Errorf("%s does not go with %s, which serves a self-signed certificate for localhost: drop one of them", settingName("acme-ip-certs"), settingName("dev"))
+	case c.CertMode != "letsencrypt":
+		return fmt.Errorf("%s gets the certificate from an ACME CA, which needs -certmode letsencrypt (CERTMODE), not %q: drop %s for a self-signed certificate pinned by CertName", settingName("acme-ip-certs"), c.CertMode, settingName("acme-ip-certs"))
+	case net.ParseIP(c.Hostname) == nil:
+		return fmt.Errorf("%s gets a certificate for an IP address, and %s %s is a DNS name, for which -certmode letsencrypt gets one already: drop %s, or set %s to the server's public IP address", settingName("acme-ip-certs"), settingName("hostname"), c.Hostname, settingName("acme-ip-certs"), settingName("hostname"))
+	}
+	return nil
+}
+
+// checkRateConfig reads -rate-config once, so a file that does not load
+// stops the start with the setting named.
+func (c *config) checkRateConfig() error {
+	if c.RateConfig == "" {
+		return nil
+	}
+	if _, err := relay.LoadRateConfig(c.RateConfig); err != nil {
+		return fmt.Errorf("%s %s: %v (fix the file, or leave %s empty for no limits)", settingName("rate-config"), c.RateConfig, err, settingName("rate-config"))
+	}
+	return nil
+}
+
 // validateLogin checks that the node can log in: with a key, or with the
 // login an earlier start left in the state directory.
 func (c *config) validateLogin() error {
+	if !c.VerifyClients {
+		return nil
+	}
+	if err := checkAuthKey(c.AuthKey); err != nil {
+		return err
+	}
 	if c.VerifyClients && c.AuthKey == "" && !node.HasLogin(c.nodeDir()) {
 		return fmt.Errorf("TAILSCALE_AUTH_KEY is not set and %s holds no earlier login: set TAILSCALE_AUTH_KEY (or TAILSCALE_AUTH_KEY_FILE) to an auth key of your tailnet so the relay can admit its clients, or set -verify-clients=false to run an open relay", c.nodeDir())
 	}
@@ -464,9 +508,13 @@ func (c *config) certDir() string {
 	return filepath.Join(c.StateDir, "certs")
 }
 
-// ipMode reports whether the server has no DNS name: a self-signed
-// certificate for its IP address, pinned by CertName.
-func (c *config) ipMode() bool { return !c.Dev && net.ParseIP(c.Hostname) != nil }
+// ipMode reports whether the server has no DNS name and serves a
+// self-signed certificate for its IP address, which clients pin by
+// CertName. With -acme-ip-certs a CA signs the IP certificate instead, and
+// there is no pin.
+func (c *config) ipMode() bool {
+	return !c.Dev && net.ParseIP(c.Hostname) != nil && !c.ACMEIPCerts
+}
 
 // stunAddr is the STUN listen address (the HTTPS listener's IP), "" when
 // STUN is off.

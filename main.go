@@ -115,7 +115,14 @@ func setupTailnetEnv(cfg *config) {
 }
 
 // run serves until ctx ends (SIGTERM/SIGINT: nil) or something fails.
+// SIGHUP reloads what can change without a restart (reloadOnHUP); it
+// never stops the server.
 func run(ctx context.Context, cfg *config, logger *slog.Logger, out io.Writer) error {
+	// First of all: SIGHUP's default action ends the process (status 129,
+	// which systemd's Restart=on-failure does not restart).
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
 	logger.Info("tailderp starting", "version", version, "hostname", cfg.Hostname, "certmode", cfg.CertMode,
 		"addr", cfg.Addr, "state_dir", cfg.StateDir, "verify_clients", cfg.VerifyClients,
 		"control_url", cfg.ControlURL, "auth_key", authKeyState(cfg), "dev", cfg.Dev)
@@ -194,6 +201,18 @@ func run(ctx context.Context, cfg *config, logger *slog.Logger, out io.Writer) e
 		go verifier.Watch(ctx, 0)
 	}
 	defer closeRelay(rs)
+	if ipc, ok := certs.(*relay.ACMEIPCerts); ok {
+		// The CA validates against the listeners: start once they are up.
+		ipc.Start()
+		defer ipc.Close()
+	}
+	var rates *relay.RateConfigFile
+	if cfg.RateConfig != "" {
+		if rates, err = relay.WatchRateConfig(rs, cfg.RateConfig, 0, logger); err != nil {
+			return fmt.Errorf("%s %s: %w", settingName("rate-config"), cfg.RateConfig, err)
+		}
+		defer rates.Close()
+	}
 	stunAddr := ""
 	if addr := cfg.stunAddr(); addr != "" {
 		ss := &stun.Server{Addr: addr}
@@ -226,17 +245,61 @@ func run(ctx context.Context, cfg *config, logger *slog.Logger, out io.Writer) e
 		go serveDebug(ctx, cfg, n, rs, verifier, logger)
 	}
 
-	select {
-	case <-ctx.Done():
-		logger.Info("shutting down")
-		return nil
-	case err := <-fatal:
-		if _, ok := errors.AsType[*node.LoginError](err); ok {
-			return fmt.Errorf("%w (check TAILSCALE_AUTH_KEY: it may be mistyped, expired, revoked, for another control server, or a single-use key that was already used)", err)
+	for {
+		select {
+		case <-ctx.Done():
+			logger.Info("shutting down")
+			return nil
+		case <-hup:
+			reloadOnHUP(cfg, certs, rates, logger)
+		case err := <-fatal:
+			if _, ok := errors.AsType[*node.LoginError](err); ok {
+				return fmt.Errorf("%w (check TAILSCALE_AUTH_KEY: it may be mistyped, expired, revoked, for another control server, or a single-use key that was already used)", err)
+			}
+			return err
+		case err := <-rs.Err():
+			return fmt.Errorf("relay: %w", err)
 		}
-		return err
-	case err := <-rs.Err():
-		return fmt.Errorf("relay: %w", err)
+	}
+}
+
+// reloadOnHUP reads again what can change without a restart: manual
+// certificate files (also when a copy kept their times, which the check
+// on each handshake would miss) and -rate-config. It says what it did,
+// one line each; what does not load keeps the old state, with a warning.
+func reloadOnHUP(cfg *config, certs relay.Certificates, rates *relay.RateConfigFile, logger *slog.Logger) {
+	logger.Info("SIGHUP: reloading the certificate files and the rate config; the server keeps running")
+	switch c := certs.(type) {
+	case *relay.ManualCerts:
+		crt, _ := c.Paths()
+		changed, err := c.Reload()
+		info, _ := c.Current()
+		switch {
+		case err != nil:
+			logger.Warn("SIGHUP: certificate files not reloaded", "err", err,
+				"fix", fmt.Sprintf("put a certificate for %s and its key in %s (%s)", cfg.Hostname, cfg.certDir(), settingName("certdir")))
+		case changed:
+			logger.Info("SIGHUP: certificate reloaded", "path", crt, "not_after", info.NotAfter.Format(time.RFC3339))
+		default:
+			logger.Info("SIGHUP: certificate files unchanged", "path", crt, "not_after", info.NotAfter.Format(time.RFC3339))
+		}
+	default:
+		logger.Info("SIGHUP: certificates in this mode are renewed in the background; nothing to reload", "certmode", cfg.CertMode, "dev", cfg.Dev)
+	}
+	if rates == nil {
+		logger.Info("SIGHUP: no rate config to reload (" + settingName("rate-config") + " is not set)")
+		return
+	}
+	changed, err := rates.Reload()
+	in := rates.Applied()
+	switch {
+	case err != nil:
+		logger.Warn("SIGHUP: rate config not reloaded; the limits in force stay", "err", err,
+			"in_force_bytes_per_sec", in.PerClientRateLimitBytesPerSec, "fix", "correct the JSON in "+cfg.RateConfig+" ("+settingName("rate-config")+")")
+	case changed:
+		logger.Info("SIGHUP: rate config reloaded", "path", cfg.RateConfig, "in_force_bytes_per_sec", in.PerClientRateLimitBytesPerSec, "in_force_burst_bytes", in.PerClientRateBurstBytes)
+	default:
+		logger.Info("SIGHUP: rate config unchanged", "path", cfg.RateConfig, "in_force_bytes_per_sec", in.PerClientRateLimitBytesPerSec, "in_force_burst_bytes", in.PerClientRateBurstBytes)
 	}
 }
 
@@ -430,6 +493,13 @@ func makeCerts(cfg *config, logger *slog.Logger) (relay.Certificates, error) {
 				return nil, fmt.Errorf("%s: %w", settingName("acme-ca-bundle"), err)
 			}
 			ac.RootCAs = pool
+		}
+		if cfg.ACMEIPCerts {
+			certs, err := relay.NewACMEIP(ac)
+			if err != nil {
+				return nil, fmt.Errorf("%s, %s %s: %w", settingName("acme-ip-certs"), settingName("certdir"), cfg.certDir(), err)
+			}
+			return certs, nil
 		}
 		certs, err := relay.NewACME(ac)
 		if err != nil {

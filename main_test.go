@@ -159,6 +159,10 @@ func TestStartFailuresAreOneClearLine(t *testing.T) {
 		return m
 	}
 	withKey := env("TAILSCALE_AUTH_KEY", fakeAuthKey)
+	badRate := filepath.Join(t.TempDir(), "rate.json")
+	if err := os.WriteFile(badRate, []byte(`{"PerClientRateLimitBytesPerSecond": 1000}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	tests := []struct {
 		name string
 		env  map[string]string
@@ -176,7 +180,7 @@ func TestStartFailuresAreOneClearLine(t *testing.T) {
 			want: []string{"-certmode", "CERTMODE", "selfsigned", "letsencrypt or manual"}},
 		{name: "IP hostname with letsencrypt", env: withKey,
 			args: []string{"-hostname", "203.0.113.7", "-certmode", "letsencrypt"},
-			want: []string{"-hostname", "203.0.113.7", "-certmode manual"}},
+			want: []string{"-hostname", "203.0.113.7", "-certmode manual", "-acme-ip-certs"}},
 		{name: "manual mode without files", env: withKey,
 			args: []string{"-hostname", "derp.example.com", "-certmode", "manual"},
 			setup: func(t *testing.T, state string) []string {
@@ -226,6 +230,20 @@ func TestStartFailuresAreOneClearLine(t *testing.T) {
 		{name: "auth key file missing", env: env("TAILSCALE_AUTH_KEY_FILE", "/nonexistent/authkey"),
 			args: []string{"-hostname", "127.0.0.1", "-certmode", "manual"},
 			want: []string{"TAILSCALE_AUTH_KEY_FILE", "/nonexistent/authkey"}},
+
+		// IP certificates from a CA, rate limits.
+		{name: "acme-ip-certs with a DNS name", env: withKey,
+			args: []string{"-hostname", "derp.example.com", "-acme-ip-certs"},
+			want: []string{"-acme-ip-certs (ACME_IP_CERTS)", "-hostname", "derp.example.com", "IP address"}},
+		{name: "acme-ip-certs with manual certificates", env: env("TAILSCALE_AUTH_KEY", fakeAuthKey, "ACME_IP_CERTS", "true"),
+			args: []string{"-hostname", "203.0.113.7", "-certmode", "manual"},
+			want: []string{"-acme-ip-certs (ACME_IP_CERTS)", "letsencrypt", "manual"}},
+		{name: "rate config with a misspelled field", env: env("TAILSCALE_AUTH_KEY", fakeAuthKey, "RATE_CONFIG", badRate),
+			args: []string{"-hostname", "127.0.0.1", "-certmode", "manual"},
+			want: []string{"-rate-config (RATE_CONFIG)", badRate, "PerClientRateLimitBytesPerSecond"}},
+		{name: "rate config missing", env: withKey,
+			args: []string{"-hostname", "127.0.0.1", "-certmode", "manual", "-rate-config", "/nonexistent/rate.json"},
+			want: []string{"-rate-config (RATE_CONFIG)", "/nonexistent/rate.json", "no such file"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -445,10 +463,20 @@ func presentedPin(t *testing.T, addr string) string {
 // them, and relays one packet between them.
 func relayPacket(t *testing.T, region *tailcfg.DERPRegion) {
 	t.Helper()
+	relayPacketTrusting(t, region, nil)
+}
+
+// relayPacketTrusting is relayPacket with clients that also trust roots
+// (nil: the system's), as tailscaled does with extra roots.
+func relayPacketTrusting(t *testing.T, region *tailcfg.DERPRegion, roots *x509.CertPool) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	newClient := func() *derphttp.Client {
 		c := derphttp.NewRegionClient(key.NewNode(), logger.Discard, netmon.NewStatic(), func() *tailcfg.DERPRegion { return region })
+		if roots != nil {
+			c.TLSConfig = &tls.Config{RootCAs: roots}
+		}
 		t.Cleanup(func() { c.Close() })
 		if err := c.Connect(ctx); err != nil {
 			t.Fatalf("Connect: %v", err)

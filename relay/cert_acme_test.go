@@ -252,6 +252,54 @@ func TestACMEUnreachableCA(t *testing.T) {
 	})
 }
 
+// TestACMEBackoff makes every validation fail (no gateway target) while
+// clients keep connecting, and checks that the CA is asked again only on
+// the relay's backoff schedule (autocert alone would retry one minute
+// after each failure, forever; and without the backoff, on the first
+// handshake after each failure), that handshakes in the backoff fail at
+// once, and that the failure is logged with what to check, once per
+// attempt at most.
+func TestACMEBackoff(t *testing.T) {
+	t.Parallel()
+	ca := testacme.Start(t, testacme.Options{})
+	cfg := acmeConfig(ca)
+	cfg.RetryMin, cfg.RetryMax = backoffMin, backoffMax
+	r := startACMERelay(t, cfg, -1)
+	ca.SetTLSALPN01Target("")
+
+	start := time.Now()
+	handshakes, slow := 0, 0
+	for time.Since(start) < backoffWindow {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		hs := time.Now()
+		c, err := acmeDialTLS(ctx, r.srv.LocalAddr().String(), acmeTestHost, ca.IssuerRoots)
+		cancel()
+		if err == nil {
+			c.Close()
+			t.Fatal("handshake succeeded with no certificate")
+		}
+		if time.Since(hs) > 200*time.Millisecond {
+			slow++ // it waited for an attempt in progress
+		}
+		handshakes++
+		time.Sleep(20 * time.Millisecond)
+	}
+	// Each attempt orders twice: TLS-ALPN-01, then once more to find no
+	// other challenge type it can answer (the relay has no HTTP port).
+	attempts := checkBackoff(t, ca, start, handshakes, 2)
+	t.Logf("%d handshakes waited for an attempt in progress; the rest failed at once", slow)
+	if slow > 2*attempts {
+		t.Errorf("%d handshakes waited, for %d attempts", slow, attempts)
+	}
+	logged := strings.Count(r.log.String(), "ACME certificate not available")
+	if logged == 0 || logged > attempts {
+		t.Errorf("%d warnings for %d failed attempts", logged, attempts)
+	}
+	if !strings.Contains(r.log.String(), "port 443 (TLS-ALPN-01)") {
+		t.Errorf("the warning does not say what to check:\n%s", r.log)
+	}
+}
+
 // acmeRelay is a relay with ACME certificates, started for a test.
 type acmeRelay struct {
 	srv   *relay.Server

@@ -158,6 +158,35 @@ func (m *ManualCerts) maybeReload() *loadedCert {
 	return next
 }
 
+// Reload loads the files now, even if their size and time did not change
+// (a copy that kept the time), and serves them if they hold a certificate
+// other than the one served: what a program does on SIGHUP. It reports
+// whether the certificate changed; if the files do not load, the error
+// says why and the last good certificate keeps serving.
+func (m *ManualCerts) Reload() (changed bool, err error) {
+	m.reloadMu.Lock()
+	defer m.reloadMu.Unlock()
+	cur := m.cur.Load()
+	st, err := m.stat()
+	if err != nil {
+		return false, fmt.Errorf("relay: manual certificate: %w", err)
+	}
+	next, err := m.load(st)
+	if err != nil {
+		m.badStamp.Store(&st)
+		return false, fmt.Errorf("relay: manual certificate: %w; still serving the previous one, valid until %s", err, cur.info.NotAfter.Format(time.RFC3339))
+	}
+	if next.info.CertName == cur.info.CertName {
+		if st != cur.stamp {
+			m.cur.Store(next) // the same certificate; remember the files' new stamp
+		}
+		return false, nil
+	}
+	m.cur.Store(next)
+	m.logger.Info("relay: certificate reloaded", "path", m.crtPath, "not_after", next.info.NotAfter.Format(time.RFC3339))
+	return true, nil
+}
+
 // HTTPHandler implements Certificates; manual certificates need no
 // challenges, so it returns fallback.
 func (m *ManualCerts) HTTPHandler(fallback http.Handler) http.Handler { return fallback }

@@ -367,3 +367,57 @@ func TestManualCertsHostnameCase(t *testing.T) {
 		}
 	}
 }
+
+// TestManualCertsReload: Reload (what main calls on SIGHUP) picks up new
+// files even when a copy kept the old files' times and sizes, so the
+// per-handshake check cannot see the change; it reports an unchanged
+// certificate as unchanged, and a broken pair as an error while the last
+// good certificate keeps serving.
+func TestManualCertsReload(t *testing.T) {
+	dir := t.TempDir()
+	first, second := newPair(t, testHost), newPair(t, testHost)
+	crt, key := relay.CertPaths(dir, testHost)
+	write := func(crtPEM, keyPEM []byte) {
+		t.Helper()
+		// Pad both files to fixed sizes and fix their times: the stamp
+		// the handshake check compares stays the same.
+		pad := func(b []byte, n int) []byte { return append(b, bytes.Repeat([]byte("\n"), n-len(b))...) }
+		stamp := time.Now().Add(-time.Hour).Truncate(time.Second)
+		for _, f := range []struct {
+			path string
+			data []byte
+		}{{crt, pad(crtPEM, 2048)}, {key, pad(keyPEM, 1024)}} {
+			if err := os.WriteFile(f.path, f.data, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Chtimes(f.path, stamp, stamp); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	write(first.CertPEM, first.KeyPEM)
+	certs, err := relay.LoadManualCerts(dir, testHost, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := startRelay(t, certs)
+	addr := s.LocalAddr().String()
+
+	write(second.CertPEM, second.KeyPEM)
+	mustPresent(t, addr, first.Cert, "same times and sizes: the handshake check sees no change")
+	if changed, err := certs.Reload(); !changed || err != nil {
+		t.Fatalf("Reload = %v, %v; want changed", changed, err)
+	}
+	mustPresent(t, addr, second.Cert, "after Reload")
+	if changed, err := certs.Reload(); changed || err != nil {
+		t.Errorf("Reload of the same files = %v, %v; want unchanged, no error", changed, err)
+	}
+
+	write(first.CertPEM, second.KeyPEM) // a key of another certificate
+	if changed, err := certs.Reload(); changed || err == nil {
+		t.Errorf("Reload of a mismatched pair = %v, %v; want an error", changed, err)
+	} else if !strings.Contains(err.Error(), "still serving the previous one") {
+		t.Errorf("Reload error %q does not say the old certificate serves", err)
+	}
+	mustPresent(t, addr, second.Cert, "after a failed Reload")
+}

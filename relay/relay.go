@@ -290,7 +290,9 @@ func (s *Server) DERP() *derpserver.Server { return s.derp }
 // expiry, for the debug server to publish.
 func (s *Server) ExpVar() expvar.Var {
 	m := new(metrics.Set)
-	m.Set("derp", s.derp.ExpVar(false))
+	// Rate-limit metrics are published whether or not limits are set (0:
+	// none): a rate config can set them while the relay runs.
+	m.Set("derp", s.derp.ExpVar(true))
 	m.Set("gauge_cert_not_after_unix_seconds", expvar.Func(func() any {
 		info, ok := s.Certs.Current()
 		if !ok {

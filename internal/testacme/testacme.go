@@ -55,16 +55,27 @@
 //	// A TLS client trusting ca.IssuerRoots now gets a certificate for
 //	// derp.test issued by Pebble after a real TLS-ALPN-01 validation.
 //
+// Pebble issues certificates for IP address identifiers too (it validates
+// them by connecting to the address itself, i.e. to the gateways on
+// 127.0.0.1); [Options.ShortlivedValidity] adds a "shortlived" profile like
+// Let's Encrypt's, with a lifetime short enough to watch a renewal.
+// [CA.Orders] lists the new-order requests the CA received, for tests of
+// a client's backoff.
+//
 // Pebble's log is kept in memory ([CA.Log]) and printed through t.Log when
 // the test fails.
 package testacme
 
 import (
+	"bytes"
 	"context"
 	"crypto/x509"
+	"encoding/base64"
 	"encoding/hex"
+	"encoding/json"
 	"encoding/pem"
 	"fmt"
+	"io"
 	"log"
 	"net/http"
 	"net/http/httptest"
@@ -111,7 +122,18 @@ type Options struct {
 	// golang.org/x/crypto/acme/autocert before x/crypto v0.58.0
 	// (golang/go#77704), whose CreateOrderCert then polls the order URL "".
 	FinalizeLocation bool
+
+	// ShortlivedValidity, if non-zero, adds a second profile named
+	// "shortlived" (Let's Encrypt's name for its ~6-day profile, the one
+	// it issues IP address certificates under) whose certificates live
+	// this long, in whole seconds. Pebble gives an order that names no
+	// profile a random one of those it has, so a client that wants a
+	// lifetime names the profile.
+	ShortlivedValidity time.Duration
 }
+
+// ShortlivedProfile is the name of the profile ShortlivedValidity adds.
+const ShortlivedProfile = "shortlived"
 
 // CA is a running Pebble CA with its DNS server and validation gateways.
 // Its fields are read-only.
@@ -147,6 +169,17 @@ type CA struct {
 	tlsALPN  *tcpGateway
 	logBuf   *testutil.Buffer
 	closeOne sync.Once
+
+	ordersMu sync.Mutex
+	orders   []Order // each new-order request, in arrival order
+}
+
+// Order is a new-order request as the CA received it.
+type Order struct {
+	At time.Time
+	// Profile is the profile the request named; "" for none (Pebble then
+	// picks one of its profiles at random).
+	Profile string
 }
 
 // envMu serializes the environment changes around Pebble's constructors,
@@ -222,18 +255,26 @@ func start(opts Options) (_ *CA, err error) {
 		ValidityPeriod:    uint64(opts.ValidityPeriod / time.Second),
 		PromoteCommonName: opts.PromoteCommonName,
 	}
+	profiles := map[string]pebbleca.Profile{"default": profile}
+	if opts.ShortlivedValidity > 0 {
+		profiles[ShortlivedProfile] = pebbleca.Profile{
+			Description:       "testacme short-lived profile",
+			ValidityPeriod:    uint64(opts.ShortlivedValidity / time.Second),
+			PromoteCommonName: opts.PromoteCommonName,
+		}
+	}
 	c.db = db.NewMemoryStore()
 	var handler *wfe.WebFrontEndImpl
 	var ca *pebbleca.CAImpl
 	withPebbleEnv(func() {
 		// ECDSA keys are generated much faster than RSA ones, under -race too.
-		ca = pebbleca.New(logger, c.db, "", "ecdsa", 0, 1, map[string]pebbleca.Profile{"default": profile})
+		ca = pebbleca.New(logger, c.db, "", "ecdsa", 0, 1, profiles)
 		v := va.New(logger, c.http01.port(), c.tlsALPN.port(), false, c.DNSAddr, c.db)
 		w := wfe.New(logger, c.db, v, ca, []string{"pebble.letsencrypt.org"}, false, false, 0, 0)
 		handler = &w
 	})
 
-	api := handler.Handler()
+	api := c.countOrders(handler.Handler())
 	if opts.FinalizeLocation {
 		api = addFinalizeLocation(api)
 	}
@@ -267,6 +308,59 @@ func addFinalizeLocation(next http.Handler) http.Handler {
 		}
 		next.ServeHTTP(w, r)
 	})
+}
+
+// newOrderPath is where Pebble takes new orders (wfe's newOrderPath).
+const newOrderPath = "/order-plz"
+
+// countOrders notes every new-order request (its time and the profile it
+// names) before passing it on to Pebble, whether or not Pebble then
+// accepts the order.
+func (c *CA) countOrders(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == newOrderPath && r.Method == http.MethodPost {
+			o := Order{At: time.Now()}
+			body, err := io.ReadAll(io.LimitReader(r.Body, 1<<20))
+			r.Body.Close()
+			r.Body = io.NopCloser(bytes.NewReader(body))
+			if err == nil {
+				o.Profile = requestedProfile(body)
+			}
+			c.ordersMu.Lock()
+			c.orders = append(c.orders, o)
+			c.ordersMu.Unlock()
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// requestedProfile reads the "profile" of a new-order request: a JWS in
+// flattened JSON whose payload is base64url JSON.
+func requestedProfile(body []byte) string {
+	var jws struct {
+		Payload string `json:"payload"`
+	}
+	if json.Unmarshal(body, &jws) != nil {
+		return ""
+	}
+	payload, err := base64.RawURLEncoding.DecodeString(jws.Payload)
+	if err != nil {
+		return ""
+	}
+	var req struct {
+		Profile string `json:"profile"`
+	}
+	json.Unmarshal(payload, &req)
+	return req.Profile
+}
+
+// Orders returns the new-order requests that reached the CA, oldest
+// first: what a client asked of the CA, whatever came of it. A test of a
+// client's backoff counts them.
+func (c *CA) Orders() []Order {
+	c.ordersMu.Lock()
+	defer c.ordersMu.Unlock()
+	return slices.Clone(c.orders)
 }
 
 // SetHTTP01Target makes Pebble's HTTP-01 validations reach addr

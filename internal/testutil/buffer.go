@@ -38,6 +38,12 @@ func (b *Buffer) WaitFor(s string, timeout time.Duration) bool {
 	return b.wait(timeout, nil, func(out string) bool { return strings.Contains(out, s) })
 }
 
+// WaitCount reports whether the buffer holds s at least n times within
+// timeout.
+func (b *Buffer) WaitCount(s string, n int, timeout time.Duration) bool {
+	return b.wait(timeout, nil, func(out string) bool { return strings.Count(out, s) >= n })
+}
+
 // WaitMatch waits until re matches what the buffer holds and returns the
 // match and its submatches (as [regexp.Regexp.FindStringSubmatch]). It
 // returns nil if timeout passes first, or once stop is closed (nil: never)
