@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"net/netip"
 	"os"
@@ -36,6 +37,10 @@ type config struct {
 	Dev         bool
 	StateDir    string
 	MeshPSKFile string
+
+	// Relay: limits against a hostile internet
+	AcceptConnectionLimit float64
+	AcceptConnectionBurst int
 
 	// Certificates
 	CertMode         string
@@ -95,6 +100,10 @@ func settingsFor(c *config) []setting {
 			usage: "file holding the relay fleet's mesh key (64 hex digits); clients presenting it skip admission"},
 		{flag: "dev", env: "DEV", group: "Relay", bind: boolVar(&c.Dev, false),
 			usage: "try it out: serve on 127.0.0.1:3340 with a self-signed certificate, no port 80, and no tailnet node unless a key is set"},
+		{flag: "accept-connection-limit", env: "ACCEPT_CONNECTION_LIMIT", group: "Relay", bind: floatVar(&c.AcceptConnectionLimit, 0),
+			usage: "new HTTPS connections accepted per second once -accept-connection-burst have been; the rest are closed at once. 0: no limit (as derper)"},
+		{flag: "accept-connection-burst", env: "ACCEPT_CONNECTION_BURST", group: "Relay", bind: intVar(&c.AcceptConnectionBurst, 1000),
+			usage: "new HTTPS connections accepted at once before -accept-connection-limit applies (e.g. every client reconnecting after a restart)"},
 
 		{flag: "certmode", env: "CERTMODE", aliases: []string{"TAILSCALE_DERP_CERTMODE", "CERT_MODE", "DERP_CERT_MODE"}, group: "Certificates", bind: strVar(&c.CertMode, "letsencrypt"),
 			usage: "letsencrypt (any ACME CA; automatic, renewed in the background) or manual (<certdir>/<hostname>.crt and .key, reloaded when they change; self-signed and generated when -hostname is an IP)"},
@@ -254,6 +263,12 @@ func (c *config) validate() error {
 	}
 	if c.STUNPort < 0 || c.STUNPort > 65535 {
 		return fmt.Errorf("%s %d: want a port from 0 to 65535", settingName("stun-port"), c.STUNPort)
+	}
+	if c.AcceptConnectionLimit < 0 || math.IsNaN(c.AcceptConnectionLimit) {
+		return fmt.Errorf("%s %v: want a number of new connections per second, or 0 for no limit", settingName("accept-connection-limit"), c.AcceptConnectionLimit)
+	}
+	if c.AcceptConnectionBurst < 1 {
+		return fmt.Errorf("%s %d: want at least 1: how many new connections are accepted at once before %s applies", settingName("accept-connection-burst"), c.AcceptConnectionBurst, settingName("accept-connection-limit"))
 	}
 	if c.DebugPort < 1 || c.DebugPort > 65535 {
 		return fmt.Errorf("%s %d: want a port from 1 to 65535", settingName("debug-port"), c.DebugPort)

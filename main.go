@@ -75,9 +75,11 @@ func realMain(args []string, getenv func(string) string, stdout, stderr io.Write
 		fmt.Fprintf(stderr, "tailderp: -log-format/-log-level: %v\n", err)
 		return 2
 	}
-	// Libraries that log through the standard logger (stunserver) go to slog.
+	// Libraries that log through the standard logger (stunserver,
+	// derpserver's rare lines) go to slog, each line bounded and all of
+	// them rate-limited: some have quoted what a client sent, whole.
 	log.SetFlags(0)
-	log.SetOutput(logs.Writer(logger, slog.LevelInfo))
+	log.SetOutput(logs.NewLimited(logger, "lines of the standard logger", 10, 10*time.Second, 512).Writer(slog.LevelInfo))
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
@@ -170,6 +172,9 @@ func run(ctx context.Context, cfg *config, logger *slog.Logger, out io.Writer) e
 		Home:       cfg.Home,
 		MeshKey:    meshKey,
 		Logger:     logger,
+
+		AcceptConnectionLimit: cfg.AcceptConnectionLimit,
+		AcceptConnectionBurst: cfg.AcceptConnectionBurst,
 	}
 	if verifier != nil {
 		rs.Admitter = verifier
