@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"net/netip"
 	"net/url"
@@ -43,6 +44,10 @@ type config struct {
 	TCPKeepAlive    time.Duration
 	TCPUserTimeout  time.Duration
 	TCPWriteTimeout time.Duration
+
+	// Relay: limits against a hostile internet
+	AcceptConnectionLimit float64
+	AcceptConnectionBurst int
 
 	// Certificates
 	CertMode         string
@@ -119,6 +124,10 @@ func settingsFor(c *config) []setting {
 			usage: "write timeout to a client; a client that cannot take a write for this long is dropped (0: none)"},
 		{flag: "rate-config", env: "RATE_CONFIG", group: "Relay", bind: strVar(&c.RateConfig, ""),
 			usage: `JSON file of per-client rate limits, derper's format: {"PerClientRateLimitBytesPerSec": N, "PerClientRateBurstBytes": N}; read again on SIGHUP and when it changes`},
+		{flag: "accept-connection-limit", env: "ACCEPT_CONNECTION_LIMIT", group: "Relay", bind: floatVar(&c.AcceptConnectionLimit, 0),
+			usage: "new HTTPS connections accepted per second once -accept-connection-burst have been; the rest are closed at once. 0: no limit (as derper)"},
+		{flag: "accept-connection-burst", env: "ACCEPT_CONNECTION_BURST", group: "Relay", bind: intVar(&c.AcceptConnectionBurst, 1000),
+			usage: "new HTTPS connections accepted at once before -accept-connection-limit applies (e.g. every client reconnecting after a restart)"},
 
 		{flag: "certmode", env: "CERTMODE", aliases: []string{"TAILSCALE_DERP_CERTMODE", "CERT_MODE", "DERP_CERT_MODE"}, group: "Certificates", bind: strVar(&c.CertMode, "letsencrypt"),
 			usage: "letsencrypt (any ACME CA; automatic, renewed in the background) or manual (<certdir>/<hostname>.crt and .key, reloaded when they change; self-signed and generated when -hostname is an IP)"},
@@ -382,6 +391,12 @@ func (c *config) validate() error {
 	}
 	if c.VerifyClientsCacheMaxAge < 0 {
 		return fmt.Errorf("%s %v: want a duration like 24h, or 0 to turn the cache off", settingName("verify-clients-cache-max-age"), c.VerifyClientsCacheMaxAge)
+	}
+	if c.AcceptConnectionLimit < 0 || math.IsNaN(c.AcceptConnectionLimit) {
+		return fmt.Errorf("%s %v: want a number of new connections per second, or 0 for no limit", settingName("accept-connection-limit"), c.AcceptConnectionLimit)
+	}
+	if c.AcceptConnectionBurst < 1 {
+		return fmt.Errorf("%s %d: want at least 1: how many new connections are accepted at once before %s applies", settingName("accept-connection-burst"), c.AcceptConnectionBurst, settingName("accept-connection-limit"))
 	}
 	if c.DebugPort < 1 || c.DebugPort > 65535 {
 		return fmt.Errorf("%s %d: want a port from 1 to 65535", settingName("debug-port"), c.DebugPort)

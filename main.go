@@ -76,9 +76,11 @@ func realMain(args []string, getenv func(string) string, stdout, stderr io.Write
 		fmt.Fprintf(stderr, "tailderp: -log-format/-log-level: %v\n", err)
 		return 2
 	}
-	// Libraries that log through the standard logger (stunserver) go to slog.
+	// Libraries that log through the standard logger (stunserver,
+	// derpserver's rare lines) go to slog, each line bounded and all of
+	// them rate-limited: some have quoted what a client sent, whole.
 	log.SetFlags(0)
-	log.SetOutput(logs.Writer(logger, slog.LevelInfo))
+	log.SetOutput(logs.NewLimited(logger, "lines of the standard logger", 10, 10*time.Second, 512).Writer(slog.LevelInfo))
 	for _, n := range cfg.notes {
 		logger.Warn(n)
 	}
@@ -186,9 +188,11 @@ func run(ctx context.Context, cfg *config, logger *slog.Logger, out io.Writer) e
 		MeshKey:    cfg.meshKey,
 		Logger:     logger,
 
-		TCPKeepAlive:    cfg.TCPKeepAlive,
-		TCPUserTimeout:  cfg.TCPUserTimeout,
-		TCPWriteTimeout: cmp.Or(cfg.TCPWriteTimeout, -1), // 0 in the settings means none
+		TCPKeepAlive:          cfg.TCPKeepAlive,
+		TCPUserTimeout:        cfg.TCPUserTimeout,
+		TCPWriteTimeout:       cmp.Or(cfg.TCPWriteTimeout, -1), // 0 in the settings means none
+		AcceptConnectionLimit: cfg.AcceptConnectionLimit,
+		AcceptConnectionBurst: cfg.AcceptConnectionBurst,
 	}
 	if verifier != nil {
 		rs.Admitter = verifier

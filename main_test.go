@@ -227,6 +227,15 @@ func TestStartFailuresAreOneClearLine(t *testing.T) {
 		{name: "bad environment value", env: env("TAILSCALE_AUTH_KEY", fakeAuthKey, "DERP_REGION_ID", "nine hundred"),
 			args: []string{"-hostname", "127.0.0.1", "-certmode", "manual"},
 			want: []string{"DERP_REGION_ID", "nine hundred", "-region-id"}},
+		{name: "negative accept limit", env: withKey,
+			args: []string{"-hostname", "127.0.0.1", "-certmode", "manual", "-accept-connection-limit", "-5"},
+			want: []string{"-accept-connection-limit", "ACCEPT_CONNECTION_LIMIT", "-5", "0 for no limit"}},
+		{name: "accept limit not a number", env: env("TAILSCALE_AUTH_KEY", fakeAuthKey, "ACCEPT_CONNECTION_LIMIT", "fast"),
+			args: []string{"-hostname", "127.0.0.1", "-certmode", "manual"},
+			want: []string{"ACCEPT_CONNECTION_LIMIT", "fast", "-accept-connection-limit"}},
+		{name: "zero accept burst", env: env("TAILSCALE_AUTH_KEY", fakeAuthKey, "ACCEPT_CONNECTION_BURST", "0"),
+			args: []string{"-hostname", "127.0.0.1", "-certmode", "manual", "-accept-connection-limit", "50"},
+			want: []string{"-accept-connection-burst", "ACCEPT_CONNECTION_BURST", "at least 1"}},
 		{name: "auth key file missing", env: env("TAILSCALE_AUTH_KEY_FILE", "/nonexistent/authkey"),
 			args: []string{"-hostname", "127.0.0.1", "-certmode", "manual"},
 			want: []string{"TAILSCALE_AUTH_KEY_FILE", "/nonexistent/authkey"}},
@@ -567,6 +576,32 @@ func TestBinary(t *testing.T) {
 		p.terminate(t)
 		if strings.Contains(p.Output.String(), "level=ERROR") {
 			t.Errorf("errors logged:\n%s", p.Output.String())
+		}
+	})
+
+	t.Run("accept limit settings reach the relay", func(t *testing.T) {
+		state := filepath.Join(t.TempDir(), "state")
+		p := startTailderpEnv(t, bin, []string{"ACCEPT_CONNECTION_BURST=2"}, "-dev", "-a", "127.0.0.1:0", "-stun=false", "-state-dir", state,
+			"-accept-connection-limit", "0.01") // a connection every 100 s after the first two
+		addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(p.region(t).Nodes[0].DERPPort))
+		dial := func() error {
+			c, err := tls.DialWithDialer(&net.Dialer{Timeout: 10 * time.Second}, "tcp", addr, &tls.Config{InsecureSkipVerify: true})
+			if err == nil {
+				c.Close()
+			}
+			return err
+		}
+		for i := range 2 {
+			if err := dial(); err != nil {
+				t.Fatalf("connection %d of the burst of 2: %v", i+1, err)
+			}
+		}
+		if err := dial(); err == nil {
+			t.Fatal("a third connection was served, want it refused")
+		}
+		p.terminate(t)
+		if w := strings.Count(p.Output.String(), "accept rate limit"); w != 1 {
+			t.Errorf("%d lines about the refusal, want one warning:\n%s", w, p.Output.String())
 		}
 	})
 

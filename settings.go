@@ -42,6 +42,10 @@ func boolVar(p *bool, def bool) func(*flag.FlagSet, string, string) {
 	return func(fs *flag.FlagSet, name, usage string) { fs.BoolVar(p, name, def, usage) }
 }
 
+func floatVar(p *float64, def float64) func(*flag.FlagSet, string, string) {
+	return func(fs *flag.FlagSet, name, usage string) { fs.Float64Var(p, name, def, usage) }
+}
+
 // name is how messages name the setting: "-flag (ENV)", or "ENV" for an
 // environment-only setting.
 func (s *setting) name() string {

@@ -92,15 +92,34 @@ type Server struct {
 	TCPUserTimeout  time.Duration
 	TCPWriteTimeout time.Duration
 
+	// HeaderTimeout bounds a new connection's TLS handshake and then each
+	// request's header (half-open handshakes, slowloris); RequestTimeout
+	// bounds reading a request and writing its response; MaxHeaderBytes
+	// bounds a request's header (larger: 431). None applies to a DERP
+	// connection once upgraded. Zero means the defaults: 10 s, 30 s,
+	// 16 KiB. See limits.go.
+	HeaderTimeout  time.Duration
+	RequestTimeout time.Duration
+	MaxHeaderBytes int
+
+	// AcceptConnectionLimit is how many new HTTPS connections a second
+	// are accepted once AcceptConnectionBurst have been (a token bucket,
+	// as derper's flags of the same names); the rest are closed at once.
+	// Zero (or +Inf) means no limit; with a limit the burst must be at
+	// least 1.
+	AcceptConnectionLimit float64
+	AcceptConnectionBurst int
+
 	// Logger receives the relay's logs; nil discards them.
 	Logger *slog.Logger
 
 	derp     *derpserver.Server
+	logs     relayLogs
 	conns    connTracker
 	https    *http.Server
 	http80   *http.Server
-	lnHTTPS  net.Listener
-	ln80     net.Listener
+	lnHTTPS  *guardedListener
+	ln80     *guardedListener
 	serveErr chan error
 	wg       sync.WaitGroup
 	closeMu  sync.Mutex
@@ -145,7 +164,13 @@ func (s *Server) Start() (err error) {
 		return err
 	}
 
-	s.derp = derpserver.New(s.PrivateKey, derpLogf(s.Logger))
+	acceptLimit, err := s.acceptLimiter()
+	if err != nil {
+		return err
+	}
+
+	s.logs = newRelayLogs(s.Logger)
+	s.derp = derpserver.New(s.PrivateKey, derpLogf(s.Logger, s.logs.conn))
 	defer func() {
 		if err != nil {
 			s.derp.Close()
@@ -170,6 +195,7 @@ func (s *Server) Start() (err error) {
 		}
 		derpHandler = withAdmission(s.Admitter, &s.conns, derpHandler)
 	}
+	derpHandler = checkUpgrade(s.logs.request, derpHandler)
 
 	mux := http.NewServeMux()
 	mux.Handle("/derp", derpHandler)
@@ -197,29 +223,30 @@ func (s *Server) Start() (err error) {
 	s.derp.ModifyTLSConfigToAddMetaCert(tlsConfig)
 
 	// net/http's server error log is mostly failed TLS handshakes from
-	// scanners: debug level.
-	errorLog := log.New(logs.Writer(s.Logger, slog.LevelDebug, "component", "http"), "", 0)
+	// scanners: debug level. Running out of file descriptors is said by
+	// the listener, at warning level.
+	errorLog := log.New(s.logs.http.Writer(slog.LevelDebug, "component", "http"), "", 0)
 	s.https = &http.Server{
 		Handler:   mux,
 		TLSConfig: tlsConfig,
 		ErrorLog:  errorLog,
-		// Deadlines are cleared when derpserver hijacks the connection;
-		// until then they bound TLS handshakes and stuck requests.
-		ReadTimeout:  30 * time.Second,
-		WriteTimeout: 30 * time.Second,
 	}
-	s.lnHTTPS, err = lc.Listen(context.Background(), "tcp", addr)
+	s.limitHTTP(s.https)
+	lnHTTPS, err := lc.Listen(context.Background(), "tcp", addr)
 	if err != nil {
 		return &ListenError{Listener: "https", Addr: addr, Err: err}
 	}
+	s.lnHTTPS = s.guard(lnHTTPS, acceptLimit)
 	s.serveErr = make(chan error, 2)
 	if s.HTTPPort >= 0 {
 		addr80 := net.JoinHostPort(listenHost, strconv.Itoa(s.HTTPPort))
-		s.ln80, err = lc.Listen(context.Background(), "tcp", addr80)
+		ln80, err := lc.Listen(context.Background(), "tcp", addr80)
 		if err != nil {
 			s.lnHTTPS.Close()
 			return &ListenError{Listener: "http", Addr: addr80, Err: err}
 		}
+		// No accept limit: plain HTTP costs no handshake.
+		s.ln80 = s.guard(ln80, nil)
 		mux80 := http.NewServeMux()
 		mux80.HandleFunc("/generate_204", derpserver.ServeNoContent)
 		mux80.HandleFunc("/derp/probe", derpserver.ProbeHandler)
@@ -230,11 +257,10 @@ func (s *Server) Start() (err error) {
 		mux80.Handle("/metrics", http.NotFoundHandler())
 		mux80.Handle("/", s.Certs.HTTPHandler(http.HandlerFunc(s.redirectToHTTPS)))
 		s.http80 = &http.Server{
-			Handler:      mux80,
-			ErrorLog:     errorLog,
-			ReadTimeout:  30 * time.Second,
-			WriteTimeout: 30 * time.Second,
+			Handler:  mux80,
+			ErrorLog: errorLog,
 		}
+		s.limitHTTP(s.http80)
 		s.serve(func() error { return s.http80.Serve(s.ln80) })
 	}
 	s.serve(func() error { return s.https.ServeTLS(s.lnHTTPS, "", "") })
@@ -293,6 +319,7 @@ func (s *Server) ExpVar() expvar.Var {
 	// Rate-limit metrics are published whether or not limits are set (0:
 	// none): a rate config can set them while the relay runs.
 	m.Set("derp", s.derp.ExpVar(true))
+	m.Set("tls_listener", s.lnHTTPS.expVar())
 	m.Set("gauge_cert_not_after_unix_seconds", expvar.Func(func() any {
 		info, ok := s.Certs.Current()
 		if !ok {
@@ -345,6 +372,7 @@ func (s *Server) Close(ctx context.Context) error {
 	err := s.derp.Close()
 	wg.Wait()
 	s.wg.Wait()
+	s.logs.flush()
 	return err
 }
 
