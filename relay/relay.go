@@ -127,14 +127,14 @@ type Server struct {
 	meshCancel context.CancelFunc
 	bootstrap  *bootstrapDNS
 	bgCancel   context.CancelFunc // ends background work: bootstrap DNS
-	https    *http.Server
-	http80   *http.Server
-	lnHTTPS  net.Listener
-	ln80     net.Listener
-	serveErr chan error
-	wg       sync.WaitGroup
-	closeMu  sync.Mutex
-	closed   bool
+	https      *http.Server
+	http80     *http.Server
+	lnHTTPS    net.Listener
+	ln80       net.Listener
+	serveErr   chan error
+	wg         sync.WaitGroup
+	closeMu    sync.Mutex
+	closed     bool
 }
 
 // ListenError is returned by Start when a listener cannot be bound.
