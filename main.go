@@ -10,6 +10,7 @@ package main
 
 import (
 	"context"
+	"crypto/x509"
 	"errors"
 	"expvar"
 	"flag"
@@ -130,9 +131,15 @@ func run(ctx context.Context, cfg *config, logger *slog.Logger, out io.Writer) e
 	if err != nil {
 		return err
 	}
-	meshKey, err := readMeshKey(cfg.MeshPSKFile)
-	if err != nil {
-		return err
+	var meshRoots *x509.CertPool
+	if cfg.MeshCABundle != "" {
+		if meshRoots, err = loadCertPool(cfg.MeshCABundle); err != nil {
+			return fmt.Errorf("%s: %w", settingName("mesh-ca-bundle"), err)
+		}
+	}
+	meshPeers := cfg.meshPeers()
+	if _, self, _ := cfg.meshEntries(); self >= 0 {
+		logger.Info("mesh: this relay's own entry in -mesh-with is skipped", "hostname", cfg.Hostname)
 	}
 
 	var n *node.Node
@@ -168,8 +175,13 @@ func run(ctx context.Context, cfg *config, logger *slog.Logger, out io.Writer) e
 		Certs:      certs,
 		PrivateKey: derpKey,
 		Home:       cfg.Home,
-		MeshKey:    meshKey,
+		MeshKey:    cfg.meshKey,
 		Logger:     logger,
+
+		MeshWith:                     meshPeers,
+		MeshRootCAs:                  meshRoots,
+		BootstrapDNSNames:            splitList(cfg.BootstrapDNSNames),
+		UnpublishedBootstrapDNSNames: cfg.unpublishedBootstrapNames(),
 	}
 	if verifier != nil {
 		rs.Admitter = verifier
@@ -190,7 +202,7 @@ func run(ctx context.Context, cfg *config, logger *slog.Logger, out io.Writer) e
 	}
 
 	sv := servingNow(cfg, rs, certs, stunAddr)
-	if err := writeSnippet(out, sv.Region); err != nil {
+	if err := writeSnippet(out, cfg.fleetRegion(sv.Region)); err != nil {
 		return err
 	}
 	if stateWritable == nil {
@@ -319,6 +331,7 @@ func serveDebug(ctx context.Context, cfg *config, n *node.Node, rs *relay.Server
 		Verifier:  v,
 		NodeName:  n.NodeName,
 		Connected: rs.Connected,
+		MeshPeers: rs.MeshPeers,
 		Info: []debugsrv.Info{
 			{Name: "TLS hostname", Value: func() any { return cfg.Hostname }},
 			{Name: "Node state", Value: func() any { return n.State() }},

@@ -142,6 +142,8 @@ func ParseMeshPeer(s string) (MeshPeer, error) {
 	}
 	if ip, err := netip.ParseAddr(host); err == nil {
 		host = ip.Unmap().String()
+	} else {
+		host = strings.ToLower(strings.TrimSuffix(host, "."))
 	}
 	p.Host = host
 	if port != "" {

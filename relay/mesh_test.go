@@ -86,6 +86,7 @@ func TestParseMeshPeer(t *testing.T) {
 	}{
 		{"derp2.example.com", MeshPeer{Host: "derp2.example.com"}, "derp2.example.com"},
 		{"derp2.example.com:443", MeshPeer{Host: "derp2.example.com"}, "derp2.example.com"},
+		{"DERP2.Example.com.", MeshPeer{Host: "derp2.example.com"}, "derp2.example.com"},
 		{"derp2.example.com:8443", MeshPeer{Host: "derp2.example.com", Port: 8443}, "derp2.example.com:8443"},
 		{"203.0.113.7", MeshPeer{Host: "203.0.113.7"}, "203.0.113.7"},
 		{"2001:db8::2", MeshPeer{Host: "2001:db8::2"}, "[2001:db8::2]"},
