@@ -80,8 +80,10 @@ type config struct {
 	// src says which settings were given, and how.
 	src sources
 
-	// meshKey is read from MeshPSKFile by loadConfig.
-	meshKey key.DERPMesh
+	// meshKey and meshRoots are read from MeshPSKFile and MeshCABundle by
+	// loadConfig.
+	meshKey   key.DERPMesh
+	meshRoots *x509.CertPool
 }
 
 // settingsFor lists every setting, bound to c: the one table of settings.
@@ -239,8 +241,18 @@ func loadConfig(name string, args []string, getenv func(string) string, stderr i
 	if err := c.validate(); err != nil {
 		return nil, err
 	}
+	// Only the server needs the key: `tailderp derpmap` prints the fleet
+	// from -mesh-with alone.
+	if len(c.meshPeers()) > 0 && c.MeshPSKFile == "" {
+		return nil, fmt.Errorf("%s needs %s: a file holding the fleet's mesh key, 64 hex digits (e.g. from `openssl rand -hex 32`), the same on every relay of the fleet", settingName("mesh-with"), settingName("mesh-psk-file"))
+	}
 	if c.meshKey, err = readMeshKey(c.MeshPSKFile); err != nil {
 		return nil, err
+	}
+	if c.MeshCABundle != "" {
+		if c.meshRoots, err = loadCertPool(c.MeshCABundle); err != nil {
+			return nil, fmt.Errorf("%s: %w", settingName("mesh-ca-bundle"), err)
+		}
 	}
 	return c, c.validateLogin()
 }
@@ -551,18 +563,10 @@ func (c *config) unpublishedBootstrapNames() []string {
 	return []string{strings.ToLower(u.Hostname())}
 }
 
-// validateFleet checks -mesh-with, -mesh-ca-bundle and the bootstrap DNS
-// names.
+// validateFleet checks -mesh-with and the bootstrap DNS names.
 func (c *config) validateFleet() error {
-	entries, _, err := c.meshEntries()
-	if err != nil {
+	if _, _, err := c.meshEntries(); err != nil {
 		return fmt.Errorf("%s: %v", settingName("mesh-with"), err)
-	}
-	if len(entries) > 0 && c.MeshPSKFile == "" {
-		return fmt.Errorf("%s needs %s: a file holding the fleet's mesh key, 64 hex digits (e.g. from `openssl rand -hex 32`), the same on every relay of the fleet", settingName("mesh-with"), settingName("mesh-psk-file"))
-	}
-	if c.MeshCABundle != "" && len(entries) == 0 {
-		return fmt.Errorf("%s is set but %s is not: the bundle is only for mesh peers' certificates", settingName("mesh-ca-bundle"), settingName("mesh-with"))
 	}
 	published := splitList(c.BootstrapDNSNames)
 	unpublished := c.unpublishedBootstrapNames()

@@ -63,8 +63,8 @@ func TestFleetSettingsErrors(t *testing.T) {
 			[]string{"-mesh-psk-file (MESH_PSK_FILE)", "all zeros"}},
 		{"missing mesh key file", []string{"-mesh-psk-file", "/nonexistent/mesh.key"},
 			[]string{"-mesh-psk-file (MESH_PSK_FILE)", "/nonexistent/mesh.key"}},
-		{"mesh-ca-bundle alone", []string{"-mesh-ca-bundle", good},
-			[]string{"-mesh-ca-bundle (MESH_CA_BUNDLE)", "-mesh-with (MESH_WITH) is not"}},
+		{"mesh-ca-bundle missing", []string{"-mesh-with", "derp2.example.com", "-mesh-psk-file", good, "-mesh-ca-bundle", "/nonexistent/ca.pem"},
+			[]string{"-mesh-ca-bundle (MESH_CA_BUNDLE)", "/nonexistent/ca.pem"}},
 		{"bootstrap name is a URL", []string{"-bootstrap-dns-names", "https://hs.example.com"},
 			[]string{"-bootstrap-dns-names (BOOTSTRAP_DNS_NAMES)", `"https://hs.example.com"`, "not a DNS name"}},
 		{"bootstrap name with a port", []string{"-bootstrap-dns-names", "hs.example.com:8080"},
@@ -161,10 +161,9 @@ func TestUnpublishedBootstrapDefault(t *testing.T) {
 // region: a node per relay in the list's order, this relay's where its
 // entry stands, each peer with what its entry says.
 func TestDERPMapFleet(t *testing.T) {
-	key := writeFile(t, "mesh.key", testMeshKey)
 	pin := "sha256-raw:" + strings.Repeat("ab", 32)
 	code, stdout, stderr := runMain(t, nil, "derpmap", "-hostname", "derp2.example.com", "-stun-port", "3479",
-		"-mesh-psk-file", key, "-state-dir", t.TempDir(),
+		"-state-dir", t.TempDir(),
 		"-mesh-with", "derp1.example.com,derp2.example.com,derp3.example.com:8443/10.0.0.3,"+pin+"@203.0.113.9")
 	if code != 0 {
 		t.Fatalf("exit %d:\n%s", code, stderr)

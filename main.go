@@ -10,7 +10,6 @@ package main
 
 import (
 	"context"
-	"crypto/x509"
 	"errors"
 	"expvar"
 	"flag"
@@ -131,12 +130,6 @@ func run(ctx context.Context, cfg *config, logger *slog.Logger, out io.Writer) e
 	if err != nil {
 		return err
 	}
-	var meshRoots *x509.CertPool
-	if cfg.MeshCABundle != "" {
-		if meshRoots, err = loadCertPool(cfg.MeshCABundle); err != nil {
-			return fmt.Errorf("%s: %w", settingName("mesh-ca-bundle"), err)
-		}
-	}
 	meshPeers := cfg.meshPeers()
 	if _, self, _ := cfg.meshEntries(); self >= 0 {
 		logger.Info("mesh: this relay's own entry in -mesh-with is skipped", "hostname", cfg.Hostname)
@@ -179,7 +172,7 @@ func run(ctx context.Context, cfg *config, logger *slog.Logger, out io.Writer) e
 		Logger:     logger,
 
 		MeshWith:                     meshPeers,
-		MeshRootCAs:                  meshRoots,
+		MeshRootCAs:                  cfg.meshRoots,
 		BootstrapDNSNames:            splitList(cfg.BootstrapDNSNames),
 		UnpublishedBootstrapDNSNames: cfg.unpublishedBootstrapNames(),
 	}
