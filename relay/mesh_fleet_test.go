@@ -397,13 +397,14 @@ func TestMeshFleet(t *testing.T) {
 	pA, pB, pD := freeTCPPort(t), freeTCPPort(t), freeTCPPort(t)
 	fleet := meshPeers(t, pA, pB, pD)
 
+	// derper first: the tailderps reach it at once; derper dials them
+	// again 5 s after its first dials failed.
+	startDerper(t, ca, pD, mkFile, fmt.Sprintf("127.0.0.1:%d,127.0.0.1:%d,127.0.0.1:%d", pA, pB, pD))
 	a := startTailderp(t, ca, pA, key.NewNode(), mk, fleet, nil)
 	b := startTailderp(t, ca, pB, key.NewNode(), mk, fleet, nil)
-	startDerper(t, ca, pD, mkFile, fmt.Sprintf("127.0.0.1:%d,127.0.0.1:%d,127.0.0.1:%d", pA, pB, pD))
 
 	// Each tailderp finds its own entry is itself and connects to the
-	// other two (derper is dialed again 5 s after a first dial that
-	// raced its start).
+	// other two.
 	waitMeshUp(t, "a", a.Server, 2, 20*time.Second)
 	waitMeshUp(t, "b", b.Server, 2, 20*time.Second)
 	for _, st := range a.MeshPeers() {
@@ -416,11 +417,20 @@ func TestMeshFleet(t *testing.T) {
 			if st.ServerKey != b.priv.Public() {
 				t.Errorf("a's link to b: server key %v, want b's %v", st.ServerKey.ShortString(), b.priv.Public().ShortString())
 			}
-			// b lists at least a's and derper's mesh connections.
-			if st.Clients < 2 {
-				t.Errorf("a's link to b lists %d clients, want at least 2", st.Clients)
-			}
 		}
+	}
+	// b lists a's own mesh connection, and derper's once derper has
+	// dialed b again: a learns of a connection to b as it comes.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		st := a.MeshPeers()[1]
+		if st.Clients >= 2 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("a's link to b lists %d clients after 10s, want a's and derper's mesh connections", st.Clients)
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 
 	clients := map[string]*fleetClient{"a": newFleetClient(t, ca, pA), "b": newFleetClient(t, ca, pB), "derper": newFleetClient(t, ca, pD)}
@@ -447,23 +457,24 @@ func TestMeshFleet(t *testing.T) {
 		pW := freeTCPPort(t)
 		w := startTailderp(t, ca, pW, key.NewNode(), other, meshPeers(t, pA, pB, pD, pW), nil)
 		cw := newFleetClient(t, ca, pW)
-		// Wait until w has tried every peer and been refused.
+		// Wait until w has tried every peer and been refused, and found
+		// its own entry.
 		deadline := time.Now().Add(15 * time.Second)
 		for {
-			tried := 0
+			settled := 0
 			for _, st := range w.MeshPeers() {
 				if st.State == relay.MeshConnected {
 					t.Fatalf("relay with another mesh key connected to %s", st.Peer)
 				}
-				if st.LastError != "" {
-					tried++
+				if st.LastError != "" || st.State == relay.MeshSelf {
+					settled++
 				}
 			}
-			if tried == 3 {
+			if settled == 4 {
 				break
 			}
 			if time.Now().After(deadline) {
-				t.Fatalf("relay with another mesh key: %d of 3 peers refused it after 15s: %+v", tried, w.MeshPeers())
+				t.Fatalf("relay with another mesh key: %d of 3 peers refused it (and itself found) after 15s: %+v", settled, w.MeshPeers())
 			}
 			time.Sleep(50 * time.Millisecond)
 		}
