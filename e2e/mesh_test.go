@@ -160,6 +160,11 @@ func TestMeshedTailderps(t *testing.T) {
 			t.Errorf("relay on %d kept a stranger (%s) connected", p.HTTPSPort, k.ShortString())
 		}
 	}
+	// Bootstrap DNS is on the public listener; this relay has no names
+	// (its control server is an IP address): an empty answer.
+	if code, body := get(ctx, t, publicClient(), r1.url("/bootstrap-dns?q=control.example.com")); code != 200 || body != "{}" {
+		t.Errorf("/bootstrap-dns = %d %q, want 200 {}", code, body)
+	}
 	if !strings.Contains(r1.out.String(), "mesh: this relay's own entry in -mesh-with is skipped") {
 		t.Error("relay1 did not say it skipped its own -mesh-with entry")
 	}
