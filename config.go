@@ -16,6 +16,7 @@ import (
 	"strings"
 	"time"
 
+	"tailscale.com/ipn"
 	"tailscale.com/tailcfg"
 	"tailscale.com/types/key"
 
@@ -48,6 +49,12 @@ type config struct {
 	// Relay: limits against a hostile internet
 	AcceptConnectionLimit float64
 	AcceptConnectionBurst int
+
+	// Fleet and bootstrap DNS
+	MeshWith                     string
+	MeshCABundle                 string
+	BootstrapDNSNames            string
+	UnpublishedBootstrapDNSNames string
 
 	// Certificates
 	CertMode         string
@@ -90,8 +97,11 @@ type config struct {
 	// notes are lines for the operator about names tailderp does not read
 	// (derper's, its images'), found in the environment.
 	notes []string
-	// meshKey is the key in MeshPSKFile, read by loadConfig.
-	meshKey key.DERPMesh
+
+	// meshKey and meshRoots are read from MeshPSKFile and MeshCABundle by
+	// loadConfig.
+	meshKey   key.DERPMesh
+	meshRoots *x509.CertPool
 }
 
 // settingsFor lists every setting, bound to c: the one table of settings.
@@ -114,6 +124,14 @@ func settingsFor(c *config) []setting {
 			usage: "directory for all state: DERP key, certificates, tailnet node; must persist and be writable"},
 		{flag: "mesh-psk-file", env: "MESH_PSK_FILE", aliases: []string{"MESH_PSKFILE", "DERP_MESH_PSK_FILE"}, group: "Relay", bind: strVar(&c.MeshPSKFile, ""),
 			usage: "file holding the relay fleet's mesh key (64 hex digits); clients presenting it skip admission"},
+		{flag: "mesh-with", env: "MESH_WITH", group: "Relay", bind: strVar(&c.MeshWith, ""),
+			usage: "the relays of this fleet (one derpMap region), comma-separated host[:port]; needs -mesh-psk-file. Each is dialed with the mesh key and packets for its clients are forwarded to it, as derper does (derper and tailderp mix). This relay's own entry is skipped, so all can be given the same list. [sha256-raw:HEX@]host pins a self-signed peer (its CertName); host/ip dials ip (a private address) instead of resolving host"},
+		{flag: "mesh-ca-bundle", env: "MESH_CA_BUNDLE", group: "Relay", bind: strVar(&c.MeshCABundle, ""),
+			usage: "PEM file of extra root CAs to trust for -mesh-with peers' certificates (a fleet whose certificates a private CA signs); the system's roots are always trusted"},
+		{flag: "bootstrap-dns-names", env: "BOOTSTRAP_DNS_NAMES", group: "Relay", bind: strVar(&c.BootstrapDNSNames, ""),
+			usage: "comma-separated DNS names served with their addresses at /bootstrap-dns, for clients whose own DNS fails (resolved here every 10 minutes)"},
+		{flag: "unpublished-bootstrap-dns-names", env: "UNPUBLISHED_BOOTSTRAP_DNS_NAMES", group: "Relay", bind: strVar(&c.UnpublishedBootstrapDNSNames, ""),
+			usage: "comma-separated DNS names answered at /bootstrap-dns?q=NAME only, never listed. Default: the control server's host name (-control-url's, or Tailscale's) when the relay runs its tailnet node; none to turn it off"},
 		{flag: "dev", env: "DEV", group: "Relay", bind: boolVar(&c.Dev, false),
 			usage: "try it out: serve on 127.0.0.1:3340 with a self-signed certificate, no port 80, and no tailnet node unless a key is set"},
 		{flag: "tcp-keepalive-time", env: "TCP_KEEPALIVE_TIME", aliases: []string{"DERP_TCP_KEEPALIVE_TIME"}, group: "Relay", bind: durationVar(&c.TCPKeepAlive, relay.DefaultTCPKeepAlive),
@@ -281,8 +299,18 @@ func loadConfig(name string, args []string, getenv func(string) string, stderr i
 	if err := c.checkRateConfig(); err != nil {
 		return nil, err
 	}
+	// Only the server needs the key: `tailderp derpmap` prints the fleet
+	// from -mesh-with alone.
+	if len(c.meshPeers()) > 0 && c.MeshPSKFile == "" {
+		return nil, fmt.Errorf("%s needs %s: a file holding the fleet's mesh key, 64 hex digits (e.g. from `openssl rand -hex 32`), the same on every relay of the fleet", settingName("mesh-with"), settingName("mesh-psk-file"))
+	}
 	if c.meshKey, err = readMeshKey(c.MeshPSKFile); err != nil {
 		return nil, err
+	}
+	if c.MeshCABundle != "" {
+		if c.meshRoots, err = loadCertPool(c.MeshCABundle); err != nil {
+			return nil, fmt.Errorf("%s: %w", settingName("mesh-ca-bundle"), err)
+		}
 	}
 	return c, c.validateLogin()
 }
@@ -454,6 +482,9 @@ func (c *config) validate() error {
 		case !ip.want4 && !a.Is6():
 			return fmt.Errorf("%s %q: not an IPv6 address (IPv4 goes in %s)", settingName(ip.key), ip.val, settingName("ipv4"))
 		}
+	}
+	if err := c.validateFleet(); err != nil {
+		return err
 	}
 	if strings.HasPrefix(c.AuthKey, "tskey-client-") && c.AdvertiseTags == "" {
 		return fmt.Errorf("TAILSCALE_AUTH_KEY holds an OAuth client secret (tskey-client-…), which needs %s, e.g. tag:derp", settingName("advertise-tags"))
@@ -631,9 +662,129 @@ func readMeshKey(path string) (key.DERPMesh, error) {
 	if err != nil {
 		return key.DERPMesh{}, fmt.Errorf("%s: %w", settingName("mesh-psk-file"), err)
 	}
+	if len(strings.TrimSpace(string(b))) == 0 {
+		return key.DERPMesh{}, fmt.Errorf("%s %s is empty: put the fleet's mesh key in it, 64 hex digits (e.g. from `openssl rand -hex 32`), the same file on every relay of the fleet", settingName("mesh-psk-file"), path)
+	}
 	k, err := key.ParseDERPMesh(strings.TrimSpace(string(b)))
 	if err != nil {
 		return key.DERPMesh{}, fmt.Errorf("%s %s: %v (want 64 hex digits, e.g. from `openssl rand -hex 32`)", settingName("mesh-psk-file"), path, err)
 	}
+	if k.IsZero() {
+		return key.DERPMesh{}, fmt.Errorf("%s %s holds a key of all zeros, which is no secret: make one with `openssl rand -hex 32`", settingName("mesh-psk-file"), path)
+	}
 	return k, nil
+}
+
+// The fleet: -mesh-with and bootstrap DNS.
+
+// splitList splits a comma-separated setting, dropping empty entries.
+func splitList(s string) []string {
+	var out []string
+	for e := range strings.SplitSeq(s, ",") {
+		if e = strings.TrimSpace(e); e != "" {
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+// meshEntries parses -mesh-with: every entry, and the index of the one
+// that is this relay (-1 if none): -hostname at the port of -a. derper
+// lists its own name too; a relay reached under another name is still
+// found out by its DERP key when dialed, and dropped then.
+func (c *config) meshEntries() (entries []relay.MeshPeer, self int, err error) {
+	self = -1
+	httpsPort, _ := c.configuredPorts()
+	seen := map[string]bool{}
+	for _, e := range splitList(c.MeshWith) {
+		p, err := relay.ParseMeshPeer(e)
+		if err != nil {
+			return nil, -1, err
+		}
+		if seen[p.String()] {
+			return nil, -1, fmt.Errorf("%s is listed twice", p)
+		}
+		seen[p.String()] = true
+		port := p.Port
+		if port == 0 {
+			port = 443
+		}
+		if self < 0 && strings.EqualFold(p.Host, strings.TrimSuffix(c.Hostname, ".")) && port == httpsPort {
+			self = len(entries)
+		}
+		entries = append(entries, p)
+	}
+	return entries, self, nil
+}
+
+// meshPeers are the relays to dial: -mesh-with without this relay.
+func (c *config) meshPeers() []relay.MeshPeer {
+	entries, self, _ := c.meshEntries() // validated by loadConfig
+	if self >= 0 {
+		entries = append(entries[:self:self], entries[self+1:]...)
+	}
+	return entries
+}
+
+// fleetRegion is the derpMap region to print: self (this relay's region)
+// alone, or with a node per -mesh-with peer.
+func (c *config) fleetRegion(self *tailcfg.DERPRegion) *tailcfg.DERPRegion {
+	entries, i, err := c.meshEntries()
+	if err != nil || len(entries) == 0 || (len(entries) == 1 && i == 0) {
+		return self
+	}
+	return relay.FleetRegion(self, entries, i)
+}
+
+// unpublishedBootstrapNames are the names answered at /bootstrap-dns only
+// to a query for them: -unpublished-bootstrap-dns-names, by default the
+// control server's host name when the relay runs its node, so a client
+// whose DNS fails still finds its control server; a name, not an IP
+// address, and not listed, so the relay does not tell who asks which
+// control server it serves.
+func (c *config) unpublishedBootstrapNames() []string {
+	if c.src["unpublished-bootstrap-dns-names"] != "" {
+		if strings.EqualFold(strings.TrimSpace(c.UnpublishedBootstrapDNSNames), "none") {
+			return nil
+		}
+		return splitList(c.UnpublishedBootstrapDNSNames)
+	}
+	if !c.VerifyClients {
+		return nil
+	}
+	control := c.ControlURL
+	if control == "" {
+		control = ipn.DefaultControlURL
+	}
+	u, err := url.Parse(control)
+	if err != nil || !relay.ValidBootstrapDNSName(u.Hostname()) {
+		return nil
+	}
+	return []string{strings.ToLower(u.Hostname())}
+}
+
+// validateFleet checks -mesh-with and the bootstrap DNS names.
+func (c *config) validateFleet() error {
+	if _, _, err := c.meshEntries(); err != nil {
+		return fmt.Errorf("%s: %v", settingName("mesh-with"), err)
+	}
+	published := splitList(c.BootstrapDNSNames)
+	unpublished := c.unpublishedBootstrapNames()
+	for _, s := range []struct {
+		key   string
+		names []string
+	}{{"bootstrap-dns-names", published}, {"unpublished-bootstrap-dns-names", unpublished}} {
+		for _, n := range s.names {
+			if strings.Contains(n, "/") && !strings.Contains(n, "://") {
+				return fmt.Errorf("%s %q: derper's name/TXT-record rollout percentages are not supported; give the name alone", settingName(s.key), n)
+			}
+			if !relay.ValidBootstrapDNSName(n) {
+				return fmt.Errorf("%s %q: not a DNS name (give host names, no URL, port or IP address)", settingName(s.key), n)
+			}
+		}
+	}
+	if n := len(published) + len(unpublished); n > relay.MaxBootstrapDNSNames {
+		return fmt.Errorf("%s and %s name %d names together: at most %d", settingName("bootstrap-dns-names"), settingName("unpublished-bootstrap-dns-names"), n, relay.MaxBootstrapDNSNames)
+	}
+	return nil
 }

@@ -64,6 +64,10 @@ var depRules = []depRule{
 			module + "/internal/testacme":    "no test code in the binary",
 			module + "/internal/testutil":    "no test code in the binary",
 			"github.com/letsencrypt/...":     "no test code in the binary (Pebble is a test CA)",
+			// Upstream derper is a go.mod tool, built by the mesh tests only.
+			"tailscale.com/cmd/derper":       "derper is a test tool (go.mod's tool block), not part of tailderp",
+			"github.com/tailscale/setec/...": "derper's secrets client came with the derper tool; tailderp reads its mesh key from a file",
+			"github.com/prometheus/...":      "derper's dependencies came with the derper tool; tailderp's metrics are tsweb's",
 		}},
 }
 

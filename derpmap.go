@@ -54,6 +54,10 @@ func runDERPMap(args []string, getenv func(string) string, stdout, stderr io.Wri
 	if note != "" {
 		fmt.Fprintf(stderr, "tailderp derpmap: %s\n", note)
 	}
+	if fleet := cfg.fleetRegion(region); len(fleet.Nodes) > 1 {
+		fmt.Fprintf(stderr, "tailderp derpmap: the fleet's region: this relay and %d peers of %s, in its order (clients use the first node they reach); peers are assumed to serve STUN like this relay\n", len(fleet.Nodes)-1, settingName("mesh-with"))
+		region = fleet
+	}
 	b, err := relay.PolicySnippet(region)
 	if err != nil {
 		fmt.Fprintf(stderr, "tailderp derpmap: %v\n", err)
@@ -100,7 +104,10 @@ Usage:
 
 It takes the server's own settings (flags and environment, see tailderp -help):
 -hostname, -a, -stun-port, -stun, -certmode, -certdir, -state-dir, -region-id,
--region-code, -region-name, -ipv4, -ipv6. While the server runs on this
+-region-code, -region-name, -ipv4, -ipv6, -mesh-with. With -mesh-with the
+region is the fleet's: a node for this relay and one for each peer, in the
+list's order (a peer's node has its host, port and pin from its entry, its
+address when the entry is an IP, and this relay's STUN port). While the server runs on this
 machine, it prints what that server serves (its serving.json in the state
 directory): the bound ports and the certificate pin. In IP mode the pin is
 read from the certificate in the certificate directory. Notes go to stderr.

@@ -143,6 +143,10 @@ func run(ctx context.Context, cfg *config, logger *slog.Logger, out io.Writer) e
 	if err != nil {
 		return err
 	}
+	meshPeers := cfg.meshPeers()
+	if _, self, _ := cfg.meshEntries(); self >= 0 {
+		logger.Info("mesh: this relay's own entry in -mesh-with is skipped", "hostname", cfg.Hostname)
+	}
 
 	var n *node.Node
 	var verifier *verify.Verifier
@@ -188,11 +192,15 @@ func run(ctx context.Context, cfg *config, logger *slog.Logger, out io.Writer) e
 		MeshKey:    cfg.meshKey,
 		Logger:     logger,
 
-		TCPKeepAlive:          cfg.TCPKeepAlive,
-		TCPUserTimeout:        cfg.TCPUserTimeout,
-		TCPWriteTimeout:       cmp.Or(cfg.TCPWriteTimeout, -1), // 0 in the settings means none
-		AcceptConnectionLimit: cfg.AcceptConnectionLimit,
-		AcceptConnectionBurst: cfg.AcceptConnectionBurst,
+		TCPKeepAlive:                 cfg.TCPKeepAlive,
+		TCPUserTimeout:               cfg.TCPUserTimeout,
+		TCPWriteTimeout:              cmp.Or(cfg.TCPWriteTimeout, -1), // 0 in the settings means none
+		AcceptConnectionLimit:        cfg.AcceptConnectionLimit,
+		AcceptConnectionBurst:        cfg.AcceptConnectionBurst,
+		MeshWith:                     meshPeers,
+		MeshRootCAs:                  cfg.meshRoots,
+		BootstrapDNSNames:            splitList(cfg.BootstrapDNSNames),
+		UnpublishedBootstrapDNSNames: cfg.unpublishedBootstrapNames(),
 	}
 	if verifier != nil {
 		rs.Admitter = verifier
@@ -229,7 +237,7 @@ func run(ctx context.Context, cfg *config, logger *slog.Logger, out io.Writer) e
 	}
 
 	sv := servingNow(cfg, rs, certs, stunAddr)
-	if err := writeSnippet(out, sv.Region); err != nil {
+	if err := writeSnippet(out, cfg.fleetRegion(sv.Region)); err != nil {
 		return err
 	}
 	if stateWritable == nil {
@@ -419,6 +427,7 @@ func serveDebug(ctx context.Context, cfg *config, n *node.Node, rs *relay.Server
 		Verifier:  v,
 		NodeName:  n.NodeName,
 		Connected: rs.Connected,
+		MeshPeers: rs.MeshPeers,
 		Info: []debugsrv.Info{
 			{Name: "TLS hostname", Value: func() any { return cfg.Hostname }},
 			{Name: "Node state", Value: func() any { return n.State() }},

@@ -1,7 +1,7 @@
 // Package debugsrv is tailderp's /debug: pprof, metrics (expvar JSON at
 // /debug/vars, Prometheus text at /debug/varz and /metrics), derpserver's
-// consistency and traffic checks, the list of admitted clients, and the
-// tailnet node's state.
+// consistency and traffic checks, the list of admitted clients, the mesh
+// peers, and the tailnet node's state.
 //
 // It is only ever served on a listener of the embedded tailnet node (see
 // node.Node.Listen), never on the public relay: being on the tailnet is
@@ -22,6 +22,7 @@ import (
 	"tailscale.com/tsweb/varz"
 	"tailscale.com/types/key"
 
+	"github.com/tailderp/tailderp/relay"
 	"github.com/tailderp/tailderp/verify"
 )
 
@@ -38,6 +39,9 @@ type Config struct {
 	NodeName func(key.NodePublic) string
 	// Connected reports whether a client has an admitted connection open.
 	Connected func(key.NodePublic) bool
+	// MeshPeers, if set, lists the relay's mesh peers at /debug/mesh
+	// (relay.Server.MeshPeers).
+	MeshPeers func() []relay.MeshPeerStatus
 	// Info is shown as key/value lines on /debug/, in this order.
 	Info []Info
 }
@@ -68,6 +72,14 @@ func Handler(c Config) http.Handler {
 	if c.Verifier != nil {
 		d.Handle("clients", "Admitted clients", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			serveClients(w, c)
+		}))
+	}
+	if c.MeshPeers != nil {
+		d.Handle("mesh", "Mesh peers", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Type", "text/html; charset=utf-8")
+			io.WriteString(w, "<html><body><h1>Mesh peers</h1>\n")
+			writeMeshTable(w, c.MeshPeers(), time.Now())
+			io.WriteString(w, "</body></html>\n")
 		}))
 	}
 
@@ -121,6 +133,31 @@ func serveClients(w http.ResponseWriter, c Config) {
 			a.At.UTC().Format(time.RFC3339), connected)
 	}
 	io.WriteString(w, "</table></body></html>\n")
+}
+
+// writeMeshTable writes the mesh peers as an HTML table: one row a peer,
+// with its state, for how long, its DERP key, how many clients it lists,
+// and its last error.
+func writeMeshTable(w io.Writer, peers []relay.MeshPeerStatus, now time.Time) {
+	if len(peers) == 0 {
+		io.WriteString(w, "<p>No mesh peers configured.</p>\n")
+		return
+	}
+	io.WriteString(w, "<table><tr><th>peer</th><th>state</th><th>since</th><th>peer key</th><th>clients</th><th>last error</th></tr>\n")
+	for _, p := range peers {
+		peerKey, lastErr := "", ""
+		if !p.ServerKey.IsZero() {
+			peerKey = p.ServerKey.ShortString()
+		}
+		if p.LastError != "" {
+			lastErr = fmt.Sprintf("%s (%s ago)", p.LastError, now.Sub(p.LastErrorAt).Round(time.Second))
+		}
+		fmt.Fprintf(w, "<tr><td>%s</td><td>%s</td><td>%s (%s)</td><td>%s</td><td>%d</td><td>%s</td></tr>\n",
+			html.EscapeString(p.Peer.String()), html.EscapeString(string(p.State)),
+			p.Since.UTC().Format(time.RFC3339), now.Sub(p.Since).Round(time.Second),
+			html.EscapeString(peerKey), p.Clients, html.EscapeString(lastErr))
+	}
+	io.WriteString(w, "</table>\n")
 }
 
 // Serve serves h on ln until ln is closed.

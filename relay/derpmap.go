@@ -3,6 +3,7 @@ package relay
 import (
 	"encoding/json"
 	"fmt"
+	"net/netip"
 
 	"tailscale.com/tailcfg"
 )
@@ -28,7 +29,7 @@ type NodeInfo struct {
 // DERPRegion returns the derpMap region for a single relay node.
 func DERPRegion(rc RegionConfig, n NodeInfo) *tailcfg.DERPRegion {
 	node := &tailcfg.DERPNode{
-		Name:     fmt.Sprintf("%da", rc.RegionID),
+		Name:     nodeName(rc.RegionID, 0),
 		RegionID: rc.RegionID,
 		HostName: n.HostName,
 		IPv4:     n.IPv4,
@@ -67,4 +68,52 @@ func PolicySnippet(r *tailcfg.DERPRegion) ([]byte, error) {
 		return nil, fmt.Errorf("relay: derpMap snippet: %w", err)
 	}
 	return b, nil
+}
+
+// FleetRegion returns the derpMap region of a fleet: self's node (self is
+// this relay's region, as DERPRegion made it) and one node per mesh peer,
+// in the order of peers with this relay at selfIndex (first when
+// selfIndex < 0), so every relay given the same list describes the same
+// region. Clients connect to the first node they can reach, in order.
+//
+// What a peer's node can say comes from its MeshPeer: its host and port,
+// its CertName pin, and its address when Host is an IP address (DialIP is
+// a private address for the relays, not for clients). Peers are assumed
+// to serve STUN on the same port as this relay.
+func FleetRegion(self *tailcfg.DERPRegion, peers []MeshPeer, selfIndex int) *tailcfg.DERPRegion {
+	me := *self.Nodes[0]
+	var nodes []*tailcfg.DERPNode
+	if selfIndex < 0 || selfIndex >= len(peers) {
+		nodes = append(nodes, &me)
+	}
+	for i, p := range peers {
+		if i == selfIndex {
+			nodes = append(nodes, &me)
+			continue
+		}
+		n := &tailcfg.DERPNode{RegionID: self.RegionID, HostName: p.Host, DERPPort: p.Port, CertName: p.CertName, STUNPort: me.STUNPort}
+		if ip, err := netip.ParseAddr(p.Host); err == nil {
+			if ip.Is4() {
+				n.IPv4 = p.Host
+			} else {
+				n.IPv6 = p.Host
+			}
+		}
+		nodes = append(nodes, n)
+	}
+	for i, n := range nodes {
+		n.Name = nodeName(self.RegionID, i)
+	}
+	out := *self
+	out.Nodes = nodes
+	return &out
+}
+
+// nodeName names the i-th node of a region: 900a, 900b, … 900z, 900aa, ….
+func nodeName(regionID, i int) string {
+	suffix := ""
+	for i++; i > 0; i = (i - 1) / 26 {
+		suffix = string(rune('a'+(i-1)%26)) + suffix
+	}
+	return fmt.Sprintf("%d%s", regionID, suffix)
 }

@@ -7,6 +7,11 @@ import (
 	"testing"
 )
 
+// TestToolDir is a directory for tools the tests build (upstream derper,
+// see mesh_fleet_test.go), removed when the tests end. It lives in a
+// _test.go file: the package itself has no such thing.
+var TestToolDir string
+
 // TestMain registers the admission scheme once, as a program does at
 // start (see RegisterAdmissionScheme), before any test starts a relay with
 // an Admitter.
@@ -15,5 +20,13 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
-	os.Exit(m.Run())
+	dir, err := os.MkdirTemp("", "tailderp-relay-test-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	TestToolDir = dir
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
 }

@@ -2,8 +2,10 @@ package relay
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"net/netip"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -81,5 +83,135 @@ func TestMeshPeersSkipAdmission(t *testing.T) {
 	}
 	if n := adm.calls.Load(); n != 1 {
 		t.Fatalf("Admitter asked %d times, want 1", n)
+	}
+}
+
+func TestParseMeshPeer(t *testing.T) {
+	pin := "sha256-raw:" + strings.Repeat("ab", 32)
+	for _, tc := range []struct {
+		in   string
+		want MeshPeer
+		str  string
+	}{
+		{"derp2.example.com", MeshPeer{Host: "derp2.example.com"}, "derp2.example.com"},
+		{"derp2.example.com:443", MeshPeer{Host: "derp2.example.com"}, "derp2.example.com"},
+		{"DERP2.Example.com.", MeshPeer{Host: "derp2.example.com"}, "derp2.example.com"},
+		{"derp2.example.com:8443", MeshPeer{Host: "derp2.example.com", Port: 8443}, "derp2.example.com:8443"},
+		{"203.0.113.7", MeshPeer{Host: "203.0.113.7"}, "203.0.113.7"},
+		{"2001:db8::2", MeshPeer{Host: "2001:db8::2"}, "[2001:db8::2]"},
+		{"[2001:db8::2]", MeshPeer{Host: "2001:db8::2"}, "[2001:db8::2]"},
+		{"[2001:db8::2]:8443", MeshPeer{Host: "2001:db8::2", Port: 8443}, "[2001:db8::2]:8443"},
+		{pin + "@203.0.113.7:8443", MeshPeer{Host: "203.0.113.7", Port: 8443, CertName: pin}, "203.0.113.7:8443"},
+		{"derp.example.com@203.0.113.7", MeshPeer{Host: "203.0.113.7", CertName: "derp.example.com"}, "203.0.113.7"},
+		{"derp2.example.com/10.0.0.2", MeshPeer{Host: "derp2.example.com", DialIP: netip.MustParseAddr("10.0.0.2")}, "derp2.example.com"},
+		{"derp2.example.com:8443/fd00::2", MeshPeer{Host: "derp2.example.com", Port: 8443, DialIP: netip.MustParseAddr("fd00::2")}, "derp2.example.com:8443"},
+	} {
+		got, err := ParseMeshPeer(tc.in)
+		if err != nil {
+			t.Errorf("ParseMeshPeer(%q): %v", tc.in, err)
+			continue
+		}
+		if got != tc.want {
+			t.Errorf("ParseMeshPeer(%q) = %+v, want %+v", tc.in, got, tc.want)
+		}
+		if got.String() != tc.str {
+			t.Errorf("ParseMeshPeer(%q).String() = %q, want %q", tc.in, got.String(), tc.str)
+		}
+	}
+	for _, tc := range []struct{ in, want string }{
+		{"", "no host"},
+		{"https://derp2.example.com/derp", "not a URL"},
+		{"derp2.example.com:0", "port"},
+		{"derp2.example.com:99999", "port"},
+		{"derp2.example.com:https", "port"},
+		{"derp_2.example.com", "neither a DNS name nor an IP address"},
+		{"derp2.example.com/derp2.internal", "must be an IP address"},
+		{"sha256-raw:abcd@203.0.113.7", "64 hex digits"},
+		{"[2001:db8::2", "[ipv6]"},
+	} {
+		_, err := ParseMeshPeer(tc.in)
+		if err == nil || !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), fmt.Sprintf("%q", tc.in)) {
+			t.Errorf("ParseMeshPeer(%q) error %v, want one naming the entry and saying %q", tc.in, err, tc.want)
+		}
+	}
+}
+
+// TestMeshRetryWait: after a failure the next dial comes after 5 s (the
+// watch loop's own wait), then 10, 20, and every 30 s at most.
+func TestMeshRetryWait(t *testing.T) {
+	want := []time.Duration{5 * time.Second, 10 * time.Second, 20 * time.Second, 30 * time.Second, 30 * time.Second}
+	for i, w := range want {
+		if got := meshRetryWait(i + 1); got != w {
+			t.Errorf("after %d failures: wait %v, want %v", i+1, got, w)
+		}
+	}
+	if got := meshRetryWait(1000); got != meshRetryMax {
+		t.Errorf("after 1000 failures: wait %v, want %v", got, meshRetryMax)
+	}
+}
+
+// TestMeshPinnedPeer: a peer with a self-signed certificate (IP mode) is
+// reached only by its CertName pin; without the pin the certificate is
+// checked against the CAs and refused, with a wrong pin too.
+func TestMeshPinnedPeer(t *testing.T) {
+	meshKey, err := key.ParseDERPMesh("0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef")
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := func(certs Certificates, peers ...MeshPeer) *Server {
+		s := &Server{Addr: "127.0.0.1:0", HTTPPort: -1, Certs: certs, PrivateKey: key.NewNode(), MeshKey: meshKey, MeshWith: peers}
+		if err := s.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { s.Close(context.Background()) })
+		return s
+	}
+	peerCerts, err := NewSelfSigned("127.0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	peer := start(peerCerts)
+	port := peer.LocalAddr().(*net.TCPAddr).Port
+	info, _ := peerCerts.Current()
+	wrongPin := "sha256-raw:" + strings.Repeat("00", 32)
+
+	mine, _ := NewSelfSigned("127.0.0.1")
+	s := start(mine,
+		MeshPeer{Host: "127.0.0.1", Port: port, CertName: info.CertName},
+		MeshPeer{Host: "127.0.0.1", Port: port},
+		MeshPeer{Host: "127.0.0.1", Port: port, CertName: wrongPin},
+	)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		st := s.MeshPeers()
+		if st[0].State == MeshConnected && st[1].LastError != "" && st[2].LastError != "" {
+			if st[0].ServerKey != peer.PrivateKey.Public() {
+				t.Errorf("pinned link: server key %v, want the peer's", st[0].ServerKey.ShortString())
+			}
+			if st[1].State == MeshConnected || !strings.Contains(st[1].LastError, "certificate") {
+				t.Errorf("unpinned link to a self-signed peer: %+v, want a certificate error", st[1])
+			}
+			if st[2].State == MeshConnected || !strings.Contains(st[2].LastError, "hash") {
+				t.Errorf("wrongly pinned link: %+v, want a hash mismatch", st[2])
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("after 10s: %+v", st)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if !strings.Contains(s.ExpVar().String(), `"gauge_mesh_peers_connected": 1`) {
+		t.Errorf("metrics: %s", s.ExpVar())
+	}
+}
+
+// TestMeshNeedsKey: peers without a mesh key is a Start error.
+func TestMeshNeedsKey(t *testing.T) {
+	certs, _ := NewSelfSigned("127.0.0.1")
+	s := &Server{Addr: "127.0.0.1:0", HTTPPort: -1, Certs: certs, PrivateKey: key.NewNode(), MeshWith: []MeshPeer{{Host: "127.0.0.1", Port: 1}}}
+	if err := s.Start(); err == nil || !strings.Contains(err.Error(), "mesh key") {
+		s.Close(context.Background())
+		t.Fatalf("Start = %v, want a mesh key error", err)
 	}
 }

@@ -1,6 +1,8 @@
 // Package relay is tailderp's public side: a DERP relay over HTTPS built on
 // tailscale.com/derp/derpserver, with its certificates, the plain-HTTP
-// port, captive-portal and latency probes, and a neutral home page.
+// port, captive-portal and latency probes, bootstrap DNS, a neutral home
+// page, and the mesh that joins the relays of a fleet (MeshWith, see
+// mesh.go).
 //
 // A Server is configured through its exported fields and run with Start
 // and Close (see the Server example):
@@ -21,6 +23,7 @@ package relay
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"expvar"
 	"fmt"
@@ -85,6 +88,33 @@ type Server struct {
 	// presenting it are mesh peers and skip admission.
 	MeshKey key.DERPMesh
 
+	// MeshWith lists the other relays of the fleet (see mesh.go). Each is
+	// dialed with MeshKey, which it must share, and kept connected, so a
+	// packet for a client connected to another relay of the fleet is
+	// forwarded there. An entry that turns out to be this relay is
+	// dropped. Requires MeshKey.
+	MeshWith []MeshPeer
+
+	// MeshRootCAs, if set, are trusted for the certificates of MeshWith
+	// peers, besides the system roots (a fleet whose certificates a
+	// private CA signs). A peer with a self-signed certificate is pinned
+	// by its MeshPeer.CertName instead.
+	MeshRootCAs *x509.CertPool
+
+	// BootstrapDNSNames are DNS names served with their addresses at
+	// /bootstrap-dns, for clients whose own DNS fails (see
+	// bootstrap_dns.go); UnpublishedBootstrapDNSNames are answered only
+	// to a query for them (?q=name), never listed. At most
+	// MaxBootstrapDNSNames in all.
+	BootstrapDNSNames            []string
+	UnpublishedBootstrapDNSNames []string
+
+	// Resolver resolves the bootstrap DNS names, in the background, every
+	// BootstrapDNSRefresh (0: DefaultBootstrapDNSRefresh). Nil means
+	// net.DefaultResolver.
+	Resolver            *net.Resolver
+	BootstrapDNSRefresh time.Duration
+
 	// TCPKeepAlive, TCPUserTimeout and TCPWriteTimeout tune client
 	// connections; zero means derper's defaults (10 min, 15 s, 2 s). A
 	// negative TCPWriteTimeout means none.
@@ -113,17 +143,21 @@ type Server struct {
 	// Logger receives the relay's logs; nil discards them.
 	Logger *slog.Logger
 
-	derp     *derpserver.Server
-	logs     relayLogs
-	conns    connTracker
-	https    *http.Server
-	http80   *http.Server
-	lnHTTPS  *guardedListener
-	ln80     *guardedListener
-	serveErr chan error
-	wg       sync.WaitGroup
-	closeMu  sync.Mutex
-	closed   bool
+	derp       *derpserver.Server
+	logs       relayLogs
+	conns      connTracker
+	mesh       []*meshLink
+	meshCancel context.CancelFunc
+	bootstrap  *bootstrapDNS
+	bgCancel   context.CancelFunc // ends background work: bootstrap DNS
+	https      *http.Server
+	http80     *http.Server
+	lnHTTPS    *guardedListener
+	ln80       *guardedListener
+	serveErr   chan error
+	wg         sync.WaitGroup
+	closeMu    sync.Mutex
+	closed     bool
 }
 
 // ListenError is returned by Start when a listener cannot be bound.
@@ -188,6 +222,12 @@ func (s *Server) Start() (err error) {
 			return fmt.Errorf("relay: mesh key: %w", err)
 		}
 	}
+	if len(s.MeshWith) > 0 && s.MeshKey.IsZero() {
+		return errors.New("relay: mesh peers need a mesh key")
+	}
+	if s.bootstrap, err = newBootstrapDNS(s); err != nil {
+		return err
+	}
 	derpHandler := derpserver.AddWebSocketSupport(s.derp, derpserver.Handler(s.derp))
 	if s.Admitter != nil {
 		if err := useAdmission(s.derp); err != nil {
@@ -202,6 +242,7 @@ func (s *Server) Start() (err error) {
 	mux.HandleFunc("/derp/probe", derpserver.ProbeHandler)
 	mux.HandleFunc("/derp/latency-check", derpserver.ProbeHandler)
 	mux.HandleFunc("/generate_204", derpserver.ServeNoContent)
+	mux.Handle("/bootstrap-dns", s.bootstrap)
 	mux.HandleFunc("/robots.txt", robotsTxt)
 	mux.Handle("/", home)
 
@@ -265,6 +306,12 @@ func (s *Server) Start() (err error) {
 	}
 	s.serve(func() error { return s.https.ServeTLS(s.lnHTTPS, "", "") })
 	s.Logger.Info("relay: serving DERP over HTTPS", "addr", s.lnHTTPS.Addr().String(), "http", s.HTTPAddr())
+
+	bg, cancel := context.WithCancel(context.Background())
+	s.bgCancel = cancel
+	s.wg.Go(func() { s.bootstrap.run(bg) })
+	// Dial the peers once serving, so a peer that dials back finds us.
+	s.startMesh()
 	return nil
 }
 
@@ -313,7 +360,8 @@ func (s *Server) HTTPAddr() string {
 func (s *Server) DERP() *derpserver.Server { return s.derp }
 
 // ExpVar returns the relay's metrics: derpserver's plus the certificate's
-// expiry, for the debug server to publish.
+// expiry, the mesh peers (configured, connected) and the bootstrap DNS
+// requests, for the debug server to publish.
 func (s *Server) ExpVar() expvar.Var {
 	m := new(metrics.Set)
 	// Rate-limit metrics are published whether or not limits are set (0:
@@ -327,6 +375,17 @@ func (s *Server) ExpVar() expvar.Var {
 		}
 		return info.NotAfter.Unix()
 	}))
+	m.Set("gauge_mesh_peers", expvar.Func(func() any {
+		peers, _ := s.meshCounts()
+		return peers
+	}))
+	m.Set("gauge_mesh_peers_connected", expvar.Func(func() any {
+		_, connected := s.meshCounts()
+		return connected
+	}))
+	m.Set("counter_bootstrap_dns_requests", &s.bootstrap.requests)
+	m.Set("counter_bootstrap_dns_hits", &s.bootstrap.hits)
+	m.Set("counter_bootstrap_dns_misses", &s.bootstrap.misses)
 	return m
 }
 
@@ -366,6 +425,8 @@ func (s *Server) Close(ctx context.Context) error {
 			}
 		}
 	}
+	s.bgCancel()
+	s.stopMesh()
 	var wg sync.WaitGroup
 	wg.Go(func() { shutdown(s.https) })
 	wg.Go(func() { shutdown(s.http80) })

@@ -13,8 +13,7 @@
 #   ROUNDS=5 OUT=/tmp/report.md scripts/bench-vs-derper.sh -idle 2000
 #
 # Extra arguments go to the test: -rounds, -servers, -idle, -load-duration,
-# -in-flight, -out. Everything binds 127.0.0.1 only; building derper the
-# first time needs the Go module proxy (two modules tailderp does not use).
+# -in-flight, -out. Everything binds 127.0.0.1 only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,24 +26,11 @@ ver=$(go list -m -f '{{.Version}}' tailscale.com)
 echo "== building tailderp ($(git describe --always --dirty 2>/dev/null || echo unknown)) and derper (tailscale.com $ver) in $work" >&2
 go build -o "$work/tailderp" .
 
-# derper imports modules tailderp does not (setec, prometheus), so this
-# module's go.sum cannot build it as is, and this script must not touch
-# go.mod. Build it in a scratch module that starts from tailderp's go.mod
-# and go.sum: every module both binaries use is then at the same version.
-mkdir "$work/derperbuild"
-cp go.mod go.sum "$work/derperbuild/"
-(
-	cd "$work/derperbuild"
-	sed -i 's#^module .*#module derperbuild#' go.mod
-	GOFLAGS=-mod=mod go get "tailscale.com/cmd/derper@$ver" 2>&1 | grep -v '^go: downloading' >&2 || true
-	go build -o "$work/derper" tailscale.com/cmd/derper
-)
-# Say so if resolving derper moved any module tailderp uses.
-changed=$(join <(go list -m all | sort) <(cd "$work/derperbuild" && go list -m all | sort) | awk '$2 != $3 {print $1 ": tailderp " $2 ", derper " $3}')
-if [ -n "$changed" ]; then
-	echo "warning: derper is built with other versions of modules both use:" >&2
-	echo "$changed" >&2
-fi
+# derper is a tool dependency in go.mod (its tool block), at the same
+# tailscale.com version as tailderp, so it builds from this module as is;
+# the modules only derper uses (setec, prometheus) are not linked into
+# tailderp (TestDeps).
+go build -o "$work/derper" tailscale.com/cmd/derper
 "$work/derper" -version >&2
 
 args=(-rounds "$ROUNDS")
