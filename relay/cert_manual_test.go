@@ -41,6 +41,13 @@ type pair struct {
 // here.
 func newPair(t *testing.T, names ...string) pair {
 	t.Helper()
+	return newPairSpan(t, time.Now().Add(-time.Hour), time.Now().Add(24*time.Hour), names...)
+}
+
+// newPairSpan is newPair for a certificate valid from notBefore to
+// notAfter.
+func newPairSpan(t *testing.T, notBefore, notAfter time.Time, names ...string) pair {
+	t.Helper()
 	priv, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		t.Fatal(err)
@@ -49,8 +56,8 @@ func newPair(t *testing.T, names ...string) pair {
 	tmpl := &x509.Certificate{
 		SerialNumber: serial,
 		Subject:      pkix.Name{CommonName: names[0]},
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(24 * time.Hour),
+		NotBefore:    notBefore,
+		NotAfter:     notAfter,
 		KeyUsage:     x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 	}
@@ -415,5 +422,76 @@ func TestManualCertsHostnameCase(t *testing.T) {
 		if _, err := presented(t, s.LocalAddr().String(), sni); err != nil {
 			t.Errorf("-hostname %s, SNI %s: handshake refused: %v", typed, sni, err)
 		}
+	}
+}
+
+// A reload to a certificate outside its validity period keeps the valid
+// one serving, at error level, once per version of the files; a
+// certificate not valid yet is taken once its NotBefore has passed.
+func TestManualCertsReloadRefusesInvalidDates(t *testing.T) {
+	dir := t.TempDir()
+	clock := newFileClock()
+	now := time.Now()
+	good := newPair(t, testHost)
+	clock.writePair(t, dir, testHost, good)
+	logs := &logRecorder{}
+	certs, err := relay.LoadManualCerts(dir, testHost, slog.New(logs))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := startRelay(t, certs)
+	addr := s.LocalAddr().String()
+	mustPresent(t, addr, good.cert, "at start")
+	client := watch(clientVia(t, testHost, s.LocalAddr(), good.cert))
+	client.mustBeAdmitted(t)
+
+	const refused = "clients would refuse it, so the previous certificate is still served"
+	expired := newPairSpan(t, now.Add(-365*24*time.Hour), now.Add(-time.Hour), testHost)
+	clock.writePair(t, dir, testHost, expired)
+	for range 3 {
+		mustPresent(t, addr, good.cert, "after an expired certificate replaced it")
+	}
+	if got := logs.count(slog.LevelError, "the new certificate expired "); got != 1 {
+		t.Errorf("%d error lines about the expired certificate, want 1", got)
+	}
+	if got := mustCurrent(t, certs).CertName; got != relay.CertName(good.cert.Raw) {
+		t.Errorf("Current() = %s, want the valid certificate", got)
+	}
+
+	// Not valid for another 2.5 s: refused, then taken once valid, with
+	// no file change.
+	soon := newPairSpan(t, now.Add(2500*time.Millisecond), now.Add(365*24*time.Hour), testHost)
+	clock.writePair(t, dir, testHost, soon)
+	mustPresent(t, addr, good.cert, "before the new certificate is valid")
+	if got := logs.count(slog.LevelError, "the new certificate not valid until"); got != 1 {
+		t.Errorf("%d error lines about the certificate not valid yet, want 1", got)
+	}
+	if got := logs.count(slog.LevelError, refused); got != 2 {
+		t.Errorf("%d error lines saying the previous certificate is still served, want 2", got)
+	}
+	time.Sleep(time.Until(soon.cert.NotBefore.Add(100 * time.Millisecond)))
+	mustPresent(t, addr, soon.cert, "once the new certificate is valid")
+
+	// The client connected before is still connected.
+	select {
+	case err := <-client.err:
+		t.Errorf("client connected before the replacements was cut off: %v", err)
+	default:
+	}
+
+	// An expired certificate replacing an expired one is taken: nothing
+	// valid is lost, and the files are what the operator says.
+	dir2 := t.TempDir()
+	clock.writePair(t, dir2, testHost, expired)
+	certs2, err := relay.LoadManualCerts(dir2, testHost, nil)
+	if err != nil {
+		t.Fatalf("an expired certificate at load: %v, want it loaded (the relay says what is wrong)", err)
+	}
+	s2 := startRelay(t, certs2)
+	other := newPairSpan(t, now.Add(-400*24*time.Hour), now.Add(-2*time.Hour), testHost)
+	clock.writePair(t, dir2, testHost, other)
+	got, err := presented(t, s2.LocalAddr().String(), testHost)
+	if err != nil || !bytes.Equal(got.Raw, other.cert.Raw) {
+		t.Errorf("expired → expired: presented %v (%v), want the new one", got.SerialNumber, err)
 	}
 }
