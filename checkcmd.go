@@ -444,7 +444,8 @@ One line per check, ✓ passed, ✗ failed, ⚠ warning, – skipped: dns, tls,
 certificate, generate_204, admission (a stranger refused, or relayed for),
 relay (two clients exchange packets), latency, stun. Exit status 0 only
 when everything is as it should be: 1 on any ✗ or ⚠ (e.g. a certificate
-expiring within 14 days), 2 on bad flags.
+expiring within 30 days, or a third of its lifetime, whichever is less: the
+relay's log warns from then too), 2 on bad flags.
 
 Check flags:
 `)

@@ -48,7 +48,7 @@ func main() {
 }
 
 // subcommands are the first arguments that are not a server's.
-var subcommands = []string{"derpmap", "check"}
+var subcommands = []string{"derpmap", "check", "cert"}
 
 // realMain runs a command line and returns the exit code.
 func realMain(args []string, getenv func(string) string, stdout, stderr io.Writer) int {
@@ -61,6 +61,8 @@ func realMain(args []string, getenv func(string) string, stdout, stderr io.Write
 			return runDERPMap(args[1:], getenv, stdout, stderr)
 		case "check":
 			return runCheck(args[1:], getenv, stdout, stderr)
+		case "cert":
+			return runCert(args[1:], getenv, stdout, stderr)
 		}
 	}
 	cfg, err := loadConfig("tailderp", args, getenv, stderr)
@@ -183,6 +185,7 @@ func run(ctx context.Context, cfg *config, logger *slog.Logger, out io.Writer) e
 		logger.Warn("client verification is off (-verify-clients=false): anyone who finds this relay can relay through it, and /debug is not served")
 	}
 
+	pins := &pinFollower{cfg: cfg, out: out, logger: logger}
 	rs := &relay.Server{
 		Addr:       cfg.Addr,
 		HTTPPort:   cfg.HTTPPort,
@@ -201,6 +204,8 @@ func run(ctx context.Context, cfg *config, logger *slog.Logger, out io.Writer) e
 		MeshRootCAs:                  cfg.meshRoots,
 		BootstrapDNSNames:            splitList(cfg.BootstrapDNSNames),
 		UnpublishedBootstrapDNSNames: cfg.unpublishedBootstrapNames(),
+		CertAdvice:                   func(p relay.CertProblem) string { return certAdvice(cfg, p) },
+		OnCertChange:                 pins.changed,
 	}
 	if verifier != nil {
 		rs.Admitter = verifier
@@ -246,6 +251,7 @@ func run(ctx context.Context, cfg *config, logger *slog.Logger, out io.Writer) e
 		}
 		defer removeServing(cfg.servingPath())
 	}
+	pins.serving(sv, stateWritable == nil)
 
 	var fatal <-chan error
 	if n != nil {
@@ -390,6 +396,48 @@ func nodeAdvice(cfg *config, p node.Problem) string {
 	return string(p)
 }
 
+// certAdvice is what the operator should do about a problem with the
+// dates of the certificate served, in each certificate mode.
+func certAdvice(cfg *config, p relay.CertProblem) string {
+	crt, key := relay.CertPaths(cfg.certDir(), cfg.Hostname)
+	if p == relay.CertNotYetValid {
+		fix := "check this machine's clock (timedatectl; in a container, the host's)"
+		if cfg.CertMode == "manual" && !cfg.ipMode() && !cfg.Dev {
+			fix += fmt.Sprintf(", and the not-before date of %s", crt)
+		}
+		return fix
+	}
+	switch {
+	case cfg.Dev:
+		return "restart: -dev makes a new certificate at every start"
+	case cfg.ipMode():
+		const steps = `docs/DEPLOY.md, "Renewing the IP certificate"`
+		if ncrt, _ := relay.NextCertPaths(cfg.certDir(), cfg.Hostname); fileExists(ncrt) {
+			return fmt.Sprintf("the next certificate is ready at %s: run `tailderp cert renew -activate` with this server's settings, then at once put its CertName (printed) into the derpMap (%s)", ncrt, steps)
+		}
+		return fmt.Sprintf("run `tailderp cert renew` with this server's settings: it writes the next certificate and prints the derpMap with its CertName; then `tailderp cert renew -activate`, and at once put that derpMap into the tailnet policy (%s)", steps)
+	case cfg.CertMode == "manual":
+		return fmt.Sprintf("put a renewed certificate at %s and its key at %s (e.g. from certbot's deploy hook): they are reloaded without a restart", crt, key)
+	}
+	ports := "443"
+	if cfg.HTTPPort >= 0 {
+		ports += " or " + strconv.Itoa(cfg.HTTPPort)
+	}
+	reach := fmt.Sprintf("check that this server reaches the CA (%s %s) and that the CA reaches %s on port %s (DNS, firewall)",
+		settingName("acme-directory-url"), cmp.Or(cfg.ACMEDirectoryURL, "Let's Encrypt"), cfg.Hostname, ports)
+	if p == relay.CertExpired {
+		return reach + `; then restart: the first handshake requests a new certificate, and a failure is logged ("ACME certificate not available")`
+	}
+	// autocert's background renewal retries every 30 to 60 minutes and
+	// logs nothing: the relay serves the old certificate meanwhile.
+	return "-certmode letsencrypt renews by itself when a third of the lifetime (at most 30 days) is left, so renewal is failing: " + reach
+}
+
+func fileExists(path string) bool {
+	_, err := os.Stat(path)
+	return err == nil
+}
+
 // authKeyState says whether an auth key was given, never what it is.
 func authKeyState(cfg *config) string {
 	switch {
@@ -430,6 +478,7 @@ func serveDebug(ctx context.Context, cfg *config, n *node.Node, rs *relay.Server
 		MeshPeers: rs.MeshPeers,
 		Info: []debugsrv.Info{
 			{Name: "TLS hostname", Value: func() any { return cfg.Hostname }},
+			{Name: "Certificate", Value: func() any { return certState(rs.CertStatus()) }},
 			{Name: "Node state", Value: func() any { return n.State() }},
 			{Name: "Peers seen", Value: func() any { return n.PeerCount() }},
 			{Name: "Admission answered from", Value: func() any { return admissionSource(n.Status(), cfg.VerifyClientsCacheMaxAge) }},
@@ -456,6 +505,21 @@ func admissionSource(st node.Status, maxAge time.Duration) string {
 			st.Netmap.Add(maxAge).UTC().Format(time.RFC3339))
 	}
 	return "nothing: tailnet clients are refused until the node has a network map"
+}
+
+// certState describes the certificate served, for people.
+func certState(st relay.CertStatus) string {
+	if !st.Serving {
+		return "none yet (the first ACME issuance has not happened)"
+	}
+	s := fmt.Sprintf("%s, valid until %s (%d days left)", st.Subject, st.NotAfter.UTC().Format(time.RFC3339), st.DaysLeft)
+	if st.SelfSigned {
+		s += ", pinned by CertName " + st.CertName
+	}
+	if st.Problem != relay.CertOK {
+		s += fmt.Sprintf("; %s: %s", strings.ToUpper(string(st.Problem)), st.Fix)
+	}
+	return s
 }
 
 // controlState says whether the control server answers, for people.

@@ -141,6 +141,8 @@ Usage:
   tailderp [flags]            run the relay
   tailderp derpmap [flags]    print the derpMap snippet for the tailnet policy and exit
   tailderp check [flags] [URL] check a relay from here (see tailderp check -h)
+  tailderp cert renew [-activate] [flags]
+                              renew an IP-only server's self-signed certificate (see tailderp cert -h)
   tailderp -version           print the version and exit
 
 Every flag can also be set by the environment variable shown beside it;

@@ -28,6 +28,8 @@ import (
 	"tailscale.com/tailcfg"
 	"tailscale.com/types/key"
 	"tailscale.com/types/logger"
+
+	"github.com/tailderp/tailderp/relay"
 )
 
 // Expect is what the check expects the relay to do with a stranger: a
@@ -43,11 +45,6 @@ const (
 	// admitted passes, and a stranger refused fails (it is not open).
 	ExpectOpen
 )
-
-// WarnCertDays: a certificate expiring sooner than this is a warning.
-// ACME renews 30 days ahead, so a certificate this close to its end means
-// renewal is failing (or a manual certificate is forgotten).
-const WarnCertDays = 14
 
 // Target is a relay to check, described the way a derpMap describes it, so
 // the check dials exactly as a Tailscale client would.
@@ -474,24 +471,37 @@ func (c *checker) certificate() Result {
 		}
 		how = fmt.Sprintf("valid for %s, issued by %s", name, issuerName(leaf))
 	}
+	// The relay's own rule, so the check warns when the relay's log does.
+	info := relay.CertInfoOf(leaf)
+	pinned := strings.HasPrefix(certName, "sha256-raw:")
 	if now.After(leaf.NotAfter) {
-		res.Err = fmt.Sprintf("expired %s", leaf.NotAfter.UTC().Format(time.DateOnly))
+		res.Err = fmt.Sprintf("expired %s: Tailscale clients refuse it; %s", leaf.NotAfter.UTC().Format(time.DateOnly), renewFix(pinned))
 		return res
 	}
 	if now.Before(leaf.NotBefore) {
 		res.Err = fmt.Sprintf("not valid until %s (is this machine's clock right?)", leaf.NotBefore.UTC().Format(time.RFC3339))
 		return res
 	}
-	days := int(leaf.NotAfter.Sub(now).Hours() / 24)
+	days := info.DaysLeft(now)
 	res.Value = fmt.Sprintf("%s; expires %s (in %d days)", how, leaf.NotAfter.UTC().Format(time.DateOnly), days)
 	c.certOK = true
-	if days < WarnCertDays {
+	if info.Problem(now) == relay.CertExpiring {
 		res.Warn = true
-		res.Err = fmt.Sprintf("expires in under %d days: renew it (with -certmode letsencrypt, renewal starts 30 days ahead, so it is failing: see the relay's log)", WarnCertDays)
+		res.Err = "then Tailscale clients refuse it; " + renewFix(pinned)
 		return res
 	}
 	res.OK = true
 	return res
+}
+
+// renewFix says how a relay's certificate is renewed: by the command that
+// makes the next one for a pinned (self-signed, IP-only) certificate,
+// else by what each certificate mode does.
+func renewFix(pinned bool) string {
+	if pinned {
+		return "on the relay, `tailderp cert renew` writes the next certificate and prints its CertName; then `tailderp cert renew -activate`, and at once put the new CertName into the derpMap (docs/DEPLOY.md, \"Renewing the IP certificate\")"
+	}
+	return "renew it: with -certmode letsencrypt the relay renews by itself when a third of the lifetime (at most 30 days) is left, so its renewal is failing (can it reach the CA, and the CA reach it on port 443 or 80?); with -certmode manual put renewed files in place, they are reloaded without a restart"
 }
 
 func shortPin(p string) string {

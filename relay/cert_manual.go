@@ -23,7 +23,12 @@ import (
 // restart: every handshake checks whether either file changed (a stat of
 // each, microseconds next to the handshake) and, if so, loads the pair. A
 // pair that does not load, or is not valid for the hostname, is logged and
-// the last good certificate keeps serving.
+// the last good certificate keeps serving. So is a pair outside its
+// validity period (expired, or not valid yet) while the certificate
+// being served is within its own: clients refuse such a certificate, and
+// swapping it in would cut off every new connection at once, while the
+// old one still works until its NotAfter; a not-yet-valid pair is taken
+// once its NotBefore has passed.
 //
 // Use LoadManualCerts to make one.
 type ManualCerts struct {
@@ -35,9 +40,20 @@ type ManualCerts struct {
 
 	cur      atomic.Pointer[loadedCert]
 	reloadMu sync.Mutex // serializes reloads; handshakes never wait on it
-	// badStamp is the stamp of the last pair that failed to load, so a
+	// bad is the last pair that failed to load or was refused, so a
 	// broken file is reported once, not on every handshake.
-	badStamp atomic.Pointer[pairStamp]
+	bad atomic.Pointer[badPair]
+	// changed receives (without blocking) when a reload swapped the
+	// certificate, so the Server's expiry watch judges it at once.
+	changed chan struct{}
+}
+
+// badPair is a version of the files that is not served.
+type badPair struct {
+	stamp pairStamp
+	// retryAt, if set, is when to load it again: the NotBefore of a
+	// certificate that was not valid yet.
+	retryAt time.Time
 }
 
 type loadedCert struct {
@@ -66,6 +82,7 @@ func LoadManualCerts(dir, hostname string, logger *slog.Logger) (*ManualCerts, e
 		keyPath:  key,
 		isIP:     net.ParseIP(hostname) != nil,
 		logger:   logger,
+		changed:  make(chan struct{}, 1),
 	}
 	st, err := m.stat()
 	if err != nil {
@@ -98,19 +115,43 @@ func (m *ManualCerts) stat() (pairStamp, error) {
 }
 
 func (m *ManualCerts) load(st pairStamp) (*loadedCert, error) {
-	cert, err := tls.LoadX509KeyPair(m.crtPath, m.keyPath)
+	cert, info, err := loadPair(m.crtPath, m.keyPath, m.hostname)
 	if err != nil {
-		return nil, fmt.Errorf("load %s and %s: %w", m.crtPath, m.keyPath, err)
+		return nil, err
+	}
+	return &loadedCert{cert: cert, info: info, stamp: st}, nil
+}
+
+// loadPair loads the certificate file crt and its key file key, and checks
+// that they belong together and that the certificate is valid for
+// hostname.
+func loadPair(crt, key, hostname string) (*tls.Certificate, CertInfo, error) {
+	cert, err := tls.LoadX509KeyPair(crt, key)
+	if err != nil {
+		return nil, CertInfo{}, fmt.Errorf("load %s and %s: %w", crt, key, err)
 	}
 	leaf, err := leafOf(&cert)
 	if err != nil {
-		return nil, fmt.Errorf("parse %s: %w", m.crtPath, err)
+		return nil, CertInfo{}, fmt.Errorf("parse %s: %w", crt, err)
 	}
 	cert.Leaf = leaf
-	if err := leaf.VerifyHostname(m.hostname); err != nil {
-		return nil, fmt.Errorf("%s is not valid for %s: %w", m.crtPath, m.hostname, err)
+	if err := leaf.VerifyHostname(hostname); err != nil {
+		return nil, CertInfo{}, fmt.Errorf("%s is not valid for %s: %w", crt, hostname, err)
 	}
-	return &loadedCert{cert: &cert, info: certInfo(leaf), stamp: st}, nil
+	info := certInfo(leaf)
+	info.File = crt
+	return &cert, info, nil
+}
+
+// ReadCertPair describes the certificate in the file crt after checking
+// that the key in the file key belongs to it and that it is valid for
+// hostname (a DNS name or IP address). It does not judge its dates.
+func ReadCertPair(crt, key, hostname string) (CertInfo, error) {
+	_, info, err := loadPair(crt, key, hostname)
+	if err != nil {
+		return CertInfo{}, fmt.Errorf("relay: %w", err)
+	}
+	return info, nil
 }
 
 // GetCertificate implements Certificates.
@@ -136,7 +177,8 @@ func (m *ManualCerts) maybeReload() *loadedCert {
 		// handshake; the old certificate keeps serving.
 		return cur
 	}
-	if bad := m.badStamp.Load(); bad != nil && *bad == st {
+	now := time.Now()
+	if bad := m.bad.Load(); bad != nil && bad.stamp == st && (bad.retryAt.IsZero() || now.Before(bad.retryAt)) {
 		return cur
 	}
 	if !m.reloadMu.TryLock() {
@@ -148,12 +190,21 @@ func (m *ManualCerts) maybeReload() *loadedCert {
 	}
 	next, err := m.load(st)
 	if err != nil {
-		m.badStamp.Store(&st)
+		m.bad.Store(&badPair{stamp: st})
 		m.logger.Warn("relay: new certificate files do not load; still serving the previous certificate",
 			"err", err, "serving_until", cur.info.NotAfter.Format(time.RFC3339))
 		return cur
 	}
+	if cur.info.validAt(now) && !next.info.validAt(now) {
+		m.refuse(st, cur.info, next.info, now)
+		return cur
+	}
 	m.cur.Store(next)
+	m.bad.Store(nil)
+	select {
+	case m.changed <- struct{}{}:
+	default:
+	}
 	m.logger.Info("relay: certificate reloaded", "path", m.crtPath, "not_after", next.info.NotAfter.Format(time.RFC3339))
 	return next
 }
@@ -161,8 +212,9 @@ func (m *ManualCerts) maybeReload() *loadedCert {
 // Reload loads the files now, even if their size and time did not change
 // (a copy that kept the time), and serves them if they hold a certificate
 // other than the one served: what a program does on SIGHUP. It reports
-// whether the certificate changed; if the files do not load, the error
-// says why and the last good certificate keeps serving.
+// whether the certificate changed; if the files do not load, or hold a
+// certificate clients would refuse while the served one is valid, the
+// error says why and the last good certificate keeps serving.
 func (m *ManualCerts) Reload() (changed bool, err error) {
 	m.reloadMu.Lock()
 	defer m.reloadMu.Unlock()
@@ -173,7 +225,7 @@ func (m *ManualCerts) Reload() (changed bool, err error) {
 	}
 	next, err := m.load(st)
 	if err != nil {
-		m.badStamp.Store(&st)
+		m.bad.Store(&badPair{stamp: st})
 		return false, fmt.Errorf("relay: manual certificate: %w; still serving the previous one, valid until %s", err, cur.info.NotAfter.Format(time.RFC3339))
 	}
 	if next.info.CertName == cur.info.CertName {
@@ -182,10 +234,43 @@ func (m *ManualCerts) Reload() (changed bool, err error) {
 		}
 		return false, nil
 	}
+	if now := time.Now(); cur.info.validAt(now) && !next.info.validAt(now) {
+		m.refuse(st, cur.info, next.info, now)
+		return false, fmt.Errorf("relay: manual certificate %s is outside its validity period (%s to %s); still serving the previous one, valid until %s",
+			m.crtPath, next.info.NotBefore.Format(time.RFC3339), next.info.NotAfter.Format(time.RFC3339), cur.info.NotAfter.Format(time.RFC3339))
+	}
 	m.cur.Store(next)
+	m.bad.Store(nil)
+	select {
+	case m.changed <- struct{}{}:
+	default:
+	}
 	m.logger.Info("relay: certificate reloaded", "path", m.crtPath, "not_after", next.info.NotAfter.Format(time.RFC3339))
 	return true, nil
 }
+
+// refuse keeps serving cur instead of next, a pair outside its validity
+// period, and says so at error level: the files on disk are what a
+// restart would serve.
+func (m *ManualCerts) refuse(st pairStamp, cur, next CertInfo, now time.Time) {
+	bad := &badPair{stamp: st}
+	what := "expired " + next.NotAfter.Format(time.RFC3339)
+	if next.Problem(now) == CertNotYetValid {
+		bad.retryAt = next.NotBefore
+		what = "not valid until " + next.NotBefore.Format(time.RFC3339)
+	}
+	m.bad.Store(bad)
+	m.logger.Error("relay: the new certificate "+what+"; clients would refuse it, so the previous certificate is still served (replace the files with a certificate valid now; a restart would serve the new one)",
+		"path", m.crtPath, "not_before", next.NotBefore.Format(time.RFC3339), "not_after", next.NotAfter.Format(time.RFC3339),
+		"serving_until", cur.NotAfter.Format(time.RFC3339))
+}
+
+// refresh reloads the files if they changed, so a renewal is noticed
+// (and judged) when no client connects.
+func (m *ManualCerts) refresh() { m.maybeReload() }
+
+// changes receives when a reload swapped the certificate.
+func (m *ManualCerts) changes() <-chan struct{} { return m.changed }
 
 // HTTPHandler implements Certificates; manual certificates need no
 // challenges, so it returns fallback.

@@ -30,7 +30,14 @@ const testHost = "derp.test.example"
 // here.
 func newPair(t *testing.T, names ...string) *testutil.Cert {
 	t.Helper()
-	return testutil.NewCert(t, testutil.CertOptions{Names: names})
+	return newPairSpan(t, time.Time{}, time.Time{}, names...)
+}
+
+// newPairSpan is newPair for a certificate valid from notBefore to
+// notAfter (zero: an hour ago; a day from now).
+func newPairSpan(t *testing.T, notBefore, notAfter time.Time, names ...string) *testutil.Cert {
+	t.Helper()
+	return testutil.NewCert(t, testutil.CertOptions{Names: names, NotBefore: notBefore, NotAfter: notAfter})
 }
 
 // fileClock hands out strictly increasing modification times. File
@@ -420,4 +427,75 @@ func TestManualCertsReload(t *testing.T) {
 		t.Errorf("Reload error %q does not say the old certificate serves", err)
 	}
 	mustPresent(t, addr, second.Cert, "after a failed Reload")
+}
+
+// A reload to a certificate outside its validity period keeps the valid
+// one serving, at error level, once per version of the files; a
+// certificate not valid yet is taken once its NotBefore has passed.
+func TestManualCertsReloadRefusesInvalidDates(t *testing.T) {
+	dir := t.TempDir()
+	clock := newFileClock()
+	now := time.Now()
+	good := newPair(t, testHost)
+	clock.writePair(t, dir, testHost, good)
+	logs := &logRecorder{}
+	certs, err := relay.LoadManualCerts(dir, testHost, slog.New(logs))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := startRelay(t, certs)
+	addr := s.LocalAddr().String()
+	mustPresent(t, addr, good.Cert, "at start")
+	client := watch(clientVia(t, testHost, s.LocalAddr(), good.Cert))
+	client.mustBeAdmitted(t)
+
+	const refused = "clients would refuse it, so the previous certificate is still served"
+	expired := newPairSpan(t, now.Add(-365*24*time.Hour), now.Add(-time.Hour), testHost)
+	clock.writePair(t, dir, testHost, expired)
+	for range 3 {
+		mustPresent(t, addr, good.Cert, "after an expired certificate replaced it")
+	}
+	if got := logs.count(slog.LevelError, "the new certificate expired "); got != 1 {
+		t.Errorf("%d error lines about the expired certificate, want 1", got)
+	}
+	if got := mustCurrent(t, certs).CertName; got != relay.CertName(good.Cert.Raw) {
+		t.Errorf("Current() = %s, want the valid certificate", got)
+	}
+
+	// Not valid for another 2.5 s: refused, then taken once valid, with
+	// no file change.
+	soon := newPairSpan(t, now.Add(2500*time.Millisecond), now.Add(365*24*time.Hour), testHost)
+	clock.writePair(t, dir, testHost, soon)
+	mustPresent(t, addr, good.Cert, "before the new certificate is valid")
+	if got := logs.count(slog.LevelError, "the new certificate not valid until"); got != 1 {
+		t.Errorf("%d error lines about the certificate not valid yet, want 1", got)
+	}
+	if got := logs.count(slog.LevelError, refused); got != 2 {
+		t.Errorf("%d error lines saying the previous certificate is still served, want 2", got)
+	}
+	time.Sleep(time.Until(soon.Cert.NotBefore.Add(100 * time.Millisecond)))
+	mustPresent(t, addr, soon.Cert, "once the new certificate is valid")
+
+	// The client connected before is still connected.
+	select {
+	case err := <-client.err:
+		t.Errorf("client connected before the replacements was cut off: %v", err)
+	default:
+	}
+
+	// An expired certificate replacing an expired one is taken: nothing
+	// valid is lost, and the files are what the operator says.
+	dir2 := t.TempDir()
+	clock.writePair(t, dir2, testHost, expired)
+	certs2, err := relay.LoadManualCerts(dir2, testHost, nil)
+	if err != nil {
+		t.Fatalf("an expired certificate at load: %v, want it loaded (the relay says what is wrong)", err)
+	}
+	s2 := startRelay(t, certs2)
+	other := newPairSpan(t, now.Add(-400*24*time.Hour), now.Add(-2*time.Hour), testHost)
+	clock.writePair(t, dir2, testHost, other)
+	got, err := presented(t, s2.LocalAddr().String(), testHost)
+	if err != nil || !bytes.Equal(got.Raw, other.Cert.Raw) {
+		t.Errorf("expired → expired: presented %v (%v), want the new one", got.SerialNumber, err)
+	}
 }

@@ -248,3 +248,132 @@ func TestSelfSignedIPPinnedClients(t *testing.T) {
 		})
 	}
 }
+
+// The renewal of an IP certificate: the next pair is written beside the
+// current one without changing what is served; activating it switches the
+// relay at its next handshake, clients connected before stay connected,
+// a client given the new pin connects, and one with the old pin is
+// refused (the outage the switch implies: Tailscale clients accept only
+// the pinned certificate, and try no other).
+func TestSelfSignedIPRenewal(t *testing.T) {
+	const ip = "127.0.0.1"
+	dir := t.TempDir()
+	if _, err := relay.EnsureSelfSignedIPCert(dir, ip); err != nil {
+		t.Fatal(err)
+	}
+	certs, err := relay.LoadManualCerts(dir, ip, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := startRelay(t, certs)
+	addr := s.LocalAddr().String()
+	oldPin := mustCurrent(t, certs).CertName
+	node := relay.NodeInfo{HostName: ip, IPv4: ip, IPv6: "none", DERPPort: s.LocalAddr().(*net.TCPAddr).Port, STUNPort: -1}
+	pinned := func(pin string) *tailcfg.DERPRegion {
+		n := node
+		n.CertName = pin
+		return regionFromSnippet(t, n)
+	}
+	servedPin := func() string {
+		t.Helper()
+		leaf, err := presented(t, addr, "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return relay.CertName(leaf.Raw)
+	}
+	before := regionClient(t, pinned(oldPin))
+	beforeIn := watch(before)
+	beforeIn.mustBeAdmitted(t)
+
+	next, err := relay.WriteNextSelfSignedIPCert(dir, ip)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ncrt, nkey := relay.NextCertPaths(dir, ip)
+	if next.CertName == oldPin || next.File != ncrt {
+		t.Fatalf("next certificate %+v: want a new pin, from %s", next, ncrt)
+	}
+	if fi, err := os.Stat(nkey); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("next key %s: %v, mode %v, want 0600", nkey, err, fi.Mode())
+	}
+	if got := servedPin(); got != oldPin {
+		t.Fatalf("after writing the next pair the relay serves %s, want still %s", got, oldPin)
+	}
+
+	info, err := relay.ActivateNextCert(dir, ip)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.CertName != next.CertName {
+		t.Fatalf("activated %s, want %s", info.CertName, next.CertName)
+	}
+	if got := servedPin(); got != next.CertName {
+		t.Fatalf("after activating the relay serves %s, want %s", got, next.CertName)
+	}
+	crt, _ := relay.CertPaths(dir, ip)
+	pcrt, _ := relay.PrevCertPaths(dir, ip)
+	if relay.CertName(readCert(t, crt).Raw) != next.CertName || relay.CertName(readCert(t, pcrt).Raw) != oldPin {
+		t.Errorf("files after activation: current %s, previous %s", crt, pcrt)
+	}
+	if _, err := os.Stat(ncrt); err == nil {
+		t.Errorf("%s still there after activation", ncrt)
+	}
+
+	// New pin: connects and relays to the client connected before.
+	after := regionClient(t, pinned(next.CertName))
+	afterIn := watch(after)
+	afterIn.mustBeAdmitted(t)
+	exchange(t, after, after.SelfPublicKey(), afterIn, before, before.SelfPublicKey(), beforeIn)
+	// Old pin, new connection: refused.
+	ctx, cancel := context.WithTimeout(context.Background(), waitFor)
+	defer cancel()
+	if err := regionClient(t, pinned(oldPin)).Connect(ctx); err == nil || !strings.Contains(err.Error(), "cert hash does not match") {
+		t.Errorf("a client with the old pin: %v, want a certificate hash mismatch", err)
+	}
+
+	// Activating again, with no next pair, fails and changes nothing.
+	if _, err := relay.ActivateNextCert(dir, ip); err == nil {
+		t.Error("a second activation without a next pair succeeded")
+	}
+	if got := servedPin(); got != next.CertName {
+		t.Errorf("after a failed activation the relay serves %s", got)
+	}
+}
+
+// A start that finds no current pair but a next or previous one (a switch
+// interrupted between its renames) does not generate a pair with a new
+// pin: it says which files to move.
+func TestEnsureSelfSignedIPCertAfterInterruptedSwitch(t *testing.T) {
+	const ip = "203.0.113.7"
+	dir := t.TempDir()
+	if _, err := relay.EnsureSelfSignedIPCert(dir, ip); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := relay.WriteNextSelfSignedIPCert(dir, ip); err != nil {
+		t.Fatal(err)
+	}
+	crt, key := relay.CertPaths(dir, ip)
+	pcrt, pkey := relay.PrevCertPaths(dir, ip)
+	// As if interrupted after moving the current pair aside.
+	for _, mv := range [][2]string{{crt, pcrt}, {key, pkey}} {
+		if err := os.Rename(mv[0], mv[1]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	created, err := relay.EnsureSelfSignedIPCert(dir, ip)
+	ncrt, _ := relay.NextCertPaths(dir, ip)
+	if err == nil || created || !strings.Contains(err.Error(), "interrupted") || !strings.Contains(err.Error(), ncrt) {
+		t.Fatalf("EnsureSelfSignedIPCert = %v, %v; want an error naming %s", created, err, ncrt)
+	}
+	if _, err := os.Stat(crt); err == nil {
+		t.Errorf("%s was generated", crt)
+	}
+	// Finishing the switch by hand, as the error says, works.
+	if _, err := relay.ActivateNextCert(dir, ip); err != nil {
+		t.Fatalf("activating the waiting pair: %v", err)
+	}
+	if created, err := relay.EnsureSelfSignedIPCert(dir, ip); err != nil || created {
+		t.Errorf("after the switch: %v, %v", created, err)
+	}
+}

@@ -143,6 +143,21 @@ type Server struct {
 	// Logger receives the relay's logs; nil discards them.
 	Logger *slog.Logger
 
+	// CertAdvice, if set, says what the operator should do about a
+	// problem with the certificate's dates, in the program's own words
+	// (which command or setting); it is logged with the problem as "fix"
+	// and is CertStatus's Fix. The relay says the problem at Start, when
+	// the certificate changes, and daily while it lasts.
+	CertAdvice func(CertProblem) string
+
+	// OnCertChange, if set, is called when the certificate served changes
+	// after Start (a reload, a renewal), from the goroutine that watches
+	// it.
+	OnCertChange func(CertStatus)
+
+	// certCheckEvery overrides certCheckEvery, for tests.
+	certCheckEvery time.Duration
+
 	derp       *derpserver.Server
 	logs       relayLogs
 	conns      connTracker
@@ -158,6 +173,7 @@ type Server struct {
 	wg         sync.WaitGroup
 	closeMu    sync.Mutex
 	closed     bool
+	stop       context.CancelFunc // ends the certificate watch
 }
 
 // ListenError is returned by Start when a listener cannot be bound.
@@ -312,6 +328,12 @@ func (s *Server) Start() (err error) {
 	s.wg.Go(func() { s.bootstrap.run(bg) })
 	// Dial the peers once serving, so a peer that dials back finds us.
 	s.startMesh()
+	// A certificate problem is said at start, beside the line above.
+	w := &certWatch{s: s}
+	w.check(time.Now())
+	ctx, stop := context.WithCancel(context.Background())
+	s.stop = stop
+	s.wg.Go(func() { s.watchCerts(ctx, w) })
 	return nil
 }
 
@@ -386,6 +408,7 @@ func (s *Server) ExpVar() expvar.Var {
 	m.Set("counter_bootstrap_dns_requests", &s.bootstrap.requests)
 	m.Set("counter_bootstrap_dns_hits", &s.bootstrap.hits)
 	m.Set("counter_bootstrap_dns_misses", &s.bootstrap.misses)
+	m.Set("gauge_cert_problem", expvar.Func(s.certProblemGauge))
 	return m
 }
 
@@ -415,6 +438,7 @@ func (s *Server) Close(ctx context.Context) error {
 	}
 	s.closed = true
 	s.closeMu.Unlock()
+	s.stop()
 
 	// Shutdown closes the listeners first, then waits for requests that
 	// are not hijacked; derp.Close closes the hijacked DERP connections.

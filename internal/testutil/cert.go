@@ -1,6 +1,7 @@
 package testutil
 
 import (
+	"cmp"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -39,6 +40,9 @@ type CertOptions struct {
 	// hours. It is valid from an hour ago on, so small clock differences
 	// do not matter.
 	ValidFor time.Duration
+	// NotBefore and NotAfter, when set, are the validity period instead
+	// (e.g. a certificate already expired, or not valid yet).
+	NotBefore, NotAfter time.Time
 	// CA signs the certificate; nil makes it self-signed.
 	CA *Cert
 	// IsCA makes a certificate authority, which can be the CA of others,
@@ -86,8 +90,8 @@ func NewCert(t testing.TB, o CertOptions) *Cert {
 	tmpl := &x509.Certificate{
 		SerialNumber: serial,
 		Subject:      pkix.Name{CommonName: cn},
-		NotBefore:    now.Add(-time.Hour),
-		NotAfter:     now.Add(o.ValidFor),
+		NotBefore:    cmp.Or(o.NotBefore, now.Add(-time.Hour)),
+		NotAfter:     cmp.Or(o.NotAfter, now.Add(o.ValidFor)),
 	}
 	if o.IsCA {
 		tmpl.KeyUsage = x509.KeyUsageCertSign
