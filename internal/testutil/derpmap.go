@@ -18,6 +18,17 @@ const derpMapBanner = "--- derpMap"
 // snippet is there, is JSON, and has exactly one region with one node.
 func DERPMapRegion(t testing.TB, out string) *tailcfg.DERPRegion {
 	t.Helper()
+	r := DERPMapFleetRegion(t, out)
+	if len(r.Nodes) != 1 {
+		t.Fatalf("derpMap region has %d nodes, want 1:\n%s", len(r.Nodes), out)
+	}
+	return r
+}
+
+// DERPMapFleetRegion is DERPMapRegion for a fleet's region: one region
+// with any number of nodes (at least one).
+func DERPMapFleetRegion(t testing.TB, out string) *tailcfg.DERPRegion {
+	t.Helper()
 	js := out
 	if i := strings.Index(out, derpMapBanner); i >= 0 {
 		rest := out[i:]
@@ -38,8 +49,8 @@ func DERPMapRegion(t testing.TB, out string) *tailcfg.DERPRegion {
 		t.Fatalf("derpMap snippet has %d regions, want 1:\n%s", len(policy.DERPMap.Regions), js)
 	}
 	for _, r := range policy.DERPMap.Regions {
-		if len(r.Nodes) != 1 {
-			t.Fatalf("derpMap region has %d nodes, want 1:\n%s", len(r.Nodes), js)
+		if len(r.Nodes) == 0 {
+			t.Fatalf("derpMap region has no nodes:\n%s", js)
 		}
 		return r
 	}
