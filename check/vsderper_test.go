@@ -92,6 +92,7 @@ var (
 	vsParts    = flag.String("parts", "idle,storm,connect,throughput,stun", "parts of the load to run")
 	vsStormN   = flag.Int("storm", 500, "storm: admitted clients connected and idle when the relay restarts; the setup's total RSS is read with them connected")
 	vsStormMax = flag.Duration("storm-timeout", 60*time.Second, "storm: time bound, from the restart, for every client to relay a packet again")
+	vsLogs     = flag.String("logs", "", "keep the servers' logs in this directory (default: a temporary one, removed)")
 )
 
 // vsServer is one kind of server under test.
@@ -248,7 +249,12 @@ func TestVsDerper(t *testing.T) {
 	testtailnet.SetTestEnv(t) // inherited by tailderp+admission's embedded node and by tailscaled
 	work := t.TempDir()
 	logDir := filepath.Join(work, "logs")
-	os.MkdirAll(logDir, 0o755)
+	if *vsLogs != "" {
+		logDir = *vsLogs
+	}
+	if err := os.MkdirAll(logDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
 	certDir := filepath.Join(work, "certs")
 	if _, err := relay.EnsureSelfSignedIPCert(certDir, "127.0.0.1"); err != nil {
 		t.Fatal(err)
@@ -419,9 +425,16 @@ func TestVsDerper(t *testing.T) {
 				cfg.NewKey = keys.get
 				cfg.PID = rs.p.cmd.Process.Pid
 				pt.apply(&cfg)
+				cpu0 := rs.p.setupCPU()
 				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 				res, err := check.Load(ctx, cfg)
 				cancel()
+				if pt.name == "connect" && err == nil {
+					// Load's probe, then the sequential and concurrent connects.
+					if n := 1 + res.ConnectSeq.N + res.ConnectPar.N; n > 0 {
+						rs.res.ConnectCPU = (rs.p.setupCPU() - cpu0) / time.Duration(n)
+					}
+				}
 				if err != nil {
 					stopAll()
 					log, _ := os.ReadFile(rs.p.logPath)
@@ -438,6 +451,9 @@ func TestVsDerper(t *testing.T) {
 			rs.p.stop(t)
 			var sb strings.Builder
 			rs.res.WriteText(&sb)
+			if c := rs.res.ConnectCPU; c > 0 {
+				fmt.Fprintf(&sb, "connect     setup CPU (relay + tailscaled) %v per connect\n", c.Round(time.Microsecond))
+			}
 			if st := rs.res.Storm; st != nil {
 				fmt.Fprintf(&sb, "storm       %s\n", st)
 			}
@@ -463,6 +479,39 @@ func TestVsDerper(t *testing.T) {
 type vsResult struct {
 	*check.LoadResult
 	Storm *vsStorm
+	// ConnectCPU is the CPU time (user + system) the setup (relay, and
+	// tailscaled) spent in the connect part, per successful connect.
+	ConnectCPU time.Duration
+}
+
+// vsCPU returns the CPU time (user + system) process pid has used, from
+// /proc/PID/stat (clock ticks of 10 ms: USER_HZ is 100 on Linux).
+func vsCPU(pid int) time.Duration {
+	if pid == 0 {
+		return 0
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	// The command name (field 2) is in parentheses and may hold spaces.
+	i := strings.LastIndexByte(string(b), ')')
+	if i < 0 {
+		return 0
+	}
+	f := strings.Fields(string(b[i+1:])) // f[0] is field 3 (state)
+	if len(f) < 13 {
+		return 0
+	}
+	utime, _ := strconv.ParseInt(f[11], 10, 64) // field 14
+	stime, _ := strconv.ParseInt(f[12], 10, 64) // field 15
+	return time.Duration(utime+stime) * 10 * time.Millisecond
+}
+
+// setupCPU is the CPU time of p and its companion.
+func (p *vsProc) setupCPU() time.Duration {
+	relay, node := p.pids()
+	return vsCPU(relay) + vsCPU(node)
 }
 
 // mergeLoad adds the parts src measured to dst.
@@ -635,6 +684,11 @@ type vsStorm struct {
 	Half  time.Duration // the restart → half of the N clients back
 	Last  time.Duration // the restart → the last of them back (Bound if not all)
 
+	// CPU is the CPU time the setup spent from the restart until the end
+	// (all back or the bound): the new relay process's, and tailscaled's
+	// (the old process's shutdown is not in it).
+	CPU time.Duration
+
 	RSSBefore vsRSS // the setup before the storm's clients connect
 	RSSIdle   vsRSS // with the N clients connected and idle, before the restart
 	RSSAfter  vsRSS // once they are back (the relay is the restarted process)
@@ -659,8 +713,8 @@ func (s *vsStorm) String() string {
 	if s.Back < s.N {
 		all = fmt.Sprintf("NOT all back: %d of %d within %v", s.Back, s.N, s.Bound)
 	}
-	return fmt.Sprintf("%d clients: %s (half %v; old process gone %v after SIGTERM); setup RSS %s before the clients, %s with them idle, %s after the storm",
-		s.N, all, s.Half.Round(time.Millisecond), s.Stop.Round(time.Millisecond), s.RSSBefore, s.RSSIdle, s.RSSAfter)
+	return fmt.Sprintf("%d clients: %s (half %v; old process gone %v after SIGTERM; setup CPU %v meanwhile); setup RSS %s before the clients, %s with them idle, %s after the storm",
+		s.N, all, s.Half.Round(time.Millisecond), s.Stop.Round(time.Millisecond), s.CPU, s.RSSBefore, s.RSSIdle, s.RSSAfter)
 }
 
 // vsSetupRSS reads the VmRSS of p and its companion.
@@ -835,6 +889,10 @@ func vsRunStorm(t *testing.T, name string, p *vsProc, region *tailcfg.DERPRegion
 	res.RSSIdle = vsSetupRSS(t, p)
 
 	// Restart.
+	var nodeCPU0 time.Duration
+	if p.companion != nil {
+		nodeCPU0 = vsCPU(p.companion.cmd.Process.Pid)
+	}
 	start := time.Now()
 	t0.Store(start.UnixNano())
 	p.stopOne(t)
@@ -874,6 +932,7 @@ func vsRunStorm(t *testing.T, name string, p *vsProc, region *tailcfg.DERPRegion
 		default:
 		}
 	}
+	res.CPU = np.setupCPU() - nodeCPU0
 	slices.Sort(times)
 	res.Last = bound
 	if len(times) > 0 && len(times) == len(clients) {
@@ -1051,10 +1110,17 @@ func vsMetrics() []vsMetric {
 			}
 			return r.STUN.Rate() / 1000
 		}},
+		vsMetric{"setup CPU per connect (relay + tailscaled)", "ms", false, func(r *vsResult) float64 {
+			if r.ConnectCPU == 0 {
+				return math.NaN()
+			}
+			return ms(r.ConnectCPU)
+		}},
 		vsMetric{metricStorm, "s", false, storm(func(s *vsStorm) float64 { return s.Last.Seconds() })},
 		vsMetric{"storm: half back after the restart", "s", false, storm(func(s *vsStorm) float64 { return s.Half.Seconds() })},
 		vsMetric{"storm: clients back (of those connected)", "%", true, storm(func(s *vsStorm) float64 { return 100 * float64(s.Back) / float64(max(s.N, 1)) })},
 		vsMetric{"storm: old process gone after SIGTERM", "s", false, storm(func(s *vsStorm) float64 { return s.Stop.Seconds() })},
+		vsMetric{"storm: setup CPU, restart → end (new relay + tailscaled)", "s", false, storm(func(s *vsStorm) float64 { return s.CPU.Seconds() })},
 		vsMetric{metricSetupRSS, "MiB", false, storm(func(s *vsStorm) float64 { return mibF(s.RSSIdle.Total()) })},
 		vsMetric{"setup RSS, idle clients: relay process", "MiB", false, storm(func(s *vsStorm) float64 { return mibF(s.RSSIdle.Relay) })},
 		vsMetric{"setup RSS, idle clients: tailscaled", "MiB", false, storm(func(s *vsStorm) float64 {
@@ -1291,8 +1357,9 @@ func vsPairReport(results map[string][]*vsResult, rounds int) string {
 	fmt.Fprintf(&b, "| metric | unit | %s | %s | ratio |\n|---|---|---:|---:|---:|\n", them, us)
 	rows := []string{
 		"connect sequential p50", "connect sequential p99", "connect sequential rate",
-		"connect 32 at once p50", "connect 32 at once p99", "connect 32 at once rate",
+		"connect 32 at once p50", "connect 32 at once p99", "connect 32 at once rate", "setup CPU per connect (relay + tailscaled)",
 		metricStorm, "storm: half back after the restart", "storm: clients back (of those connected)", "storm: old process gone after SIGTERM",
+		"storm: setup CPU, restart → end (new relay + tailscaled)",
 		metricSetupRSS, "setup RSS, idle clients: relay process", "setup RSS, idle clients: tailscaled",
 		"setup RSS before the storm's clients", "setup RSS after the storm (relay restarted)",
 		"RSS per idle connection",

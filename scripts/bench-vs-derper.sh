@@ -29,7 +29,7 @@
 #
 # Extra arguments go to the test: -rounds, -servers, -parts
 # (idle,storm,connect,throughput,stun), -idle, -storm, -storm-timeout,
-# -load-duration, -in-flight, -out.
+# -load-duration, -in-flight, -out, -logs DIR (keep the servers' logs).
 #
 # Network: everything binds and dials 127.0.0.1 only (control, relays,
 # tailscaled, the load); building derper and tailscaled the first time
