@@ -93,6 +93,7 @@ var (
 	vsStormN   = flag.Int("storm", 500, "storm: admitted clients connected and idle when the relay restarts; the setup's total RSS is read with them connected")
 	vsStormMax = flag.Duration("storm-timeout", 60*time.Second, "storm: time bound, from the restart, for every client to relay a packet again")
 	vsLogs     = flag.String("logs", "", "keep the servers' logs in this directory (default: a temporary one, removed)")
+	vsCPUs     = flag.String("server-cpus", "", "if set, run every server process (relays, tailscaled) on these CPUs only (taskset -c LIST); the script's LOAD_CPUS puts the load elsewhere")
 )
 
 // vsServer is one kind of server under test.
@@ -183,7 +184,12 @@ func vsStart(t *testing.T, logDir, name, bin string, env []string, derpPort, stu
 	if err != nil {
 		t.Fatal(err)
 	}
-	p.cmd = exec.Command(bin, args...)
+	if *vsCPUs != "" {
+		// taskset execs bin: the process ID stays the one measured.
+		p.cmd = exec.Command("taskset", append([]string{"-c", *vsCPUs, bin}, args...)...)
+	} else {
+		p.cmd = exec.Command(bin, args...)
+	}
 	p.cmd.Env = append(os.Environ(), env...)
 	p.cmd.Stdout, p.cmd.Stderr = logf, logf
 	if err := p.cmd.Start(); err != nil {
@@ -1383,9 +1389,9 @@ func vsPairReport(results map[string][]*vsResult, rounds int) string {
 		case math.IsNaN(med):
 			verdict = "not measured"
 		case higher && med < want:
-			verdict = fmt.Sprintf("MISSED (%.0f%% short of %.1f×)", (want-med)/want*100, want)
+			verdict = fmt.Sprintf("MISSED (%.1f%% short of %.1f×)", (want-med)/want*100, want)
 		case !higher && med > want:
-			verdict = fmt.Sprintf("MISSED (%.0f%% over %.1f×)", (med-want)/want*100, want)
+			verdict = fmt.Sprintf("MISSED (%.1f%% over %.1f×)", (med-want)/want*100, want)
 		}
 		op := "≤"
 		if higher {

@@ -27,9 +27,17 @@
 #   ROUNDS=1 scripts/bench-vs-derper.sh -servers derper+tailscaled,tailderp+admission \
 #       -idle 100 -storm 200 -parts idle,storm,connect
 #
+# Connect capacity of the servers' side alone: LOAD_CPUS=0 runs the load
+# (the test process) on CPU 0 and -server-cpus 1 every server process on
+# CPU 1, so the load generator no longer takes CPU from the relay:
+#
+#   LOAD_CPUS=0 ROUNDS=3 scripts/bench-vs-derper.sh -server-cpus 1 \
+#       -servers derper+tailscaled,tailderp+admission,derper -parts connect -idle 2000 -storm 2000
+#
 # Extra arguments go to the test: -rounds, -servers, -parts
 # (idle,storm,connect,throughput,stun), -idle, -storm, -storm-timeout,
-# -load-duration, -in-flight, -out, -logs DIR (keep the servers' logs).
+# -load-duration, -in-flight, -out, -logs DIR (keep the servers' logs),
+# -server-cpus LIST.
 #
 # Network: everything binds and dials 127.0.0.1 only (control, relays,
 # tailscaled, the load); building derper and tailscaled the first time
@@ -47,6 +55,7 @@ export GOTOOLCHAIN=local
 ROUNDS=${ROUNDS:-3}
 OUT=${OUT:-}
 NETNS=${NETNS:-auto}
+LOAD_CPUS=${LOAD_CPUS:-}
 work=$(mktemp -d "${TMPDIR:-/tmp}/tailderp-bench.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
@@ -113,6 +122,11 @@ if [ "$NETNS" != 0 ]; then
 fi
 
 echo "== $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg), $(go version | cut -d' ' -f3)" >&2
+pin=()
+if [ -n "$LOAD_CPUS" ]; then
+	pin=(taskset -c "$LOAD_CPUS")
+	echo "== the load (test process) on CPUs $LOAD_CPUS" >&2
+fi
 cd check
 TAILDERP_BIN="$work/tailderp" DERPER_BIN="$work/derper" TAILSCALED_BIN="$work/tailscaled" TS_NO_LOGS_NO_SUPPORT=true \
-	"${isolate[@]}" "$work/check.test" "${args[@]}" "$@"
+	"${isolate[@]}" "${pin[@]}" "$work/check.test" "${args[@]}" "$@"
