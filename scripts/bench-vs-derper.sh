@@ -16,10 +16,11 @@
 #   ROUNDS=5 OUT=/tmp/report.md scripts/bench-vs-derper.sh -idle 2000
 #
 # Against derper --verify-clients + tailscaled (docs/PERFORMANCE.md, the
-# section of that name), the full run:
+# section of that name), the full run (8 minutes of test on 2 cores; derper
+# and tailderp without verification are there for reference):
 #
 #   ROUNDS=3 OUT=/tmp/vs-pair.md scripts/bench-vs-derper.sh \
-#       -servers derper+tailscaled,tailderp+admission,derper \
+#       -servers derper+tailscaled,tailderp+admission,derper,tailderp \
 #       -idle 2000 -storm 2000 -storm-timeout 120s
 #
 # and a small smoke run of it:
