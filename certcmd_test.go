@@ -322,18 +322,3 @@ func TestCertAdvice(t *testing.T) {
 		t.Errorf("with a next pair waiting: %q", got)
 	}
 }
-
-// The /debug line shows the certificate, its end, and what to do.
-func TestCertState(t *testing.T) {
-	st := relay.CertStatus{
-		CertInfo: relay.CertInfo{Subject: "203.0.113.7", NotAfter: time.Date(2027, 1, 2, 3, 4, 5, 0, time.UTC), CertName: "sha256-raw:ab", SelfSigned: true},
-		Serving:  true, Problem: relay.CertExpiring, DaysLeft: 12, Fix: "run the thing",
-	}
-	want := "203.0.113.7, valid until 2027-01-02T03:04:05Z (12 days left), pinned by CertName sha256-raw:ab; EXPIRING: run the thing"
-	if got := certState(st); got != want {
-		t.Errorf("certState = %q\nwant %q", got, want)
-	}
-	if got := certState(relay.CertStatus{}); !strings.Contains(got, "none yet") {
-		t.Errorf("no certificate: %q", got)
-	}
-}

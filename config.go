@@ -73,6 +73,7 @@ type config struct {
 	NoLogsNoSupport bool
 	DebugPort       int
 	TailnetPort     int
+	TailnetsFile    string
 
 	// Admission
 	VerifyClients            bool
@@ -97,6 +98,9 @@ type config struct {
 	// notes are lines for the operator about names tailderp does not read
 	// (derper's, its images'), found in the environment.
 	notes []string
+
+	// extraTailnets are the tailnets of TailnetsFile, read by loadConfig.
+	extraTailnets []tailnetConfig
 
 	// meshKey and meshRoots are read from MeshPSKFile and MeshCABundle by
 	// loadConfig.
@@ -176,6 +180,8 @@ func settingsFor(c *config) []setting {
 			usage: "tailnet-only port for /debug (pprof, metrics, clients); never served publicly"},
 		{flag: "tailnet-port", env: "TAILNET_PORT", group: "Tailnet node", bind: intVar(&c.TailnetPort, 0),
 			usage: "UDP port of the tailnet node's WireGuard (0: a random port); fix it to open it in a firewall"},
+		{flag: "tailnets", env: "TAILNETS_FILE", group: "Tailnet node", bind: strVar(&c.TailnetsFile, ""),
+			usage: `file (JSON, comments allowed) of more tailnets to admit, each with its own node: {"tailnets": [{"name", "control_url", "auth_key_file", "hostname", "advertise_tags", "tailnet_port"}]}`},
 
 		{flag: "verify-clients", env: "VERIFY_CLIENTS", aliases: []string{"DERP_VERIFY_CLIENTS", "TAILSCALE_DERP_VERIFY_CLIENTS"}, group: "Admission", bind: boolVar(&c.VerifyClients, true),
 			usage: "admit only clients of our tailnet, as the embedded node sees it; false makes an open relay"},
@@ -294,6 +300,9 @@ func loadConfig(name string, args []string, getenv func(string) string, stderr i
 		return nil, err
 	}
 	if err := c.validate(); err != nil {
+		return nil, err
+	}
+	if err := c.readTailnetsFile(); err != nil {
 		return nil, err
 	}
 	if err := c.checkRateConfig(); err != nil {

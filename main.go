@@ -12,7 +12,6 @@ import (
 	"cmp"
 	"context"
 	"errors"
-	"expvar"
 	"flag"
 	"fmt"
 	"io"
@@ -32,7 +31,6 @@ import (
 	"tailscale.com/ipn"
 	"tailscale.com/types/key"
 
-	"github.com/tailderp/tailderp/debugsrv"
 	"github.com/tailderp/tailderp/internal/logs"
 	"github.com/tailderp/tailderp/node"
 	"github.com/tailderp/tailderp/relay"
@@ -113,7 +111,12 @@ func setupTailnetEnv(cfg *config) {
 	if os.Getenv("TS_LOGS_DIR") == "" {
 		os.Setenv("TS_LOGS_DIR", cfg.nodeDir())
 	}
-	if cfg.NoLogsNoSupport || (cfg.ControlURL != "" && cfg.ControlURL != ipn.DefaultControlURL) {
+	noLogs := cfg.NoLogsNoSupport
+	for _, t := range cfg.tailnets() {
+		// No log uploads to Tailscale from a node of another control server.
+		noLogs = noLogs || (t.ControlURL != "" && t.ControlURL != ipn.DefaultControlURL)
+	}
+	if noLogs {
 		envknob.SetNoLogsNoSupport()
 	}
 }
@@ -150,27 +153,13 @@ func run(ctx context.Context, cfg *config, logger *slog.Logger, out io.Writer) e
 		logger.Info("mesh: this relay's own entry in -mesh-with is skipped", "hostname", cfg.Hostname)
 	}
 
-	var n *node.Node
+	var tailnets []*tailnet
 	var verifier *verify.Verifier
-	if cfg.VerifyClients {
-		setupTailnetEnv(cfg)
-		n = &node.Node{
-			Dir:           cfg.nodeDir(),
-			Hostname:      cfg.tailnetHostname(),
-			AuthKey:       cfg.AuthKey,
-			ControlURL:    cfg.ControlURL,
-			AdvertiseTags: cfg.tags(),
-			Port:          uint16(cfg.TailnetPort),
-			CacheMaxAge:   cfg.VerifyClientsCacheMaxAge,
-			Logger:        logger,
-			Advice:        func(p node.Problem) string { return nodeAdvice(cfg, p) },
-		}
-	}
 	if cfg.VerifyClients || cfg.VerifyClientURL != "" {
 		verifier = &verify.Verifier{URL: cfg.VerifyClientURL, FailOpen: cfg.VerifyClientsFailOpen, URLFailOpen: cfg.VerifyClientURLFailOpen, Logger: logger}
-		if n != nil {
-			verifier.Tailnets = []verify.Tailnet{{Name: defaultTailnet, Keys: n}}
-			n.OnDrop = revokeDropped(verifier, defaultTailnet)
+		if cfg.VerifyClients {
+			setupTailnetEnv(cfg)
+			tailnets = newTailnets(cfg, verifier, logger)
 		}
 		if cfg.VerifyClientsFailOpen {
 			logger.Warn("admission fails open: clients are admitted unverified while a check cannot answer (-verify-clients-fail-open)")
@@ -253,14 +242,22 @@ func run(ctx context.Context, cfg *config, logger *slog.Logger, out io.Writer) e
 	}
 	pins.serving(sv, stateWritable == nil)
 
+	// The default tailnet's login rejected ends the process (the operator
+	// must fix TAILSCALE_AUTH_KEY); another tailnet's is that tailnet's
+	// problem, said on every status page.
 	var fatal <-chan error
-	if n != nil {
-		if err := n.Start(); err != nil {
+	d := &debugParts{cfg: cfg, tailnets: tailnets, relay: rs, verifier: verifier, started: time.Now()}
+	for i, t := range tailnets {
+		if err := t.node.Start(); err != nil {
 			return fmt.Errorf("%s %s: %w", settingName("state-dir"), cfg.StateDir, err)
 		}
-		defer n.Close()
-		fatal = n.Fatal()
-		go serveDebug(ctx, cfg, n, rs, verifier, logger)
+		defer t.node.Close()
+		if i == 0 {
+			fatal = t.node.Fatal()
+		} else {
+			go t.watchFatal(ctx, logger)
+		}
+		go d.serve(ctx, t, logger)
 	}
 
 	for {
@@ -272,7 +269,7 @@ func run(ctx context.Context, cfg *config, logger *slog.Logger, out io.Writer) e
 			reloadOnHUP(cfg, certs, rates, logger)
 		case err := <-fatal:
 			if _, ok := errors.AsType[*node.LoginError](err); ok {
-				return fmt.Errorf("%w (check TAILSCALE_AUTH_KEY: it may be mistyped, expired, revoked, for another control server, or a single-use key that was already used)", err)
+				return fmt.Errorf("%w (%s)", err, nodeAdvice(tailnets[0].tailnetConfig, node.ProblemLoginRejected))
 			}
 			return err
 		case err := <-rs.Err():
@@ -366,36 +363,6 @@ func explainListenError(err error) error {
 	return fmt.Errorf("%s: cannot listen on %s: %v (%s)", setting, le.Addr, le.Err, hint)
 }
 
-// defaultTailnet names the tailnet of TAILSCALE_AUTH_KEY in metrics and
-// logs.
-const defaultTailnet = "default"
-
-// revokeDropped returns the node's OnDrop: each key the tailnet dropped
-// has its connections closed (unless another tailnet still admits it).
-func revokeDropped(v *verify.Verifier, tailnet string) func([]node.Drop) {
-	return func(drops []node.Drop) {
-		for _, d := range drops {
-			v.Revoke(verify.Revocation{Key: d.Key, Name: d.Name, Tailnet: tailnet, Reason: string(d.Reason)})
-		}
-	}
-}
-
-// nodeAdvice is what the operator should do about a node's problem.
-func nodeAdvice(cfg *config, p node.Problem) string {
-	switch p {
-	case node.ProblemLoggedOut:
-		return "disable key expiry for this node in the admin console, and restart with a new TAILSCALE_AUTH_KEY if it was removed"
-	case node.ProblemNeedsApproval:
-		return "approve this node in the admin console"
-	case node.ProblemLoginRejected:
-		return "check TAILSCALE_AUTH_KEY: it may be mistyped, expired, revoked, for another control server, or a single-use key that was already used"
-	case node.ProblemControlUnreachable:
-		return fmt.Sprintf("check that this server reaches %s (DNS, firewall, proxy) and that the control server runs; it is %s",
-			cmp.Or(cfg.ControlURL, ipn.DefaultControlURL), settingName("control-url"))
-	}
-	return string(p)
-}
-
 // certAdvice is what the operator should do about a problem with the
 // dates of the certificate served, in each certificate mode.
 func certAdvice(cfg *config, p relay.CertProblem) string {
@@ -454,81 +421,6 @@ func closeRelay(rs *relay.Server) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 	defer cancel()
 	rs.Close(ctx)
-}
-
-// serveDebug serves /debug on the node's tailnet address once it is up.
-func serveDebug(ctx context.Context, cfg *config, n *node.Node, rs *relay.Server, v *verify.Verifier, logger *slog.Logger) {
-	ln, err := n.Listen(ctx, "tcp", ":"+strconv.Itoa(cfg.DebugPort))
-	if err != nil {
-		if ctx.Err() == nil {
-			logger.Warn("debug: not served", "err", err)
-		}
-		return
-	}
-	h := debugsrv.Handler(debugsrv.Config{
-		Vars: map[string]expvar.Var{
-			"tailderp_relay":     rs.ExpVar(),
-			"tailderp_admission": v.ExpVar(),
-			"tailderp_node":      n.ExpVar(),
-		},
-		DERP:      rs.DERP(),
-		Verifier:  v,
-		NodeName:  n.NodeName,
-		Connected: rs.Connected,
-		MeshPeers: rs.MeshPeers,
-		Info: []debugsrv.Info{
-			{Name: "TLS hostname", Value: func() any { return cfg.Hostname }},
-			{Name: "Certificate", Value: func() any { return certState(rs.CertStatus()) }},
-			{Name: "Node state", Value: func() any { return n.State() }},
-			{Name: "Peers seen", Value: func() any { return n.PeerCount() }},
-			{Name: "Admission answered from", Value: func() any { return admissionSource(n.Status(), cfg.VerifyClientsCacheMaxAge) }},
-			{Name: "Control server", Value: func() any { return controlState(n.Status()) }},
-			{Name: "Version", Value: func() any { return version }},
-		},
-	})
-	logger.Info("debug: serving on the tailnet only", "port", cfg.DebugPort)
-	go func() {
-		<-ctx.Done()
-		ln.Close()
-	}()
-	debugsrv.Serve(ln, h)
-}
-
-// admissionSource says where admission answers come from, for people.
-func admissionSource(st node.Status, maxAge time.Duration) string {
-	age := time.Since(st.Netmap).Round(time.Second)
-	switch st.Source {
-	case node.SourceLive:
-		return fmt.Sprintf("live network map (received %s ago)", age)
-	case node.SourceCache:
-		return fmt.Sprintf("known-peers cache of %s (%s old; used until %s)", st.Netmap.UTC().Format(time.RFC3339), age,
-			st.Netmap.Add(maxAge).UTC().Format(time.RFC3339))
-	}
-	return "nothing: tailnet clients are refused until the node has a network map"
-}
-
-// certState describes the certificate served, for people.
-func certState(st relay.CertStatus) string {
-	if !st.Serving {
-		return "none yet (the first ACME issuance has not happened)"
-	}
-	s := fmt.Sprintf("%s, valid until %s (%d days left)", st.Subject, st.NotAfter.UTC().Format(time.RFC3339), st.DaysLeft)
-	if st.SelfSigned {
-		s += ", pinned by CertName " + st.CertName
-	}
-	if st.Problem != relay.CertOK {
-		s += fmt.Sprintf("; %s: %s", strings.ToUpper(string(st.Problem)), st.Fix)
-	}
-	return s
-}
-
-// controlState says whether the control server answers, for people.
-func controlState(st node.Status) string {
-	since := time.Since(st.ControlSince).Round(time.Second)
-	if st.Control {
-		return fmt.Sprintf("reachable (%s, for %s)", st.ControlURL, since)
-	}
-	return fmt.Sprintf("NOT reachable (%s, for %s)", st.ControlURL, since)
 }
 
 // makeCerts returns the certificates for the configured mode.

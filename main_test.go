@@ -887,3 +887,54 @@ func TestBadSettingsAreStartupErrors(t *testing.T) {
 		})
 	}
 }
+
+// TestTailnetsFileErrors: a bad -tailnets file is one start-up line, exit
+// status 2, naming the file and the entry and saying what is wrong.
+func TestTailnetsFileErrors(t *testing.T) {
+	dir := t.TempDir()
+	key := filepath.Join(dir, "b.key")
+	os.WriteFile(key, []byte("tskey-auth-b-test\n"), 0o600)
+	empty := filepath.Join(dir, "empty.key")
+	os.WriteFile(empty, nil, 0o600)
+	entry := func(name, extra string) string {
+		return fmt.Sprintf(`{"name": %q, "control_url": "http://127.0.0.1:1", "auth_key_file": %q%s}`, name, key, extra)
+	}
+	tests := []struct {
+		name, file string
+		want       []string
+	}{
+		{"unknown field", `{"tailnets": [` + entry("b", `, "contrl_url": "x"`) + `]}`, []string{`tailnet 1`, `unknown field "contrl_url"`}},
+		{"unknown top-level field", `{"tailnet": []}`, []string{`unknown field "tailnet"`}},
+		{"duplicate name", `{"tailnets": [` + entry("b", "") + `, ` + entry("b", "") + `]}`, []string{`tailnet 2 ("b")`, "also tailnet 1's"}},
+		{"invalid name", `{"tailnets": [` + entry("Prod_1", "") + `]}`, []string{`tailnet 1 ("Prod_1")`, "lower-case letters, digits and dashes"}},
+		{"no name", `{"tailnets": [{"auth_key_file": "` + key + `"}]}`, []string{"tailnet 1", "no name"}},
+		{"default tailnet's name", `{"tailnets": [` + entry("default", "") + `]}`, []string{`tailnet 1 ("default")`, "TAILSCALE_AUTH_KEY", "tailscale"}},
+		{"missing key file", `{"tailnets": [{"name": "b", "auth_key_file": "` + filepath.Join(dir, "nope") + `"}]}`, []string{`tailnet 1 ("b")`, "auth_key_file", "no such file"}},
+		{"unreadable key file", `{"tailnets": [{"name": "b", "auth_key_file": "` + dir + `"}]}`, []string{`tailnet 1 ("b")`, "auth_key_file", "is a directory"}},
+		{"empty key file", `{"tailnets": [{"name": "b", "auth_key_file": "` + empty + `"}]}`, []string{`tailnet 1 ("b")`, "is empty"}},
+		{"no key file and no login", `{"tailnets": [{"name": "b"}]}`, []string{`tailnet 1 ("b")`, "no auth_key_file", "no earlier login"}},
+		{"bad control URL", `{"tailnets": [` + entry("b", `, "control_url": "hs.example.com"`) + `]}`, []string{`tailnet 1 ("b")`, "control_url"}},
+		{"not JSON", `{"tailnets": [`, []string{"not JSON"}},
+		{"no tailnets", `{"tailnets": []}`, []string{"lists no tailnets"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			file := filepath.Join(t.TempDir(), "tailnets.json")
+			os.WriteFile(file, []byte(tt.file), 0o600)
+			env := map[string]string{"TAILSCALE_AUTH_KEY": fakeAuthKey, "TAILSCALE_CONTROL_URL": "http://127.0.0.1:1", "TAILNETS_FILE": file}
+			code, _, stderr := runMain(t, env, "-hostname", "127.0.0.1", "-certmode", "manual", "-state-dir", filepath.Join(t.TempDir(), "state"))
+			lines := strings.Split(strings.TrimSpace(stderr), "\n")
+			if code != 2 || len(lines) != 1 {
+				t.Fatalf("exit %d with %d lines, want 2 and one:\n%s", code, len(lines), stderr)
+			}
+			for _, w := range append(tt.want, "-tailnets (TAILNETS_FILE)") {
+				if !strings.Contains(lines[0], w) {
+					t.Errorf("%q does not name %q", lines[0], w)
+				}
+			}
+			if strings.Contains(stderr, "SECRETVALUE") || strings.Contains(stderr, "tskey-auth-b-test") {
+				t.Errorf("an auth key was printed: %s", stderr)
+			}
+		})
+	}
+}

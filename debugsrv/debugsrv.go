@@ -1,7 +1,8 @@
-// Package debugsrv is tailderp's /debug: pprof, metrics (expvar JSON at
+// Package debugsrv is tailderp's /debug: a status page at a glance
+// (/debug/, and /debug/status as JSON), pprof, metrics (expvar JSON at
 // /debug/vars, Prometheus text at /debug/varz and /metrics), derpserver's
-// consistency and traffic checks, the list of admitted clients, the mesh
-// peers, and the tailnet node's state.
+// consistency and traffic checks, the list of admitted clients, and the
+// mesh peers.
 //
 // It is only ever served on a listener of the embedded tailnet node (see
 // node.Node.Listen), never on the public relay: being on the tailnet is
@@ -26,15 +27,21 @@ import (
 	"github.com/tailderp/tailderp/verify"
 )
 
-// Config is what the debug pages show.
+// Config is what the debug pages show. The pages are served to one
+// tailnet: what lists clients lists only that tailnet's.
 type Config struct {
 	// Vars are metric sets published under their names, in addition to
 	// the process-wide expvars (Go runtime, STUN, derpserver globals).
 	Vars map[string]expvar.Var
-	// DERP is the relay's server, for /debug/check and /debug/traffic.
+	// Status is the status page's content, built when it is asked for.
+	Status func() Status
+	// DERP, if set, is the relay's server, for /debug/check and
+	// /debug/traffic. They list every client of every tailnet: leave it
+	// nil on a relay that serves several tailnets.
 	DERP *derpserver.Server
-	// Verifier, if set, lists admitted clients at /debug/clients.
-	Verifier *verify.Verifier
+	// Recent, if set, lists the admissions shown at /debug/clients: the
+	// viewing tailnet's.
+	Recent func() []verify.Admission
 	// NodeName names a client's node key on the tailnet ("" if unknown).
 	NodeName func(key.NodePublic) string
 	// Connected reports whether a client has an admitted connection open.
@@ -42,24 +49,20 @@ type Config struct {
 	// MeshPeers, if set, lists the relay's mesh peers at /debug/mesh
 	// (relay.Server.MeshPeers).
 	MeshPeers func() []relay.MeshPeerStatus
-	// Info is shown as key/value lines on /debug/, in this order.
-	Info []Info
-}
-
-// Info is one key/value line of /debug/.
-type Info struct {
-	Name  string
-	Value func() any
 }
 
 // Handler returns the debug handler.
 func Handler(c Config) http.Handler {
 	inner := http.NewServeMux()
 	d := tsweb.Debugger(inner)
-	for _, i := range c.Info {
-		d.KVFunc(i.Name, i.Value)
+	links := []StatusLink{
+		{"/debug/status", "this status as JSON"},
+		{"/debug/pprof/", "Go profiles"},
+		{"/metrics", "Prometheus metrics (also /debug/varz)"},
+		{"/debug/vars", "the metrics as JSON"},
 	}
 	if c.DERP != nil {
+		links = append(links, StatusLink{"/debug/check", "DERP consistency check"}, StatusLink{"/debug/traffic", "DERP traffic by connection"})
 		d.Handle("check", "DERP consistency check", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			if err := c.DERP.ConsistencyCheck(); err != nil {
 				http.Error(w, err.Error(), http.StatusInternalServerError)
@@ -69,12 +72,14 @@ func Handler(c Config) http.Handler {
 		}))
 		d.Handle("traffic", "DERP traffic by connection", http.HandlerFunc(c.DERP.ServeDebugTraffic))
 	}
-	if c.Verifier != nil {
+	if c.Recent != nil {
+		links = append(links, StatusLink{"/debug/clients", "recently admitted clients of this tailnet"})
 		d.Handle("clients", "Admitted clients", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			serveClients(w, c)
 		}))
 	}
 	if c.MeshPeers != nil {
+		links = append(links, StatusLink{"/debug/mesh", "mesh peers"})
 		d.Handle("mesh", "Mesh peers", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			w.Header().Set("Content-Type", "text/html; charset=utf-8")
 			io.WriteString(w, "<html><body><h1>Mesh peers</h1>\n")
@@ -93,6 +98,15 @@ func Handler(c Config) http.Handler {
 		}
 	}))
 	outer := http.NewServeMux()
+	if c.Status != nil {
+		status := func() Status {
+			st := c.Status()
+			st.Links = links
+			return st
+		}
+		outer.Handle("/debug/{$}", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { serveStatusPage(w, status()) }))
+		outer.Handle("/debug/status", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { serveStatusJSON(w, status()) }))
+	}
 	outer.Handle("/debug/varz", prom)
 	outer.Handle("/metrics", prom)
 	outer.Handle("/debug/vars", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -119,7 +133,7 @@ func Handler(c Config) http.Handler {
 func serveClients(w http.ResponseWriter, c Config) {
 	w.Header().Set("Content-Type", "text/html; charset=utf-8")
 	io.WriteString(w, "<html><body><h1>Admitted clients</h1><table><tr><th>node key</th><th>tailnet name</th><th>from</th><th>admitted</th><th>connected</th></tr>\n")
-	for _, a := range c.Verifier.Recent() {
+	for _, a := range c.Recent() {
 		name := ""
 		if c.NodeName != nil {
 			name = c.NodeName(a.Key)

@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
@@ -16,6 +17,7 @@ import (
 	"tailscale.com/tsnet"
 	"tailscale.com/types/key"
 
+	"github.com/tailderp/tailderp/debugsrv"
 	"github.com/tailderp/tailderp/internal/testtailnet"
 )
 
@@ -75,6 +77,13 @@ func fetchOverTailnet(ctx context.Context, node *tsnet.Server, url string) (stri
 // relayTailnetIP finds tailderp's node among node's peers.
 func relayTailnetIP(ctx context.Context, t *testing.T, node *tsnet.Server) string {
 	t.Helper()
+	return peerIP(ctx, t, node, "127-0-0-1")
+}
+
+// peerIP finds the peer named hostname among node's peers and returns its
+// tailnet IPv4 address.
+func peerIP(ctx context.Context, t *testing.T, node *tsnet.Server, hostname string) string {
+	t.Helper()
 	lc, err := node.LocalClient()
 	if err != nil {
 		t.Fatal(err)
@@ -85,13 +94,13 @@ func relayTailnetIP(ctx context.Context, t *testing.T, node *tsnet.Server) strin
 			t.Fatal(err)
 		}
 		for _, p := range st.Peer {
-			if p.HostName == "127-0-0-1" && len(p.TailscaleIPs) > 0 {
+			if p.HostName == hostname && len(p.TailscaleIPs) > 0 {
 				return p.TailscaleIPs[0].String()
 			}
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	t.Fatal("tailderp's node never appeared among the peers")
+	t.Fatalf("peer %s never appeared among the peers", hostname)
 	return ""
 }
 
@@ -192,6 +201,29 @@ func TestTailnetThroughTailderp(t *testing.T) {
 	}
 	if !strings.Contains(clients, testtailnet.NodeKey(t, a).ShortString()) {
 		t.Errorf("/debug/clients does not list a:\n%s", clients)
+	}
+
+	// The status page, at a glance and as JSON.
+	page, err := fetchOverTailnet(ctx, b, "http://"+relayIP+"/debug/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"All is well", "Clients connected now", "Certificate", "127.0.0.1, valid until", testtailnet.NodeKey(t, a).ShortString()} {
+		if !strings.Contains(page, want) {
+			t.Errorf("/debug/ does not show %q:\n%s", want, page)
+		}
+	}
+	stJSON, err := fetchOverTailnet(ctx, b, "http://"+relayIP+"/debug/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st debugsrv.Status
+	if err := json.Unmarshal([]byte(stJSON), &st); err != nil {
+		t.Fatalf("/debug/status: %v\n%s", err, stJSON)
+	}
+	if len(st.Tailnets) != 1 || st.Tailnets[0].State != "running" || !st.Tailnets[0].ControlReachable || st.Tailnets[0].AdmissionFrom != "live" ||
+		!st.Certificate.Serving || st.Certificate.DaysLeft < 300 || len(st.Problems) != 0 || st.Admission.Admitted < 2 {
+		t.Errorf("/debug/status: %s", stJSON)
 	}
 
 	// /debug is not public, whatever the request claims.

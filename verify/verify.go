@@ -136,7 +136,7 @@ type Verifier struct {
 	admitted    metrics.LabelMap // by tailnet
 	failOpen    expvar.Int
 	refused     metrics.LabelMap // by reason
-	revoked     metrics.LabelMap // by reason
+	revoked     metrics.MultiLabelMap[revokedKey]
 	lastRefusal expvar.String
 
 	sweepMu    sync.Mutex
@@ -164,7 +164,7 @@ func (v *Verifier) setup() {
 	v.hintLimit = logs.NewLimiter(1, 10*time.Minute)
 	v.admitted = metrics.LabelMap{Label: "tailnet"}
 	v.refused = metrics.LabelMap{Label: "reason"}
-	v.revoked = metrics.LabelMap{Label: "reason"}
+	v.revoked.Type = "counter"
 }
 
 // lookup asks the tailnets about k: the first that knows it, and whether
@@ -348,7 +348,7 @@ func (v *Verifier) closeConns(r Revocation) int {
 	if r.Name == "" {
 		r.Name = v.name(r.Key)
 	}
-	v.revoked.Add(r.Reason, int64(n))
+	v.revoked.Add(revokedKey{Tailnet: r.Tailnet, Reason: r.Reason}, int64(n))
 	v.note(Event{Key: r.Key, Name: r.Name, Tailnet: r.Tailnet, What: "revoked", Reason: r.Reason})
 	if v.allowLog() {
 		v.Logger.Info("verify: client disconnected: its key is no longer admissible",
@@ -514,7 +514,7 @@ func (v *Verifier) ExpVar() expvar.Var {
 	m.Set("counter_admitted", &v.admitted)
 	m.Set("counter_admitted_fail_open", &v.failOpen)
 	m.Set("counter_refused", &v.refused)
-	m.Set("counter_revoked_connections", &v.revoked)
+	m.Set("revoked_connections", &v.revoked)
 	m.Set("last_refusal", &v.lastRefusal)
 	return m
 }
@@ -525,10 +525,53 @@ func (v *Verifier) Refused(reason string) int64 {
 	return v.refused.Get(reason).Value()
 }
 
-// Revoked returns how many connections were closed for reason.
+// revokedKey labels the revoked-connections counter.
+type revokedKey struct {
+	Tailnet string `prom:"tailnet"`
+	Reason  string `prom:"reason"`
+}
+
+// Revoked returns how many connections were closed for reason, in all
+// tailnets.
 func (v *Verifier) Revoked(reason string) int64 {
 	v.init()
-	return v.revoked.Get(reason).Value()
+	var n int64
+	v.revoked.Do(func(kv metrics.KeyValue[revokedKey]) {
+		if i, ok := kv.Value.(*expvar.Int); ok && kv.Key.Reason == reason {
+			n += i.Value()
+		}
+	})
+	return n
+}
+
+// RevokedBy returns the connections closed, by reason, in tailnet.
+func (v *Verifier) RevokedBy(tailnet string) map[string]int64 {
+	v.init()
+	out := map[string]int64{}
+	v.revoked.Do(func(kv metrics.KeyValue[revokedKey]) {
+		if i, ok := kv.Value.(*expvar.Int); ok && kv.Key.Tailnet == tailnet {
+			out[kv.Key.Reason] += i.Value()
+		}
+	})
+	return out
+}
+
+// RefusedByReason returns how many clients were refused, by reason.
+func (v *Verifier) RefusedByReason() map[string]int64 {
+	v.init()
+	out := map[string]int64{}
+	v.refused.Do(func(kv expvar.KeyValue) {
+		if i, ok := kv.Value.(*expvar.Int); ok {
+			out[kv.Key] = i.Value()
+		}
+	})
+	return out
+}
+
+// AdmittedBy returns how many clients tailnet admitted.
+func (v *Verifier) AdmittedBy(tailnet string) int64 {
+	v.init()
+	return v.admitted.Get(tailnet).Value()
 }
 
 // Admitted returns how many clients were admitted, in all.

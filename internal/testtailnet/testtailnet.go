@@ -138,6 +138,7 @@ type Control struct {
 
 	hsMu   sync.Mutex
 	hs     *httptest.Server // nil while stopped
+	conns  *connTracker     // every connection hs accepted
 	addr   string           // where it serves, kept across Stop/Resume
 	nextID tailcfg.NodeID   // for AddNode
 }
@@ -210,10 +211,41 @@ func (c *Control) serve(ln net.Listener) {
 		hs.Listener.Close()
 		hs.Listener = ln
 	}
+	conns := &connTracker{Listener: hs.Listener}
+	hs.Listener = conns
 	hs.Start()
 	c.hsMu.Lock()
-	c.hs = hs
+	c.hs, c.conns = hs, conns
 	c.hsMu.Unlock()
+}
+
+// connTracker is a listener that remembers every connection it accepted,
+// so Stop can close them all: the nodes' map polls run on connections the
+// server hijacked (Tailscale's Noise protocol), which httptest's
+// CloseClientConnections does not know.
+type connTracker struct {
+	net.Listener
+	mu    sync.Mutex
+	conns []net.Conn
+}
+
+func (l *connTracker) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err == nil {
+		l.mu.Lock()
+		l.conns = append(l.conns, c)
+		l.mu.Unlock()
+	}
+	return c, err
+}
+
+func (l *connTracker) closeAll() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for _, c := range l.conns {
+		c.Close()
+	}
+	l.conns = nil
 }
 
 // Stop takes the control server off the network, as an outage would: its
@@ -221,12 +253,14 @@ func (c *Control) serve(ln net.Listener) {
 // What it knows (nodes, keys) is kept for Resume.
 func (c *Control) Stop() {
 	c.hsMu.Lock()
-	hs := c.hs
-	c.hs = nil
+	hs, conns := c.hs, c.conns
+	c.hs, c.conns = nil, nil
 	c.hsMu.Unlock()
 	if hs != nil {
-		// Dropping the connections still open (long map polls) keeps
-		// Close from waiting on them.
+		// Dropping every connection still open (long map polls, hijacked
+		// ones too) keeps Close from waiting on them, and is what an
+		// outage does to the nodes.
+		conns.closeAll()
 		hs.CloseClientConnections()
 		hs.Close()
 	}

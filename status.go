@@ -1,0 +1,230 @@
+package main
+
+import (
+	"context"
+	"expvar"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"strconv"
+	"strings"
+	"time"
+
+	"tailscale.com/metrics"
+	"tailscale.com/types/key"
+
+	"github.com/tailderp/tailderp/debugsrv"
+	"github.com/tailderp/tailderp/node"
+	"github.com/tailderp/tailderp/relay"
+	"github.com/tailderp/tailderp/verify"
+)
+
+// debugParts is what /debug and its status page are made of. Each tailnet
+// gets /debug on its own address, showing the whole relay's numbers and
+// health but only its own clients (debugsrv.Status).
+type debugParts struct {
+	cfg      *config
+	tailnets []*tailnet
+	relay    *relay.Server
+	verifier *verify.Verifier
+	started  time.Time
+}
+
+// serve serves /debug on t's tailnet address once its node is up.
+func (d *debugParts) serve(ctx context.Context, t *tailnet, logger *slog.Logger) {
+	ln, err := t.node.Listen(ctx, "tcp", ":"+strconv.Itoa(d.cfg.DebugPort))
+	if err != nil {
+		if ctx.Err() == nil {
+			logger.Warn("debug: not served", "tailnet", t.Name, "err", err)
+		}
+		return
+	}
+	c := debugsrv.Config{
+		Vars: map[string]expvar.Var{
+			"tailderp_relay":     d.relay.ExpVar(),
+			"tailderp_admission": d.verifier.ExpVar(),
+			"tailderp_node":      d.tailnets[0].node.ExpVar(),
+			"tailderp_tailnet":   d.tailnetVars(),
+		},
+		Status:    func() debugsrv.Status { return d.status(t) },
+		Recent:    func() []verify.Admission { return d.recent(t) },
+		NodeName:  t.node.NodeName,
+		Connected: d.relay.Connected,
+		MeshPeers: d.relay.MeshPeers,
+	}
+	if len(d.tailnets) == 1 {
+		// derpserver's own pages list every client: only where there is
+		// one tailnet.
+		c.DERP = d.relay.DERP()
+	}
+	logger.Info("debug: serving on the tailnet only", "tailnet", t.Name, "port", d.cfg.DebugPort)
+	go func() {
+		<-ctx.Done()
+		ln.Close()
+	}()
+	debugsrv.Serve(ln, debugsrv.Handler(c))
+}
+
+// owns reports whether k is a node of viewer's tailnet: what its pages
+// may show.
+func owns(viewer *tailnet, k key.NodePublic) bool {
+	known, _ := viewer.node.KnowsNodeKey(k)
+	return known
+}
+
+// recent lists the admissions of viewer's tailnet.
+func (d *debugParts) recent(viewer *tailnet) []verify.Admission {
+	var out []verify.Admission
+	for _, a := range d.verifier.Recent() {
+		if a.Tailnet == viewer.Name || owns(viewer, a.Key) {
+			out = append(out, a)
+		}
+	}
+	return out
+}
+
+// status is the status page for viewer.
+func (d *debugParts) status(viewer *tailnet) debugsrv.Status {
+	now := time.Now()
+	st := debugsrv.Status{
+		Version: version,
+		Started: d.started.UTC(),
+		Uptime:  now.Sub(d.started).Round(time.Second).String(),
+		Tailnet: viewer.Name,
+	}
+	for _, t := range d.tailnets {
+		ts := d.tailnetStatus(t, now)
+		st.Tailnets = append(st.Tailnets, ts)
+		if ts.Problem != "" {
+			st.Problems = append(st.Problems, "tailnet "+t.Name+": "+ts.Problem)
+		}
+	}
+
+	clients := d.relay.Clients()
+	st.ClientsTotal = len(clients)
+	for _, c := range clients {
+		if owns(viewer, c.Key) {
+			st.Clients = append(st.Clients, debugsrv.Client{Name: viewer.node.NodeName(c.Key), Key: c.Key.ShortString(), From: c.From.String(), Since: c.Since.UTC()})
+		}
+	}
+
+	v := d.verifier
+	st.Admission = debugsrv.Admission{
+		Admitted: v.AdmittedBy(viewer.Name), AdmittedAll: v.Admitted(),
+		Refused: v.RefusedByReason(), Revoked: v.RevokedBy(viewer.Name),
+	}
+	for _, e := range v.Events() {
+		dec := debugsrv.Decision{At: e.At.UTC(), What: e.What, Reason: e.Reason}
+		switch {
+		case e.Tailnet == viewer.Name || owns(viewer, e.Key):
+			dec.Name, dec.Key, dec.From = e.Name, e.Key.ShortString(), addrString(e.From)
+		case e.What != "refused":
+			continue // another tailnet's client
+		case len(d.tailnets) == 1:
+			dec.Key, dec.From = e.Key.ShortString(), addrString(e.From) // a stranger
+		}
+		// Otherwise a refusal on a relay of several tailnets: it may be
+		// another tailnet's node, so it is shown without key or address.
+		st.Admission.Recent = append(st.Admission.Recent, dec)
+	}
+
+	cs := d.relay.CertStatus()
+	st.Certificate = debugsrv.Certificate{Serving: cs.Serving, Subject: cs.Subject, CertName: cs.CertName, NotAfter: cs.NotAfter.UTC(),
+		DaysLeft: cs.DaysLeft, Problem: string(cs.Problem), Fix: cs.Fix}
+	if cs.Serving && cs.Problem != relay.CertOK {
+		st.Problems = append(st.Problems, fmt.Sprintf("certificate %s (valid until %s): %s; %s", cs.Subject, cs.NotAfter.UTC().Format(time.RFC3339), cs.Problem, cs.Fix))
+	}
+	for _, m := range d.relay.MeshPeers() {
+		st.Mesh = append(st.Mesh, debugsrv.MeshPeer{Peer: m.Peer.String(), State: string(m.State), Since: m.Since.UTC(), LastError: m.LastError})
+		if m.State == relay.MeshDialing && now.Sub(m.Since) > time.Minute {
+			st.Problems = append(st.Problems, fmt.Sprintf("mesh peer %s not connected for %s: %s (is it up, with the same mesh key?)", m.Peer, now.Sub(m.Since).Round(time.Second), m.LastError))
+		}
+	}
+	return st
+}
+
+// tailnetStatus says how t's node is, and what is wrong with it.
+func (d *debugParts) tailnetStatus(t *tailnet, now time.Time) debugsrv.TailnetStatus {
+	ns := t.node.Status()
+	ts := debugsrv.TailnetStatus{
+		Name: t.Name, State: string(ns.State), ControlURL: ns.ControlURL, ControlReachable: ns.Control,
+		ControlSince: ns.ControlSince.UTC(), AdmissionFrom: string(ns.Source), Peers: ns.Peers,
+	}
+	if !ns.Netmap.IsZero() {
+		ts.NetmapReceived = ns.Netmap.UTC()
+	}
+	var problems []string
+	if err := t.failed(); err != nil {
+		problems = append(problems, fmt.Sprintf("stopped: %v; %s", err, nodeAdvice(t.tailnetConfig, node.ProblemLoginRejected)))
+	} else {
+		if !ns.Control && now.Sub(ns.ControlSince) > 30*time.Second {
+			problems = append(problems, fmt.Sprintf("control server %s not reachable for %s; %s", ns.ControlURL, now.Sub(ns.ControlSince).Round(time.Second),
+				nodeAdvice(t.tailnetConfig, node.ProblemControlUnreachable)))
+		}
+		if ns.State == node.StateNeedsLogin {
+			problems = append(problems, "not logged in; "+nodeAdvice(t.tailnetConfig, node.ProblemLoggedOut))
+		}
+	}
+	switch ns.Source {
+	case node.SourceNone:
+		problems = append(problems, "its clients are refused: no network map yet")
+	case node.SourceCache:
+		problems = append(problems, "its clients are admitted from the known-peers cache of "+ns.Netmap.UTC().Format(time.RFC3339)+", not a live network map")
+	}
+	ts.Problem = strings.Join(problems, "; ")
+	return ts
+}
+
+func addrString(a netip.Addr) string {
+	if !a.IsValid() {
+		return ""
+	}
+	return a.String()
+}
+
+// tailnetVars are the tailnets' node metrics, labelled by tailnet: peers
+// seen, whether control answers, the age of the network map, where
+// admission answers come from, and whether the node stopped.
+func (d *debugParts) tailnetVars() expvar.Var {
+	type tn struct {
+		Tailnet string `prom:"tailnet"`
+	}
+	type tnSource struct {
+		Tailnet string `prom:"tailnet"`
+		Source  string `prom:"source"`
+	}
+	peers := &metrics.MultiLabelMap[tn]{Type: "gauge", Help: "nodes of the tailnet its node sees"}
+	control := &metrics.MultiLabelMap[tn]{Type: "gauge", Help: "1 while the tailnet's control server answers"}
+	age := &metrics.MultiLabelMap[tn]{Type: "gauge", Help: "seconds since the network map behind admission arrived; -1 before one"}
+	stopped := &metrics.MultiLabelMap[tn]{Type: "gauge", Help: "1 once the tailnet's node stopped for good (login rejected)"}
+	source := &metrics.MultiLabelMap[tnSource]{Type: "gauge", Help: "1 for where admission answers come from: live, cache or none"}
+	for _, t := range d.tailnets {
+		k := tn{t.Name}
+		peers.Set(k, expvar.Func(func() any { return t.node.PeerCount() }))
+		control.Set(k, expvar.Func(func() any { return b2i(t.node.Status().Control) }))
+		age.Set(k, expvar.Func(func() any {
+			if st := t.node.Status(); !st.Netmap.IsZero() {
+				return int64(time.Since(st.Netmap).Seconds())
+			}
+			return -1
+		}))
+		stopped.Set(k, expvar.Func(func() any { return b2i(t.failed() != nil) }))
+		for _, s := range []node.Source{node.SourceLive, node.SourceCache, node.SourceNone} {
+			source.Set(tnSource{t.Name, string(s)}, expvar.Func(func() any { return b2i(t.node.Status().Source == s) }))
+		}
+	}
+	m := new(metrics.Set)
+	m.Set("peers", peers)
+	m.Set("control_reachable", control)
+	m.Set("netmap_age_seconds", age)
+	m.Set("stopped", stopped)
+	m.Set("admission_source", source)
+	return m
+}
+
+func b2i(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
