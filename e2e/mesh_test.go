@@ -12,33 +12,9 @@ import (
 	"time"
 
 	"tailscale.com/tailcfg"
-	"tailscale.com/tsnet"
 
 	"github.com/tailderp/tailderp/internal/testtailnet"
 )
-
-// tailnetPeerIP finds the node named hostname among node's peers.
-func tailnetPeerIP(ctx context.Context, t *testing.T, node *tsnet.Server, hostname string) string {
-	t.Helper()
-	lc, err := node.LocalClient()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for ctx.Err() == nil {
-		st, err := lc.Status(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, p := range st.Peer {
-			if p.HostName == hostname && len(p.TailscaleIPs) > 0 {
-				return p.TailscaleIPs[0].String()
-			}
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	t.Fatalf("%s never appeared among the peers", hostname)
-	return ""
-}
 
 // fleetDERPMap runs `tailderp derpmap` with p's settings and returns the
 // region it prints.
@@ -127,7 +103,7 @@ func TestMeshedTailderps(t *testing.T) {
 		{"relay1", "relay1", aKey, bKey, fmt.Sprint(r2.HTTPSPort)},
 		{"relay2", "relay2", bKey, aKey, fmt.Sprint(r1.HTTPSPort)},
 	} {
-		ip := tailnetPeerIP(ctx, t, b, tc.host)
+		ip := peerIP(ctx, t, b, tc.host)
 		clients, err := fetchOverTailnet(ctx, b, "http://"+ip+"/debug/clients")
 		if err != nil {
 			t.Fatal(err)

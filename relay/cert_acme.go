@@ -112,6 +112,21 @@ type ACMECerts struct {
 // ACMERequestTimeout bounds each request to the ACME CA.
 const ACMERequestTimeout = 30 * time.Second
 
+// prepare checks the settings both ACME modes share and creates the
+// cache directory; it returns the logger to use.
+func (cfg ACMEConfig) prepare() (*slog.Logger, error) {
+	if cfg.CacheDir == "" {
+		return nil, errors.New("relay: ACME needs a cache directory to keep its account and certificates")
+	}
+	if err := os.MkdirAll(cfg.CacheDir, 0o700); err != nil {
+		return nil, fmt.Errorf("relay: ACME cache directory: %w", err)
+	}
+	if cfg.Logger == nil {
+		return logs.Discard(), nil
+	}
+	return cfg.Logger, nil
+}
+
 // NewACME returns ACME certificates for cfg. It checks the settings and
 // creates the cache directory; it does not contact the CA.
 func NewACME(cfg ACMEConfig) (*ACMECerts, error) {
@@ -121,15 +136,9 @@ func NewACME(cfg ACMEConfig) (*ACMECerts, error) {
 	if net.ParseIP(cfg.Hostname) != nil {
 		return nil, fmt.Errorf("relay: ACME hostname %s is an IP address, not a DNS name", cfg.Hostname)
 	}
-	if cfg.CacheDir == "" {
-		return nil, errors.New("relay: ACME needs a cache directory to keep its account and certificates")
-	}
-	if err := os.MkdirAll(cfg.CacheDir, 0o700); err != nil {
-		return nil, fmt.Errorf("relay: ACME cache directory: %w", err)
-	}
-	logger := cfg.Logger
-	if logger == nil {
-		logger = logs.Discard()
+	logger, err := cfg.prepare()
+	if err != nil {
+		return nil, err
 	}
 	a := &ACMECerts{
 		hostname: cfg.Hostname,

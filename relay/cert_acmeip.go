@@ -93,15 +93,9 @@ func NewACMEIP(cfg ACMEConfig) (*ACMEIPCerts, error) {
 		return nil, fmt.Errorf("relay: ACME IP certificate: %q is not an IP address", cfg.Hostname)
 	}
 	ip = ip.Unmap()
-	if cfg.CacheDir == "" {
-		return nil, errors.New("relay: ACME needs a cache directory to keep its account and certificates")
-	}
-	if err := os.MkdirAll(cfg.CacheDir, 0o700); err != nil {
-		return nil, fmt.Errorf("relay: ACME cache directory: %w", err)
-	}
-	logger := cfg.Logger
-	if logger == nil {
-		logger = logs.Discard()
+	logger, err := cfg.prepare()
+	if err != nil {
+		return nil, err
 	}
 	a := &ACMEIPCerts{
 		ip:         ip,
