@@ -114,11 +114,11 @@ func settingsFor(c *config) []setting {
 	return []setting{
 		{flag: "a", env: "ADDR", aliases: []string{"DERP_ADDR"}, group: "Relay", bind: strVar(&c.Addr, ":443"),
 			usage: "HTTPS listen address for DERP: :port, ip:port or [ipv6]:port"},
-		{flag: "http-port", env: "HTTP_PORT", aliases: []string{"DERP_HTTP_PORT"}, group: "Relay", bind: intVar(&c.HTTPPort, 80),
+		{flag: "http-port", env: "HTTP_PORT", aliases: []string{"DERP_HTTP_PORT", "DERP_PORT_HTTP"}, group: "Relay", bind: intVar(&c.HTTPPort, 80),
 			usage: "plain-HTTP port on the same IP (ACME HTTP-01, /generate_204, redirect to HTTPS); -1 turns it off"},
-		{flag: "stun-port", env: "STUN_PORT", aliases: []string{"DERP_STUN_PORT"}, group: "Relay", bind: intVar(&c.STUNPort, 3478),
+		{flag: "stun-port", env: "STUN_PORT", aliases: []string{"DERP_STUN_PORT", "DERP_PORT_STUN"}, group: "Relay", bind: intVar(&c.STUNPort, 3478),
 			usage: "UDP port for STUN, on the same IP"},
-		{flag: "stun", env: "STUN", aliases: []string{"DERP_STUN", "RUN_STUN", "DERP_STUN_ENABLE"}, group: "Relay", bind: boolVar(&c.STUN, true),
+		{flag: "stun", env: "STUN", aliases: []string{"DERP_STUN", "RUN_STUN", "DERP_STUN_ENABLE", "DERP_ENABLE_STUN"}, group: "Relay", bind: boolVar(&c.STUN, true),
 			usage: "serve STUN (clients need it to find direct paths and measure latency)"},
 		{flag: "hostname", env: "TAILSCALE_DERP_HOSTNAME", aliases: []string{"DERP_DOMAIN", "DERP_HOSTNAME"}, group: "Relay", bind: strVar(&c.Hostname, ""),
 			usage: "this server's public DNS name (or IP address: with -certmode manual, or -acme-ip-certs); required"},
@@ -128,13 +128,13 @@ func settingsFor(c *config) []setting {
 			usage: "directory for all state: DERP key, certificates, tailnet node; must persist and be writable"},
 		{flag: "mesh-psk-file", env: "MESH_PSK_FILE", aliases: []string{"MESH_PSKFILE", "DERP_MESH_PSK_FILE"}, group: "Relay", bind: strVar(&c.MeshPSKFile, ""),
 			usage: "file holding the relay fleet's mesh key (64 hex digits); clients presenting it skip admission"},
-		{flag: "mesh-with", env: "MESH_WITH", group: "Relay", bind: strVar(&c.MeshWith, ""),
+		{flag: "mesh-with", env: "MESH_WITH", aliases: []string{"DERP_MESH_WITH"}, group: "Relay", bind: strVar(&c.MeshWith, ""),
 			usage: "the relays of this fleet (one derpMap region), comma-separated host[:port]; needs -mesh-psk-file. Each is dialed with the mesh key and packets for its clients are forwarded to it, as derper does (derper and tailderp mix). This relay's own entry is skipped, so all can be given the same list. [sha256-raw:HEX@]host pins a self-signed peer (its CertName); host/ip dials ip (a private address) instead of resolving host"},
 		{flag: "mesh-ca-bundle", env: "MESH_CA_BUNDLE", group: "Relay", bind: strVar(&c.MeshCABundle, ""),
 			usage: "PEM file of extra root CAs to trust for -mesh-with peers' certificates (a fleet whose certificates a private CA signs); the system's roots are always trusted"},
-		{flag: "bootstrap-dns-names", env: "BOOTSTRAP_DNS_NAMES", group: "Relay", bind: strVar(&c.BootstrapDNSNames, ""),
+		{flag: "bootstrap-dns-names", env: "BOOTSTRAP_DNS_NAMES", aliases: []string{"BOOTSTRAP_DNS", "DERP_BOOTSTRAP_DNS_NAMES"}, group: "Relay", bind: strVar(&c.BootstrapDNSNames, ""),
 			usage: "comma-separated DNS names served with their addresses at /bootstrap-dns, for clients whose own DNS fails (resolved here every 10 minutes)"},
-		{flag: "unpublished-bootstrap-dns-names", env: "UNPUBLISHED_BOOTSTRAP_DNS_NAMES", group: "Relay", bind: strVar(&c.UnpublishedBootstrapDNSNames, ""),
+		{flag: "unpublished-bootstrap-dns-names", env: "UNPUBLISHED_BOOTSTRAP_DNS_NAMES", aliases: []string{"UNPUBLISHED_DNS", "DERP_UNPUBLISHED_BOOTSTRAP_DNS_NAMES"}, group: "Relay", bind: strVar(&c.UnpublishedBootstrapDNSNames, ""),
 			usage: "comma-separated DNS names answered at /bootstrap-dns?q=NAME only, never listed. Default: the control server's host name (-control-url's, or Tailscale's) when the relay runs its tailnet node; none to turn it off"},
 		{flag: "dev", env: "DEV", group: "Relay", bind: boolVar(&c.Dev, false),
 			usage: "try it out: serve on 127.0.0.1:3340 with a self-signed certificate, no port 80, and no tailnet node unless a key is set"},
@@ -151,7 +151,7 @@ func settingsFor(c *config) []setting {
 		{flag: "accept-connection-burst", env: "ACCEPT_CONNECTION_BURST", group: "Relay", bind: intVar(&c.AcceptConnectionBurst, 1000),
 			usage: "new HTTPS connections accepted at once before -accept-connection-limit applies (e.g. every client reconnecting after a restart)"},
 
-		{flag: "certmode", env: "CERTMODE", aliases: []string{"TAILSCALE_DERP_CERTMODE", "CERT_MODE", "DERP_CERT_MODE"}, group: "Certificates", bind: strVar(&c.CertMode, "letsencrypt"),
+		{flag: "certmode", env: "CERTMODE", aliases: []string{"TAILSCALE_DERP_CERTMODE", "CERT_MODE", "DERP_CERT_MODE", "DERP_CERTMODE"}, group: "Certificates", bind: strVar(&c.CertMode, "letsencrypt"),
 			usage: "letsencrypt (any ACME CA; automatic, renewed in the background) or manual (<certdir>/<hostname>.crt and .key, reloaded when they change; self-signed and generated when -hostname is an IP)"},
 		{flag: "certdir", env: "CERTDIR", aliases: []string{"CERT_DIR", "DERP_CERT_DIR"}, group: "Certificates", bind: strVar(&c.CertDir, ""),
 			usage: "certificate directory (default <state-dir>/certs)"},
@@ -255,11 +255,11 @@ func parseConfig(fs *flag.FlagSet, args []string, getenv func(string) string) (*
 	fs.Usage = func() {}
 	c := &config{}
 	src, err := parseSettings(fs, settingsFor(c), args, getenv)
-	if err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return nil, err
-		}
-		return nil, explainFlagError(err)
+	if errors.Is(err, flag.ErrHelp) {
+		return nil, err
+	}
+	if err := explainArgs(fs, args, err); err != nil {
+		return nil, err
 	}
 	c.src = src
 	c.notes = envNotes(getenv, src)
@@ -439,7 +439,7 @@ func (c *config) validate() error {
 		return fmt.Errorf("%s %d: want a port from 1 to 65535", settingName("debug-port"), c.DebugPort)
 	}
 	if c.Hostname == "" {
-		return fmt.Errorf("%s is required: the DNS name clients reach this server by, or its public IP address with -certmode manual", settingName("hostname"))
+		return fmt.Errorf("%s is required: the DNS name clients reach this server by, or its public IP address with -certmode manual%s", settingName("hostname"), missingHostnameHint(c.notes))
 	}
 	if err := checkHostname(c.Hostname); err != nil {
 		return fmt.Errorf("%s %q: %v", settingName("hostname"), c.Hostname, err)
@@ -460,7 +460,7 @@ func (c *config) validate() error {
 			}
 		case "manual":
 		default:
-			return fmt.Errorf("%s %q: want letsencrypt or manual", settingName("certmode"), c.CertMode)
+			return fmt.Errorf("%s %q: want letsencrypt or manual%s", settingName("certmode"), c.CertMode, certModeHint(c.CertMode))
 		}
 	}
 	if err := c.validateACMEIPCerts(); err != nil {

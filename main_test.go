@@ -774,6 +774,34 @@ func TestDerperFlags(t *testing.T) {
 			}
 		}
 	}
+	// A command line made for derper: one line per thing to change, all
+	// at once, each after the values of flags that take one.
+	for _, tt := range []struct {
+		args []string
+		want []string
+	}{
+		{[]string{"-a", ":443", "-c", "/k", "-verify-clients=false", "-http-port", "-1", "-socket", "/s", "-derp", "-nope", "-ace"},
+			[]string{"tailderp: -c is derper's", "tailderp: -socket is derper's", "tailderp: -derp is derper's", "tailderp: -ace is derper's", "tailderp: unknown flag -nope"}},
+		{[]string{"/app/derper", "--hostname=derp.example.com", "--c=/k", "-stun-port", "3478"},
+			[]string{`tailderp: the command line starts with "/app/derper"`, "tailderp: -c is derper's"}},
+	} {
+		code, _, stderr := runMain(t, env, tt.args...)
+		lines := strings.Split(strings.TrimSpace(stderr), "\n")
+		if code != 2 || len(lines) != len(tt.want) {
+			t.Errorf("tailderp %q: exit %d with %d lines, want 2 and %d:\n%s", tt.args, code, len(lines), len(tt.want), stderr)
+			continue
+		}
+		for i, w := range tt.want {
+			if !strings.HasPrefix(lines[i], w) {
+				t.Errorf("tailderp %q: line %d %q, want %q…", tt.args, i+1, lines[i], w)
+			}
+		}
+	}
+	// derper's -certmode values tailderp does not have say what to use.
+	code, _, out := runMain(t, map[string]string{"TAILSCALE_DERP_HOSTNAME": "derp.example.com", "VERIFY_CLIENTS": "false", "DERP_CERTMODE": "acme.sh"})
+	if code != 2 || !strings.Contains(out, `-certmode (CERTMODE) "acme.sh"`) || !strings.Contains(out, "no acme.sh") {
+		t.Errorf("DERP_CERTMODE=acme.sh: exit %d, want 2 and what to use:\n%s", code, out)
+	}
 }
 
 // TestDerperImageVariables: the variables of derper images whose meaning

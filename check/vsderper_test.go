@@ -1276,7 +1276,7 @@ func vsReport(names []string, results map[string][]*vsResult, rounds int) string
 	}
 
 	if base == "derper" {
-		b.WriteString(vsIssue6Targets(names, paired, values))
+		b.WriteString(vsDerperTargets(names, paired, values))
 	}
 	if slices.Contains(names, "tailderp+admission") && slices.Contains(names, "derper+tailscaled") {
 		b.WriteString(vsPairReport(results, rounds))
@@ -1284,9 +1284,11 @@ func vsReport(names []string, results map[string][]*vsResult, rounds int) string
 	return b.String()
 }
 
-// vsIssue6Targets judges the targets of issue 6, tailderp against plain
-// derper (base).
-func vsIssue6Targets(names []string, paired, values func(string, vsMetric) []float64) string {
+// vsDerperTargets judges the targets docs/PERFORMANCE.md states for
+// tailderp against plain derper (base): throughput ≥ 1.0×, connect p50
+// with admission ≤ derper's without verification + 0.5 ms, RSS per idle
+// connection ≤ derper's.
+func vsDerperTargets(names []string, paired, values func(string, vsMetric) []float64) string {
 	var b strings.Builder
 	base := names[0]
 	var tailderps []string
@@ -1333,10 +1335,11 @@ func vsIssue6Targets(names []string, paired, values func(string, vsMetric) []flo
 
 // vsPairReport compares tailderp+admission with what users run today to
 // admit only their tailnet, derper --verify-clients beside tailscaled,
-// and judges the targets of "Admission that stays right over time" (part
-// 3) on the medians of the per-round ratios tailderp+admission ÷
-// derper+tailscaled: connect rate with 32 at once ≥ 1.2×, storm time ≤
-// 0.8×, the setup's total RSS with the storm's clients idle ≤ 1.0×.
+// and judges its targets (docs/PERFORMANCE.md, "Against derper
+// --verify-clients + tailscaled") on the medians of the per-round ratios
+// tailderp+admission ÷ derper+tailscaled: connect rate with 32 at once ≥
+// 1.2×, storm time ≤ 0.8×, the setup's total RSS with the storm's clients
+// idle ≤ 1.0×.
 func vsPairReport(results map[string][]*vsResult, rounds int) string {
 	const us, them = "tailderp+admission", "derper+tailscaled"
 	values := func(name string, m vsMetric) []float64 {

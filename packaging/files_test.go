@@ -95,7 +95,7 @@ func TestImageContents(t *testing.T) {
 	}
 }
 
-// TestDockerfile checks what the issue asks of the Dockerfile, and that it
+// TestDockerfile checks what docs/DEPLOY.md says of the image, and that it
 // agrees with the rest: go.mod's Go version, the binary's defaults, the
 // build script the tests use.
 func TestDockerfile(t *testing.T) {
@@ -258,10 +258,11 @@ func TestEnvExample(t *testing.T) {
 }
 
 // TestComposeConfig: docker-compose accepts docker-compose.yml with
-// .env.example as .env, and the service has the properties of the issue:
-// no socket or bind mount, not privileged, no host networking, the three
-// ports published as themselves, a named volume at /var/lib/tailderp,
-// read-only, no capabilities, restart unless-stopped, settings from .env.
+// .env.example as .env, and the service has the properties docs/DEPLOY.md
+// lists: no socket or bind mount, not privileged, no host networking, the
+// three ports published as themselves, a named volume at
+// /var/lib/tailderp, read-only, no capabilities, restart unless-stopped,
+// settings from .env.
 func TestComposeConfig(t *testing.T) {
 	compose := composeCommand(t)
 	py, err := exec.LookPath("python3")
@@ -447,8 +448,8 @@ func checkComposeService(t *testing.T, doc map[string]any) {
 }
 
 // TestSystemdUnit: deploy/tailderp.service passes systemd-analyze verify
-// (with ExecStart pointed at the built binary) and has the properties of
-// the issue.
+// (with ExecStart pointed at the built binary) and has the hardening and
+// restart policy docs/DEPLOY.md describes.
 func TestSystemdUnit(t *testing.T) {
 	unit := readRepoFile(t, "deploy/tailderp.service")
 	keys := map[string][]string{}
@@ -468,18 +469,21 @@ func TestSystemdUnit(t *testing.T) {
 		return keys[k][0]
 	}
 	for k, want := range map[string]string{
-		"DynamicUser":             "yes",
-		"StateDirectory":          "tailderp",
-		"AmbientCapabilities":     "CAP_NET_BIND_SERVICE",
-		"CapabilityBoundingSet":   "CAP_NET_BIND_SERVICE",
-		"NoNewPrivileges":         "yes",
-		"ProtectSystem":           "strict",
-		"ProtectHome":             "yes",
-		"PrivateTmp":              "yes",
-		"Restart":                 "on-failure",
-		"ExecStart":               "/usr/local/bin/tailderp",
-		"EnvironmentFile":         "/etc/tailderp/tailderp.env",
-		"RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX AF_NETLINK",
+		"DynamicUser":              "yes",
+		"StateDirectory":           "tailderp",
+		"AmbientCapabilities":      "CAP_NET_BIND_SERVICE",
+		"CapabilityBoundingSet":    "CAP_NET_BIND_SERVICE",
+		"NoNewPrivileges":          "yes",
+		"ProtectSystem":            "strict",
+		"ProtectHome":              "yes",
+		"PrivateTmp":               "yes",
+		"Restart":                  "on-failure",
+		"RestartPreventExitStatus": "2",
+		"Environment":              "GOTRACEBACK=crash",
+		"LimitCORE":                "0",
+		"ExecStart":                "/usr/local/bin/tailderp",
+		"EnvironmentFile":          "/etc/tailderp/tailderp.env",
+		"RestrictAddressFamilies":  "AF_INET AF_INET6 AF_UNIX AF_NETLINK",
 	} {
 		if got := one(k); got != want {
 			t.Errorf("%s=%s, want %s", k, got, want)
@@ -489,6 +493,14 @@ func TestSystemdUnit(t *testing.T) {
 	if def := settingByFlag(t, "state-dir").dflt; def != "/var/lib/tailderp" {
 		t.Errorf("StateDirectory=tailderp is /var/lib/tailderp, but the binary's default -state-dir is %q", def)
 	}
+
+	// RestartPreventExitStatus=2 is right only while a bad setting exits 2
+	// and nothing else does: the binary with no settings at all, and a Go
+	// panic under the unit's GOTRACEBACK.
+	if code, _, stderr := runBinary(t, nil); code != 2 || !strings.Contains(stderr, "-hostname") {
+		t.Errorf("tailderp without settings: exit %d, want 2 (a bad setting):\n%s", code, stderr)
+	}
+	checkPanicExit(t)
 
 	analyze, err := exec.LookPath("systemd-analyze")
 	if err != nil {
@@ -509,6 +521,42 @@ func TestSystemdUnit(t *testing.T) {
 	for _, line := range strings.Split(string(out), "\n") {
 		if strings.Contains(line, "tailderp.service") {
 			t.Errorf("systemd-analyze verify complains: %s", line)
+		}
+	}
+}
+
+// checkPanicExit shows why the unit sets GOTRACEBACK=crash beside
+// RestartPreventExitStatus=2: a Go program that panics exits 2, which
+// systemd would then not restart, unless GOTRACEBACK=crash makes it end by
+// SIGABRT, which Restart=on-failure restarts.
+func checkPanicExit(t *testing.T) {
+	t.Helper()
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "main.go"), []byte("package main\n\nfunc main() { panic(\"boom\") }\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "go.mod"), []byte("module panics\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	build := exec.Command("go", "build", "-o", "panics", ".")
+	build.Dir = dir
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	for _, tc := range []struct {
+		traceback string
+		want      string
+	}{
+		{"", "exit status 2"},
+		{"crash", "signal: aborted"},
+	} {
+		// ulimit -c 0, as the unit's LimitCORE=0: no core file.
+		cmd := exec.Command("sh", "-c", "ulimit -c 0 && exec ./panics")
+		cmd.Dir = dir
+		cmd.Env = []string{"GOTRACEBACK=" + tc.traceback}
+		out, err := cmd.CombinedOutput()
+		if err == nil || !strings.Contains(err.Error(), tc.want) || !strings.Contains(string(out), "boom") {
+			t.Errorf("a panic with GOTRACEBACK=%q: %v, want %s\n%s", tc.traceback, err, tc.want, out)
 		}
 	}
 }

@@ -37,7 +37,7 @@ import (
 // cluster, no API server, no schema download. Every YAML document is
 // decoded strictly into the typed object of k8s.io/api that its
 // apiVersion and kind name (what the API server would decode it into);
-// the objects are then checked for what the issue asks of them, and
+// the objects are then checked for what docs/DEPLOY.md says of them, and
 // against the binary they deploy (its --help, its derpmap output).
 
 const k8sDir = "deploy/kubernetes"

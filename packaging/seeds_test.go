@@ -19,7 +19,7 @@ TAILSCALE_DERP_CERTMODE=letsencrypt
 TAILSCALE_AUTH_KEY="ENTER YOUR TAILSCALE AUTH KEY HERE"
 `
 
-// camlliaEnv is the camllia/derper environment the issue names (the
+// camlliaEnv is the camllia/derper environment its README shows (the
 // image's README shows them with -e, all at derper's defaults but the
 // cert mode). camllia/derper takes the hostname from HOSTNAME, which
 // tailderp cannot read (Docker sets HOSTNAME to the container ID), so the
