@@ -206,8 +206,12 @@ func TestShutdownLogsBounded(t *testing.T) {
 	if len(closing) > 10 {
 		t.Errorf("%d closing lines for %d clients, want at most 10 (the per-connection budget)", len(closing), clients)
 	}
-	if len(closing) < clients && len(sup) != 1 {
-		t.Errorf("%d of %d closing lines logged and %d lines saying what was suppressed, want 1", len(closing), clients, len(sup))
+	// How many clients log "closing" depends on which loop of theirs
+	// sees the close first (others end on EOF, at debug level), so the
+	// count of suppressed lines is not fixed; at most one line says it
+	// (TestLimited checks the count itself).
+	if len(sup) > 1 {
+		t.Errorf("%d lines saying what was suppressed, want at most 1: %q", len(sup), sup)
 	}
 }
 
