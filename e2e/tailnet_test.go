@@ -17,6 +17,7 @@ import (
 	"tailscale.com/tsnet"
 	"tailscale.com/types/key"
 
+	"github.com/tailderp/tailderp/check"
 	"github.com/tailderp/tailderp/debugsrv"
 	"github.com/tailderp/tailderp/internal/testtailnet"
 )
@@ -127,26 +128,11 @@ func connectStranger(ctx context.Context, t *testing.T, p *relayProc) (key.NodeP
 	region := testtailnet.DERPRegion(p.HTTPSPort, p.STUNPort, p.CertName).Regions[testtailnet.RegionID]
 	c := derphttp.NewRegionClient(k, t.Logf, netmon.NewStatic(), func() *tailcfg.DERPRegion { return region })
 	defer c.Close()
-	if err := c.Connect(ctx); err != nil {
-		return k.Public(), err
-	}
-	// The relay decides after the client sends its key; a refused client
-	// is disconnected, so its first Recv fails.
-	errc := make(chan error, 1)
-	go func() {
-		for {
-			if _, err := c.Recv(); err != nil {
-				errc <- err
-				return
-			}
-		}
-	}()
-	select {
-	case err := <-errc:
-		return k.Public(), err
-	case <-time.After(5 * time.Second):
-		return k.Public(), nil
-	}
+	// The relay decides after the client sends its key: an admitted
+	// client gets ServerInfo, a refused one is disconnected.
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	return k.Public(), check.ConnectDERP(cctx, c)
 }
 
 // TestTailnetThroughTailderp is the heart of tailderp: two nodes of the

@@ -2,16 +2,9 @@ package relay
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"log/slog"
-	"math/big"
-	"net"
 	"net/http"
 	"os"
 	"strings"
@@ -19,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tailderp/tailderp/internal/testutil"
 	"tailscale.com/metrics"
 	"tailscale.com/types/key"
 )
@@ -29,39 +23,12 @@ const day = 24 * time.Hour
 // self-signed, or signed by a throwaway CA when byCA.
 func span(t *testing.T, name string, notBefore, notAfter time.Time, byCA bool) (certPEM, keyPEM []byte, leaf *x509.Certificate) {
 	t.Helper()
-	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	serial, _ := rand.Int(rand.Reader, big.NewInt(1<<62))
-	tmpl := &x509.Certificate{
-		SerialNumber: serial,
-		Subject:      pkix.Name{CommonName: name},
-		NotBefore:    notBefore,
-		NotAfter:     notAfter,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-	}
-	if ip := net.ParseIP(name); ip != nil {
-		tmpl.IPAddresses = []net.IP{ip}
-	} else {
-		tmpl.DNSNames = []string{name}
-	}
-	parent, signer := tmpl, any(k)
+	o := testutil.CertOptions{Names: []string{name}, NotBefore: notBefore, NotAfter: notAfter}
 	if byCA {
-		caKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-		parent = &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "test CA"},
-			NotBefore: notBefore, NotAfter: notAfter.Add(day), IsCA: true, BasicConstraintsValid: true,
-			KeyUsage: x509.KeyUsageCertSign}
-		signer = caKey
+		o.CA = testutil.NewCert(t, testutil.CertOptions{CommonName: "test CA", IsCA: true, NotBefore: notBefore, NotAfter: notAfter.Add(day)})
 	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, parent, &k.PublicKey, signer)
-	if err != nil {
-		t.Fatal(err)
-	}
-	keyDER, _ := x509.MarshalPKCS8PrivateKey(k)
-	leaf, _ = x509.ParseCertificate(der)
-	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
-		pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), leaf
+	c := testutil.NewCert(t, o)
+	return c.CertPEM, c.KeyPEM, c.Cert
 }
 
 func infoSpan(t *testing.T, notBefore, notAfter time.Time, byCA bool) CertInfo {

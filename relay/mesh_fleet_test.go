@@ -3,18 +3,13 @@ package relay_test
 import (
 	"bytes"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/hex"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/big"
 	"net"
 	"net/netip"
 	"os"
@@ -32,6 +27,7 @@ import (
 	"tailscale.com/types/key"
 	"tailscale.com/types/logger"
 
+	"github.com/tailderp/tailderp/check"
 	"github.com/tailderp/tailderp/internal/logs"
 	"github.com/tailderp/tailderp/internal/testutil"
 	"github.com/tailderp/tailderp/relay"
@@ -45,78 +41,27 @@ import (
 
 // fleetCA is the fleet's private certificate authority.
 type fleetCA struct {
-	cert    *x509.Certificate
-	key     *ecdsa.PrivateKey
+	ca      *testutil.Cert
 	pool    *x509.CertPool
-	pemPath string
+	pemPath string // the CA certificate, for derper's SSL_CERT_FILE
 }
 
 func newFleetCA(t *testing.T) *fleetCA {
 	t.Helper()
-	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "tailderp fleet test CA"},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(24 * time.Hour),
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &k.PublicKey, k)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, _ := x509.ParseCertificate(der)
-	pool := x509.NewCertPool()
-	pool.AddCert(cert)
+	ca := testutil.NewCert(t, testutil.CertOptions{CommonName: "tailderp fleet test CA", IsCA: true})
 	path := filepath.Join(t.TempDir(), "ca.pem")
-	if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644); err != nil {
+	if err := os.WriteFile(path, ca.CertPEM, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	return &fleetCA{cert: cert, key: k, pool: pool, pemPath: path}
+	return &fleetCA{ca: ca, pool: ca.Pool(), pemPath: path}
 }
 
 // issue writes a certificate for host, signed by the CA, where manual mode
 // (tailderp's and derper's) looks for it in dir.
 func (ca *fleetCA) issue(t *testing.T, dir, host string) {
 	t.Helper()
-	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	serial, _ := rand.Int(rand.Reader, big.NewInt(1<<62))
-	tmpl := &x509.Certificate{
-		SerialNumber: serial,
-		Subject:      pkix.Name{CommonName: host},
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(24 * time.Hour),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-	}
-	if ip := net.ParseIP(host); ip != nil {
-		tmpl.IPAddresses = []net.IP{ip}
-	} else {
-		tmpl.DNSNames = []string{host}
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &k.PublicKey, ca.key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	keyDER, err := x509.MarshalPKCS8PrivateKey(k)
-	if err != nil {
-		t.Fatal(err)
-	}
 	crt, keyPath := relay.CertPaths(dir, host)
-	if err := os.WriteFile(crt, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(keyPath, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	testutil.NewCert(t, testutil.CertOptions{Names: []string{host}, CA: ca.ca}).WriteFiles(t, crt, keyPath)
 }
 
 // newMeshKey returns a random mesh key and a file holding it.
@@ -503,24 +448,7 @@ func refusedByRelay(t *testing.T, ca *fleetCA, port int) bool {
 	defer c.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if err := c.Connect(ctx); err != nil {
-		return true
-	}
-	errc := make(chan error, 1)
-	go func() {
-		for {
-			if _, err := c.Recv(); err != nil {
-				errc <- err
-				return
-			}
-		}
-	}()
-	select {
-	case <-errc:
-		return true
-	case <-ctx.Done():
-		return false
-	}
+	return errors.Is(check.ConnectDERP(ctx, c), check.ErrRefused)
 }
 
 // newFleetClientKeyRaw is a bare derphttp client of the relay on port,
