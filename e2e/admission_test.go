@@ -65,8 +65,7 @@ func TestVerifyClientURL(t *testing.T) {
 			}
 			b := ctl.NewNode(t, "b")
 			serveHello(t, a, "a")
-			aIP, _ := a.TailscaleIPs()
-			if _, err := fetchOverTailnet(ctx, b, "http://"+aIP.String()+"/"); err != nil {
+			if err := sayHello(ctx, b, a, "a"); err != nil {
 				t.Fatal(err)
 			}
 			p.waitLog("admitting unverified client (fail-open)", 5*time.Second)
@@ -122,8 +121,7 @@ func TestControlDownAtStart(t *testing.T) {
 	a := ctl.NewNode(t, "a")
 	b := ctl.NewNode(t, "b")
 	serveHello(t, a, "a")
-	aIP, _ := a.TailscaleIPs()
-	if _, err := fetchOverTailnet(ctx, b, "http://"+aIP.String()+"/"); err != nil {
+	if err := sayHello(ctx, b, a, "a"); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -49,6 +49,21 @@ func serveHello(t *testing.T, n *tsnet.Server, name string) {
 	t.Cleanup(func() { srv.Close() })
 }
 
+// sayHello asks from for to's hello page (see serveHello) over the
+// tailnet and checks the answer: it returns once the two talk through the
+// relay, or the error that says why not.
+func sayHello(ctx context.Context, from, to *tsnet.Server, name string) error {
+	ip, _ := to.TailscaleIPs()
+	body, err := fetchOverTailnet(ctx, from, "http://"+ip.String()+"/")
+	if err != nil {
+		return fmt.Errorf("hello from %s: %w", name, err)
+	}
+	if want := "hello from " + name; body != want {
+		return fmt.Errorf("hello from %s: body %q, want %q", name, body, want)
+	}
+	return nil
+}
+
 // fetchOverTailnet GETs url through node, retrying until it answers 200 or
 // ctx ends: the relay must first have both ends connected.
 func fetchOverTailnet(ctx context.Context, node *tsnet.Server, url string) (string, error) {
@@ -149,13 +164,8 @@ func TestTailnetThroughTailderp(t *testing.T) {
 	if err := testtailnet.AwaitPeer(ctx, b, testtailnet.NodeKey(t, a)); err != nil {
 		t.Fatal(err)
 	}
-	aIP, _ := a.TailscaleIPs()
-	body, err := fetchOverTailnet(ctx, b, "http://"+aIP.String()+"/")
-	if err != nil {
+	if err := sayHello(ctx, b, a, "a"); err != nil {
 		t.Fatal(err)
-	}
-	if body != "hello from a" {
-		t.Fatalf("body = %q", body)
 	}
 
 	// /debug from the tailnet.
