@@ -199,13 +199,7 @@ func (m *ManualCerts) maybeReload() *loadedCert {
 		m.refuse(st, cur.info, next.info, now)
 		return cur
 	}
-	m.cur.Store(next)
-	m.bad.Store(nil)
-	select {
-	case m.changed <- struct{}{}:
-	default:
-	}
-	m.logger.Info("relay: certificate reloaded", "path", m.crtPath, "not_after", next.info.NotAfter.Format(time.RFC3339))
+	m.serve(next)
 	return next
 }
 
@@ -239,6 +233,13 @@ func (m *ManualCerts) Reload() (changed bool, err error) {
 		return false, fmt.Errorf("relay: manual certificate %s is outside its validity period (%s to %s); still serving the previous one, valid until %s",
 			m.crtPath, next.info.NotBefore.Format(time.RFC3339), next.info.NotAfter.Format(time.RFC3339), cur.info.NotAfter.Format(time.RFC3339))
 	}
+	m.serve(next)
+	return true, nil
+}
+
+// serve swaps in next, a certificate that loaded and is valid, and tells
+// the watchers of changes. The caller holds reloadMu.
+func (m *ManualCerts) serve(next *loadedCert) {
 	m.cur.Store(next)
 	m.bad.Store(nil)
 	select {
@@ -246,7 +247,6 @@ func (m *ManualCerts) Reload() (changed bool, err error) {
 	default:
 	}
 	m.logger.Info("relay: certificate reloaded", "path", m.crtPath, "not_after", next.info.NotAfter.Format(time.RFC3339))
-	return true, nil
 }
 
 // refuse keeps serving cur instead of next, a pair outside its validity
