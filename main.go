@@ -217,7 +217,11 @@ func run(ctx context.Context, cfg *config, logger *slog.Logger, out io.Writer) e
 	if verifier != nil {
 		go verifier.Watch(ctx, 0)
 	}
-	defer closeRelay(rs)
+	// Stopping the relay and the node (once started below) is the first
+	// thing done on SIGTERM (see the loop at the end), and on any error
+	// return, after the deferred calls below.
+	stopServing := sync.OnceFunc(func() { shutdown(rs, n, logger) })
+	defer stopServing()
 	if ipc, ok := certs.(*relay.ACMEIPCerts); ok {
 		// The CA validates against the listeners: start once they are up.
 		ipc.Start()
@@ -258,7 +262,6 @@ func run(ctx context.Context, cfg *config, logger *slog.Logger, out io.Writer) e
 		if err := n.Start(); err != nil {
 			return fmt.Errorf("%s %s: %w", settingName("state-dir"), cfg.StateDir, err)
 		}
-		defer n.Close()
 		fatal = n.Fatal()
 		go serveDebug(ctx, cfg, n, rs, verifier, logger)
 	}
@@ -267,6 +270,7 @@ func run(ctx context.Context, cfg *config, logger *slog.Logger, out io.Writer) e
 		select {
 		case <-ctx.Done():
 			logger.Info("shutting down")
+			stopServing()
 			return nil
 		case <-hup:
 			reloadOnHUP(cfg, certs, rates, logger)
@@ -370,6 +374,11 @@ func explainListenError(err error) error {
 // logs.
 const defaultTailnet = "default"
 
+// The node tells admission when its answers are about to arrive, so a
+// client connecting just after a start is held for them, not refused
+// (verify.Verifier.NotReadyWait).
+var _ verify.Settling = (*node.Node)(nil)
+
 // revokeDropped returns the node's OnDrop: each key the tailnet dropped
 // has its connections closed (unless another tailnet still admits it).
 func revokeDropped(v *verify.Verifier, tailnet string) func([]node.Drop) {
@@ -450,10 +459,28 @@ func authKeyState(cfg *config) string {
 	}
 }
 
-func closeRelay(rs *relay.Server) {
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
-	defer cancel()
-	rs.Close(ctx)
+// nodeShutdownTimeout bounds the node's part of shutdown: it stops
+// following the tailnet and writes its known-peers cache (milliseconds).
+const nodeShutdownTimeout = 2 * time.Second
+
+// shutdown stops serving, fast: a restart (systemd, a container) starts
+// the next process only once this one has exited, and meanwhile every
+// client retries with a growing backoff. The relay stops accepting; the
+// node writes its known-peers cache for the next start; the rest is left
+// to the exit, as derper does: the kernel closes the clients' connections
+// at once (closing 2,000 one by one took 0.2–0.3 s), and tsnet's teardown
+// (0.05–0.25 s) leaves nothing on disk. n may be nil or not started.
+func shutdown(rs *relay.Server, n *node.Node, logger *slog.Logger) {
+	start := time.Now()
+	rs.StopAccepting()
+	if n != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), nodeShutdownTimeout)
+		defer cancel()
+		if err := n.Shutdown(ctx); err != nil {
+			logger.Warn("the known-peers cache may not hold the last network map", "err", err)
+		}
+	}
+	logger.Info("stopped serving", "took", time.Since(start).Round(time.Millisecond))
 }
 
 // serveDebug serves /debug on the node's tailnet address once it is up.

@@ -127,7 +127,8 @@ type Node struct {
 	fatal   chan error    // receives the error that stopped the node
 	ctx     context.Context
 	cancel  context.CancelFunc
-	done    chan struct{}
+	settled chan struct{}  // closed when run stops applying the bus: the key set no longer changes
+	done    chan struct{}  // closed when run has also closed tsnet
 	wg      sync.WaitGroup // background loops other than run
 
 	mu          sync.Mutex
@@ -136,6 +137,7 @@ type Node struct {
 	stateGauge  metrics.LabelMap
 	keys        *keySet
 	cache       *cacheWriter // nil when the cache is off
+	cacheMu     sync.Mutex   // one cache write at a time: housekeeping's, then Shutdown's last
 	cacheDirty  atomic.Bool  // the set changed since the cache was written
 	control     controlWatch
 	drops       metrics.LabelMap
@@ -196,6 +198,7 @@ func (n *Node) Start() error {
 	n.state.Store(StateStarting)
 	n.started = make(chan struct{})
 	n.fatal = make(chan error, 1)
+	n.settled = make(chan struct{})
 	n.done = make(chan struct{})
 	n.ctx, n.cancel = context.WithCancel(context.Background())
 	n.control.start(time.Now(), orDefault(n.ControlWarnAfter, DefaultControlWarnAfter))
@@ -368,17 +371,23 @@ func (n *Node) newTsnet() *tsnet.Server {
 	}
 }
 
-// run starts tsnet, retrying with backoff while the start fails for
-// network reasons (an OAuth secret is exchanged over the network), then
-// follows the node's IPN bus until Close. It owns the tsnet.Server and
-// closes it on the way out.
+// run starts tsnet and follows it (follow) until Close or a fatal error,
+// then closes it. It owns the tsnet.Server. The key set stops changing
+// (settled) before tsnet is closed, so Shutdown can write the cache
+// without waiting for tsnet's slower teardown.
 func (n *Node) run() {
 	defer close(n.done)
-	defer func() {
-		if n.ts != nil {
-			n.ts.Close()
-		}
-	}()
+	n.follow()
+	close(n.settled)
+	if n.ts != nil {
+		n.ts.Close()
+	}
+}
+
+// follow starts tsnet, retrying with backoff while the start fails for
+// network reasons (an OAuth secret is exchanged over the network), then
+// follows the node's IPN bus until Close.
+func (n *Node) follow() {
 	n.Logger.Info("node: reaching the control server", "url", n.controlURL())
 	backoff := time.Second
 	for {
@@ -537,9 +546,7 @@ func (n *Node) housekeeping() {
 	for {
 		select {
 		case <-n.ctx.Done():
-			<-n.done // tsnet closed; the set no longer changes
-			n.writeCache()
-			return
+			return // Shutdown writes the cache a last time
 		case <-tick.C:
 		}
 		n.dropped(n.keys.expireDue())
@@ -556,6 +563,8 @@ func (n *Node) writeCache() {
 	if n.cache == nil {
 		return
 	}
+	n.cacheMu.Lock()
+	defer n.cacheMu.Unlock()
 	n.cacheDirty.Store(false)
 	if err := n.cache.writeIfChanged(); err != nil {
 		n.Logger.Warn("node: cannot write the known-peers cache; a restart while the control server is unreachable would refuse every client", "err", err)
@@ -583,6 +592,31 @@ func (n *Node) redact(s string) string {
 // lookup.
 func (n *Node) KnowsNodeKey(k key.NodePublic) (known, ready bool) {
 	return n.keys.contains(k)
+}
+
+// Settling implements verify.Settling: while the node has no live network
+// map but expects one soon, it returns a channel that is closed when the
+// map arrives; otherwise nil. "Soon": the node is starting, running, or
+// logging in with an auth key, and has been without a live map for less
+// than ControlWarnAfter (after that it warns that the control server
+// cannot be reached, and admission stops holding clients for it).
+func (n *Node) Settling() <-chan struct{} {
+	if n.keys == nil {
+		return nil // not started
+	}
+	live, since := n.keys.pending()
+	if live == nil || n.keys.now().Sub(since) >= orDefault(n.ControlWarnAfter, DefaultControlWarnAfter) {
+		return nil
+	}
+	switch n.State() {
+	case StateStarting, StateRunning:
+		return live
+	case StateNeedsLogin:
+		if n.AuthKey != "" {
+			return live
+		}
+	}
+	return nil
 }
 
 // PeerCount implements verify.PeerCounter.
@@ -626,10 +660,32 @@ func (n *Node) Close() error {
 	if n.cancel == nil {
 		return nil
 	}
-	n.cancel()
+	n.Shutdown(context.Background())
 	<-n.done
-	n.wg.Wait()
 	n.setState(StateStopped)
+	return nil
+}
+
+// Shutdown is the part of Close that a process about to exit needs: the
+// node stops following the tailnet and writes the known-peers cache a last
+// time, waiting for the key set to settle until ctx ends. tsnet goes on
+// closing in the background (its netstack, LocalAPI and control client
+// take 0.05–0.25 s), which an exit may cut short: its login state is on
+// disk already. Close afterwards waits for it.
+func (n *Node) Shutdown(ctx context.Context) error {
+	if n.cancel == nil {
+		return nil
+	}
+	n.cancel()
+	n.wg.Wait() // housekeeping returns at once: from now on only this writes the cache
+	select {
+	case <-n.settled:
+	case <-ctx.Done():
+		// Still starting tsnet (an OAuth exchange, say), so the set holds
+		// at most the cache read at Start, which is never written back.
+		return fmt.Errorf("node: shut down while starting: %w", ctx.Err())
+	}
+	n.writeCache()
 	return nil
 }
 
