@@ -200,13 +200,26 @@ func run(ctx context.Context, cfg *config, logger *slog.Logger, out io.Writer) e
 		rs.Admitter = verifier
 		verifier.Conns = rs
 	}
+	// Each node reads its known-peers cache before the relay serves, so a
+	// restart's first clients are answered from it (or held until the
+	// node's map arrives); the nodes log in only once the ports are bound,
+	// so a port in use leaves no half-made login behind.
+	for _, t := range tailnets {
+		if err := t.node.Load(); err != nil {
+			return fmt.Errorf("%s %s: %w", settingName("state-dir"), cfg.StateDir, err)
+		}
+	}
 	if err := rs.Start(); err != nil {
 		return explainListenError(err)
 	}
 	if verifier != nil {
 		go verifier.Watch(ctx, 0)
 	}
-	defer closeRelay(rs)
+	// Stopping the relay and the node (once started below) is the first
+	// thing done on SIGTERM (see the loop at the end), and on any error
+	// return, after the deferred calls below.
+	stopServing := sync.OnceFunc(func() { shutdown(rs, tailnets, logger) })
+	defer stopServing()
 	if ipc, ok := certs.(*relay.ACMEIPCerts); ok {
 		// The CA validates against the listeners: start once they are up.
 		ipc.Start()
@@ -251,7 +264,6 @@ func run(ctx context.Context, cfg *config, logger *slog.Logger, out io.Writer) e
 		if err := t.node.Start(); err != nil {
 			return fmt.Errorf("%s %s: %w", settingName("state-dir"), cfg.StateDir, err)
 		}
-		defer t.node.Close()
 		if i == 0 {
 			fatal = t.node.Fatal()
 		} else {
@@ -264,6 +276,7 @@ func run(ctx context.Context, cfg *config, logger *slog.Logger, out io.Writer) e
 		select {
 		case <-ctx.Done():
 			logger.Info("shutting down")
+			stopServing()
 			return nil
 		case <-hup:
 			reloadOnHUP(cfg, certs, rates, logger)
@@ -363,6 +376,11 @@ func explainListenError(err error) error {
 	return fmt.Errorf("%s: cannot listen on %s: %v (%s)", setting, le.Addr, le.Err, hint)
 }
 
+// The node tells admission when its answers are about to arrive, so a
+// client connecting just after a start is held for them, not refused
+// (verify.Verifier.NotReadyWait).
+var _ verify.Settling = (*node.Node)(nil)
+
 // certAdvice is what the operator should do about a problem with the
 // dates of the certificate served, in each certificate mode.
 func certAdvice(cfg *config, p relay.CertProblem) string {
@@ -417,10 +435,34 @@ func authKeyState(cfg *config) string {
 	}
 }
 
-func closeRelay(rs *relay.Server) {
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+// nodeShutdownTimeout bounds the node's part of shutdown: it stops
+// following the tailnet and writes its known-peers cache (milliseconds).
+const nodeShutdownTimeout = 2 * time.Second
+
+// shutdown stops serving, fast: a restart (systemd, a container) starts
+// the next process only once this one has exited, and meanwhile every
+// client retries with a growing backoff. The relay stops accepting; the
+// node writes its known-peers cache for the next start; the rest is left
+// to the exit, as derper does: the kernel closes the clients' connections
+// at once (closing 2,000 one by one took 0.2–0.3 s), and tsnet's teardown
+// (0.05–0.25 s) leaves nothing on disk. The nodes (none when the tailnet
+// check is off) shut down side by side; a node never started returns at
+// once.
+func shutdown(rs *relay.Server, tailnets []*tailnet, logger *slog.Logger) {
+	start := time.Now()
+	rs.StopAccepting()
+	ctx, cancel := context.WithTimeout(context.Background(), nodeShutdownTimeout)
 	defer cancel()
-	rs.Close(ctx)
+	var wg sync.WaitGroup
+	for _, t := range tailnets {
+		wg.Go(func() {
+			if err := t.node.Shutdown(ctx); err != nil {
+				logger.Warn("the known-peers cache may not hold the last network map", "tailnet", t.Name, "err", err)
+			}
+		})
+	}
+	wg.Wait()
+	logger.Info("stopped serving", "took", time.Since(start).Round(time.Millisecond))
 }
 
 // makeCerts returns the certificates for the configured mode.

@@ -144,7 +144,9 @@ func connectStranger(ctx context.Context, t *testing.T, p *relayProc) (key.NodeP
 	c := derphttp.NewRegionClient(k, t.Logf, netmon.NewStatic(), func() *tailcfg.DERPRegion { return region })
 	defer c.Close()
 	// The relay decides after the client sends its key: an admitted
-	// client gets ServerInfo, a refused one is disconnected.
+	// client gets ServerInfo, a refused one is disconnected. 10 s is longer
+	// than verify's DefaultNotReadyWait: a relay whose node has no live map
+	// yet holds a stranger up to 4 s before refusing.
 	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	return k.Public(), check.ConnectDERP(cctx, c)

@@ -137,9 +137,10 @@ func TestCacheCrashBeforeRename(t *testing.T) {
 	// A node starting now reads the old set and removes the leftover.
 	var logBuf bytes.Buffer
 	n := &Node{Dir: filepath.Dir(path), CacheMaxAge: time.Hour, Logger: slog.New(slog.NewTextHandler(&logBuf, nil))}
-	n.keys = newKeySet(n.CacheMaxAge)
 	n.Logger.Info("start")
-	n.loadCache()
+	if err := n.Load(); err != nil {
+		t.Fatal(err)
+	}
 	mustContain(t, n.keys, old.Key, true)
 	if temps, _ := filepath.Glob(path + ".tmp*"); len(temps) != 0 {
 		t.Errorf("leftover %q not removed", temps)
@@ -180,5 +181,54 @@ func TestNodeStartsFailClosedOnCorruptCache(t *testing.T) {
 	case err := <-n.Fatal():
 		t.Errorf("node stopped: %v", err)
 	default:
+	}
+}
+
+// TestLoadAnswersBeforeStart: Load reads the cache, so the node answers
+// (and admission may hold strangers for it) before it logs in, and it
+// writes nothing: a server that then fails to bind a port leaves no login
+// state behind. Start after Load keeps the loaded answers.
+func TestLoadAnswersBeforeStart(t *testing.T) {
+	dir := t.TempDir()
+	p1, stranger := peer(1), peer(2)
+	good, err := os.ReadFile(writeTestCache(t, p1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, KnownPeersFile), good, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	n := &Node{Dir: filepath.Join(dir, "node"), Hostname: "load-test", ControlURL: "http://127.0.0.1:1", CacheMaxAge: time.Hour}
+	if known, ready := n.KnowsNodeKey(p1.Key); known || ready {
+		t.Fatalf("before Load: known=%v ready=%v, want no answer", known, ready)
+	}
+	n.Dir = dir
+	if err := n.Load(); err != nil {
+		t.Fatalf("Load: %v", err)
+	}
+	if known, ready := n.KnowsNodeKey(p1.Key); !known || !ready {
+		t.Errorf("cached peer after Load: known=%v ready=%v", known, ready)
+	}
+	if known, ready := n.KnowsNodeKey(stranger.Key); known || !ready {
+		t.Errorf("stranger after Load: known=%v ready=%v", known, ready)
+	}
+	if n.Settling() == nil {
+		t.Error("a loaded node is not settling: admission would refuse instead of holding")
+	}
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(entries) != 1 || entries[0].Name() != KnownPeersFile {
+		t.Errorf("Load changed the state directory: %v", entries)
+	}
+
+	t.Setenv("TS_NO_LOGS_NO_SUPPORT", "true")
+	if err := n.Start(); err != nil {
+		t.Fatalf("Start after Load: %v", err)
+	}
+	defer n.Close()
+	if known, ready := n.KnowsNodeKey(p1.Key); !known || !ready {
+		t.Errorf("cached peer after Start: known=%v ready=%v", known, ready)
 	}
 }

@@ -72,6 +72,12 @@ type keySet struct {
 	byID     map[tailcfg.NodeID]entry
 	self     entry
 	changes  uint64 // counts changes, for the cache writer
+
+	// live is closed when the set becomes live; a new one is made when it
+	// stops being live. notLiveSince is when it last stopped (or the set
+	// was made). See pending.
+	live         chan struct{}
+	notLiveSince time.Time
 }
 
 // entry is one node of the set.
@@ -90,7 +96,31 @@ func (e entry) admissible(now time.Time) bool {
 func (e entry) drop(r DropReason) Drop { return Drop{Key: e.key, Name: e.name, ID: e.id, Reason: r} }
 
 func newKeySet(maxAge time.Duration) *keySet {
-	return &keySet{maxAge: maxAge, now: time.Now, source: SourceNone}
+	s := &keySet{maxAge: maxAge, now: time.Now, source: SourceNone}
+	s.live, s.notLiveSince = make(chan struct{}), s.now()
+	return s
+}
+
+// pending returns, while the set is not live, a channel closed when it
+// becomes live and since when it has not been; nil when it is live.
+func (s *keySet) pending() (live <-chan struct{}, since time.Time) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if s.source == SourceLive {
+		return nil, time.Time{}
+	}
+	return s.live, s.notLiveSince
+}
+
+// setSourceLocked moves the set to src, keeping live and notLiveSince.
+func (s *keySet) setSourceLocked(src Source) {
+	switch {
+	case src == SourceLive && s.source != SourceLive:
+		close(s.live)
+	case src != SourceLive && s.source == SourceLive:
+		s.live, s.notLiveSince = make(chan struct{}), s.now()
+	}
+	s.source = src
 }
 
 // answering reports whether the set can answer now.
@@ -181,7 +211,7 @@ func (s *keySet) loggedOut() []Drop {
 		return nil
 	}
 	if s.maxAge > 0 {
-		s.source = SourceCache
+		s.setSourceLocked(SourceCache)
 		return nil
 	}
 	drops := s.allLocked(s.now(), DropNoAnswer)
@@ -205,7 +235,7 @@ func (s *keySet) loadCache(c *cacheFile) {
 	}
 	s.self = entry{key: c.Self.Key, name: c.Self.Name, id: c.Self.ID}
 	s.received = c.Received
-	s.source = SourceCache
+	s.setSourceLocked(SourceCache)
 }
 
 // snapshot returns the live set for the cache file, and the change count
@@ -323,7 +353,7 @@ func netmapPeers(nm *netmap.NetworkMap) []*tailcfg.Node {
 func (s *keySet) replaceLocked(self entry, peers []*tailcfg.Node) []Drop {
 	now := s.now()
 	oldByID, oldSelf := s.byID, s.self
-	s.source = SourceLive
+	s.setSourceLocked(SourceLive)
 	s.received = now
 	s.self = self
 	s.byKey = make(map[key.NodePublic]tailcfg.NodeID, len(peers))
@@ -388,7 +418,7 @@ func (s *keySet) allLocked(now time.Time, r DropReason) []Drop {
 }
 
 func (s *keySet) clearLocked() {
-	s.source = SourceNone
+	s.setSourceLocked(SourceNone)
 	s.byKey, s.byID, s.self = nil, nil, entry{}
 	s.changes++
 }

@@ -1,6 +1,7 @@
 package node
 
 import (
+	"fmt"
 	"slices"
 	"strings"
 	"testing"
@@ -25,7 +26,7 @@ func (c *clock) advance(d time.Duration) { c.t = c.t.Add(d) }
 func newTestKeySet(maxAge time.Duration) (*keySet, *clock) {
 	c := &clock{t: time.Date(2026, 11, 1, 12, 0, 0, 0, time.UTC)}
 	s := newKeySet(maxAge)
-	s.now = c.now
+	s.now, s.notLiveSince = c.now, c.t
 	return s, c
 }
 
@@ -229,5 +230,107 @@ func BenchmarkKeySetContains(b *testing.B) {
 		if ok, _ := s.contains(last); !ok {
 			b.Fatal("missing")
 		}
+	}
+}
+
+// TestKeySetPending: until the set is live, pending offers a channel that
+// closes when it becomes live; losing the live map (a logout) offers a new
+// one, from that moment.
+func TestKeySetPending(t *testing.T) {
+	s, c := newTestKeySet(time.Hour)
+	start := c.t
+	live, since := s.pending()
+	if live == nil || !since.Equal(start) {
+		t.Fatalf("new set: pending %v since %v, want a channel since %v", live, since, start)
+	}
+	s.loadCache(&cacheFile{Version: cacheVersion, Received: c.t, Nodes: []cacheNode{{Key: peer(1).Key, ID: 1}}})
+	if l, _ := s.pending(); l != live {
+		t.Error("answering from the cache: not the same pending channel")
+	}
+	mustBeOpen(t, "before the live map", live)
+	c.advance(time.Minute)
+	s.apply(&ipn.Notify{NetMap: &netmap.NetworkMap{NodeKey: key.NewNode().Public()}})
+	mustBeClosed(t, "once live", live)
+	if l, _ := s.pending(); l != nil {
+		t.Error("a live set is pending")
+	}
+
+	c.advance(time.Minute)
+	s.loggedOut() // the last map answers as the cache
+	again, since := s.pending()
+	if again == nil || !since.Equal(c.t) {
+		t.Fatalf("after a logout: pending %v since %v, want a new channel since %v", again, since, c.t)
+	}
+	mustBeOpen(t, "after a logout", again)
+	s.apply(&ipn.Notify{NetMap: &netmap.NetworkMap{NodeKey: key.NewNode().Public()}})
+	mustBeClosed(t, "live again", again)
+
+	// Without a cache a logout clears the set: pending again.
+	s, _ = newTestKeySet(0)
+	s.apply(&ipn.Notify{NetMap: &netmap.NetworkMap{NodeKey: key.NewNode().Public()}})
+	s.loggedOut()
+	if l, _ := s.pending(); l == nil {
+		t.Error("cleared set is not pending")
+	}
+}
+
+func mustBeOpen(t *testing.T, when string, ch <-chan struct{}) {
+	t.Helper()
+	select {
+	case <-ch:
+		t.Errorf("%s: channel closed", when)
+	default:
+	}
+}
+
+func mustBeClosed(t *testing.T, when string, ch <-chan struct{}) {
+	t.Helper()
+	select {
+	case <-ch:
+	default:
+		t.Errorf("%s: channel still open", when)
+	}
+}
+
+// TestNodeSettling: the node offers admission a wait while it has no live
+// map and expects one soon (starting, running, logging in with a key),
+// for at most ControlWarnAfter; not once stopped, nor when a person must
+// log it in.
+func TestNodeSettling(t *testing.T) {
+	tests := []struct {
+		state   State
+		authKey string
+		want    bool
+	}{
+		{StateStarting, "", true},
+		{StateRunning, "", true},
+		{StateNeedsLogin, "tskey-auth-x", true},
+		{StateNeedsLogin, "", false},
+		{StateStopped, "tskey-auth-x", false},
+	}
+	for _, tt := range tests {
+		t.Run(fmt.Sprintf("%s key=%v", tt.state, tt.authKey != ""), func(t *testing.T) {
+			n := &Node{AuthKey: tt.authKey, ControlWarnAfter: time.Minute}
+			var c *clock
+			n.keys, c = newTestKeySet(time.Hour)
+			n.state.Store(tt.state)
+			if got := n.Settling() != nil; got != tt.want {
+				t.Fatalf("settling = %v, want %v", got, tt.want)
+			}
+			c.advance(time.Minute)
+			if n.Settling() != nil {
+				t.Error("still settling after ControlWarnAfter without a live map")
+			}
+		})
+	}
+	n := &Node{ControlWarnAfter: time.Minute}
+	n.keys, _ = newTestKeySet(time.Hour)
+	n.state.Store(StateRunning)
+	n.keys.apply(&ipn.Notify{NetMap: &netmap.NetworkMap{NodeKey: key.NewNode().Public()}})
+	if n.Settling() != nil {
+		t.Error("settling with a live map")
+	}
+	if (&Node{}).Settling() != nil {
+		t.Error("a node never started is settling")
 	}
 }

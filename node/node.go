@@ -127,7 +127,8 @@ type Node struct {
 	fatal   chan error    // receives the error that stopped the node
 	ctx     context.Context
 	cancel  context.CancelFunc
-	done    chan struct{}
+	settled chan struct{}  // closed when run stops applying the bus: the key set no longer changes
+	done    chan struct{}  // closed when run has also closed tsnet
 	wg      sync.WaitGroup // background loops other than run
 
 	mu          sync.Mutex
@@ -136,6 +137,7 @@ type Node struct {
 	stateGauge  metrics.LabelMap
 	keys        *keySet
 	cache       *cacheWriter // nil when the cache is off
+	cacheMu     sync.Mutex   // one cache write at a time: housekeeping's, then Shutdown's last
 	cacheDirty  atomic.Bool  // the set changed since the cache was written
 	control     controlWatch
 	drops       metrics.LabelMap
@@ -166,9 +168,18 @@ type LoginError struct {
 
 func (e *LoginError) Error() string { return "node: the control server rejected the login: " + e.Msg }
 
-// Start starts logging in in the background and returns at once. It fails
-// only on settings that can never work.
-func (n *Node) Start() error {
+// Load gets the node ready to answer KnowsNodeKey before it logs in: it
+// checks the settings, creates the state directory and reads the
+// known-peers cache. It neither contacts the control server nor writes a
+// file, so a server can load its nodes, bind its ports (a port in use then
+// fails before any login state is written) and only then Start them, while
+// the first clients are already answered from the cache. Start calls Load
+// when it has not been called; calling it again does nothing. Load, like
+// Start, must not run concurrently with the node's other methods.
+func (n *Node) Load() error {
+	if n.keys != nil {
+		return nil
+	}
 	if n.Dir == "" {
 		return errors.New("node: no state directory")
 	}
@@ -184,18 +195,29 @@ func (n *Node) Start() error {
 	if n.Logger == nil {
 		n.Logger = logs.Discard()
 	}
-	n.keys = newKeySet(n.CacheMaxAge)
 	n.drops.Label = "reason"
 	n.stateGauge.Label = "state"
 	n.sourceGauge.Label = "source"
-	n.updateSourceGauge()
+	keys := newKeySet(n.CacheMaxAge)
 	if n.CacheMaxAge > 0 {
-		n.cache = &cacheWriter{path: n.cachePath(), keys: n.keys, interval: orDefault(n.CacheWriteEvery, DefaultCacheWriteEvery), rename: os.Rename}
-		n.loadCache()
+		n.cache = &cacheWriter{path: n.cachePath(), keys: keys, interval: orDefault(n.CacheWriteEvery, DefaultCacheWriteEvery), rename: os.Rename}
+		n.loadCache(keys)
 	}
+	n.keys = keys
+	n.updateSourceGauge()
 	n.state.Store(StateStarting)
+	return nil
+}
+
+// Start starts logging in in the background and returns at once. It fails
+// only on settings that can never work.
+func (n *Node) Start() error {
+	if err := n.Load(); err != nil {
+		return err
+	}
 	n.started = make(chan struct{})
 	n.fatal = make(chan error, 1)
+	n.settled = make(chan struct{})
 	n.done = make(chan struct{})
 	n.ctx, n.cancel = context.WithCancel(context.Background())
 	n.control.start(time.Now(), orDefault(n.ControlWarnAfter, DefaultControlWarnAfter))
@@ -210,7 +232,7 @@ func (n *Node) cachePath() string { return filepath.Join(n.Dir, KnownPeersFile) 
 // one. A missing file is normal (first start); an unreadable or corrupt
 // one is one warning and a start without it (everyone is refused until
 // the node has a live map), never fatal.
-func (n *Node) loadCache() {
+func (n *Node) loadCache(keys *keySet) {
 	removeStaleTemps(n.cachePath())
 	c, err := readCache(n.cachePath())
 	switch {
@@ -226,7 +248,7 @@ func (n *Node) loadCache() {
 			"netmap_received", c.Received.UTC().Format(time.RFC3339), "max_age", n.CacheMaxAge)
 		return
 	}
-	n.keys.loadCache(c)
+	keys.loadCache(c)
 	n.Logger.Info("node: admitting from the known-peers cache until the node has a fresh network map",
 		"peers", len(c.Nodes), "netmap_received", c.Received.UTC().Format(time.RFC3339),
 		"until", c.Received.Add(n.CacheMaxAge).UTC().Format(time.RFC3339))
@@ -368,17 +390,23 @@ func (n *Node) newTsnet() *tsnet.Server {
 	}
 }
 
-// run starts tsnet, retrying with backoff while the start fails for
-// network reasons (an OAuth secret is exchanged over the network), then
-// follows the node's IPN bus until Close. It owns the tsnet.Server and
-// closes it on the way out.
+// run starts tsnet and follows it (follow) until Close or a fatal error,
+// then closes it. It owns the tsnet.Server. The key set stops changing
+// (settled) before tsnet is closed, so Shutdown can write the cache
+// without waiting for tsnet's slower teardown.
 func (n *Node) run() {
 	defer close(n.done)
-	defer func() {
-		if n.ts != nil {
-			n.ts.Close()
-		}
-	}()
+	n.follow()
+	close(n.settled)
+	if n.ts != nil {
+		n.ts.Close()
+	}
+}
+
+// follow starts tsnet, retrying with backoff while the start fails for
+// network reasons (an OAuth secret is exchanged over the network), then
+// follows the node's IPN bus until Close.
+func (n *Node) follow() {
 	n.Logger.Info("node: reaching the control server", "url", n.controlURL())
 	backoff := time.Second
 	for {
@@ -537,9 +565,7 @@ func (n *Node) housekeeping() {
 	for {
 		select {
 		case <-n.ctx.Done():
-			<-n.done // tsnet closed; the set no longer changes
-			n.writeCache()
-			return
+			return // Shutdown writes the cache a last time
 		case <-tick.C:
 		}
 		n.dropped(n.keys.expireDue())
@@ -556,6 +582,8 @@ func (n *Node) writeCache() {
 	if n.cache == nil {
 		return
 	}
+	n.cacheMu.Lock()
+	defer n.cacheMu.Unlock()
 	n.cacheDirty.Store(false)
 	if err := n.cache.writeIfChanged(); err != nil {
 		n.Logger.Warn("node: cannot write the known-peers cache; a restart while the control server is unreachable would refuse every client", "err", err)
@@ -580,9 +608,37 @@ func (n *Node) redact(s string) string {
 // can see, or the node itself); ready is false while the node has no
 // answers (no network map and no usable cache), and then known is false
 // too. Nodes whose key expired are not known. It is a read-locked map
-// lookup.
+// lookup. Before Load (or Start) it cannot answer.
 func (n *Node) KnowsNodeKey(k key.NodePublic) (known, ready bool) {
+	if n.keys == nil {
+		return false, false
+	}
 	return n.keys.contains(k)
+}
+
+// Settling implements verify.Settling: while the node has no live network
+// map but expects one soon, it returns a channel that is closed when the
+// map arrives; otherwise nil. "Soon": the node is starting, running, or
+// logging in with an auth key, and has been without a live map for less
+// than ControlWarnAfter (after that it warns that the control server
+// cannot be reached, and admission stops holding clients for it).
+func (n *Node) Settling() <-chan struct{} {
+	if n.keys == nil {
+		return nil // not loaded
+	}
+	live, since := n.keys.pending()
+	if live == nil || n.keys.now().Sub(since) >= orDefault(n.ControlWarnAfter, DefaultControlWarnAfter) {
+		return nil
+	}
+	switch n.State() {
+	case StateStarting, StateRunning:
+		return live
+	case StateNeedsLogin:
+		if n.AuthKey != "" {
+			return live
+		}
+	}
+	return nil
 }
 
 // PeerCount implements verify.PeerCounter.
@@ -626,10 +682,32 @@ func (n *Node) Close() error {
 	if n.cancel == nil {
 		return nil
 	}
-	n.cancel()
+	n.Shutdown(context.Background())
 	<-n.done
-	n.wg.Wait()
 	n.setState(StateStopped)
+	return nil
+}
+
+// Shutdown is the part of Close that a process about to exit needs: the
+// node stops following the tailnet and writes the known-peers cache a last
+// time, waiting for the key set to settle until ctx ends. tsnet goes on
+// closing in the background (its netstack, LocalAPI and control client
+// take 0.05–0.25 s), which an exit may cut short: its login state is on
+// disk already. Close afterwards waits for it.
+func (n *Node) Shutdown(ctx context.Context) error {
+	if n.cancel == nil {
+		return nil
+	}
+	n.cancel()
+	n.wg.Wait() // housekeeping returns at once: from now on only this writes the cache
+	select {
+	case <-n.settled:
+	case <-ctx.Done():
+		// Still starting tsnet (an OAuth exchange, say), so the set holds
+		// at most the cache read at Start, which is never written back.
+		return fmt.Errorf("node: shut down while starting: %w", ctx.Err())
+	}
+	n.writeCache()
 	return nil
 }
 

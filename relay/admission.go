@@ -126,7 +126,9 @@ func (admissionRoundTripper) RoundTrip(req *http.Request) (*http.Response, error
 	// lands while the Admitter is deciding still finds (and closes) it.
 	ac.conns.admitting(ac.conn, ar.NodePublic, ar.Source)
 	allow := ac.admitter.Admit(req.Context(), ar.NodePublic, ar.Source)
-	if !allow {
+	if allow {
+		ac.conns.admit(ac.conn)
+	} else {
 		ac.conns.remove(ac.conn)
 	}
 	body := `{"Allow":false}`

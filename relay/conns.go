@@ -40,10 +40,13 @@ type connTracker struct {
 type trackedConn struct {
 	cancel context.CancelFunc
 
-	// Set when admission starts; guarded by connTracker.mu.
-	key   key.NodePublic
-	src   netip.Addr
-	since time.Time
+	// Set when admission starts; guarded by connTracker.mu. Until the
+	// Admitter admits it (which may take seconds: see verify's
+	// NotReadyWait) it is tracked, so Revoke closes it, but not listed.
+	key      key.NodePublic
+	src      netip.Addr
+	since    time.Time // when admitted
+	admitted bool
 
 	mu     sync.Mutex
 	nc     net.Conn // the hijacked connection
@@ -66,13 +69,20 @@ func (t *connTracker) admitting(tc *trackedConn, k key.NodePublic, src netip.Add
 	if t.byKey == nil {
 		t.byKey = make(map[key.NodePublic]map[*trackedConn]struct{})
 	}
-	tc.key, tc.src, tc.since = k, src, time.Now()
+	tc.key, tc.src = k, src
 	set := t.byKey[k]
 	if set == nil {
 		set = make(map[*trackedConn]struct{})
 		t.byKey[k] = set
 	}
 	set[tc] = struct{}{}
+}
+
+// admit marks tc admitted: from now on it is listed.
+func (t *connTracker) admit(tc *trackedConn) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	tc.admitted, tc.since = true, time.Now()
 }
 
 // remove stops tracking tc (refused, or its request ended) and releases
@@ -101,13 +111,28 @@ func (t *connTracker) revoke(k key.NodePublic) int {
 	return len(set)
 }
 
+// cancelAll ends the request context of every tracked connection: an
+// admission still deciding (an Admitter holding the client) returns, and
+// admitted connections' send loops end. For Close.
+func (t *connTracker) cancelAll() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for _, set := range t.byKey {
+		for tc := range set {
+			tc.cancel()
+		}
+	}
+}
+
 // clients lists the tracked connections, oldest first.
 func (t *connTracker) clients() []Client {
 	t.mu.Lock()
 	out := make([]Client, 0, len(t.byKey))
 	for _, set := range t.byKey {
 		for tc := range set {
-			out = append(out, Client{Key: tc.key, From: tc.src, Since: tc.since})
+			if tc.admitted {
+				out = append(out, Client{Key: tc.key, From: tc.src, Since: tc.since})
+			}
 		}
 	}
 	t.mu.Unlock()
@@ -117,22 +142,33 @@ func (t *connTracker) clients() []Client {
 	return out
 }
 
-// keys lists the keys with a tracked connection.
+// keys lists the keys with an admitted connection.
 func (t *connTracker) keys() []key.NodePublic {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	out := make([]key.NodePublic, 0, len(t.byKey))
-	for k := range t.byKey {
-		out = append(out, k)
+	for k, set := range t.byKey {
+		if anyAdmitted(set) {
+			out = append(out, k)
+		}
 	}
 	return out
 }
 
-// connected reports whether k has a tracked connection.
+// connected reports whether k has an admitted connection.
 func (t *connTracker) connected(k key.NodePublic) bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	return len(t.byKey[k]) > 0
+	return anyAdmitted(t.byKey[k])
+}
+
+func anyAdmitted(set map[*trackedConn]struct{}) bool {
+	for tc := range set {
+		if tc.admitted {
+			return true
+		}
+	}
+	return false
 }
 
 // close ends the connection: derpserver's read loop fails on the closed

@@ -173,6 +173,7 @@ type Server struct {
 	wg         sync.WaitGroup
 	closeMu    sync.Mutex
 	closed     bool
+	stopped    bool               // StopAccepting was called
 	stop       context.CancelFunc // ends the certificate watch
 }
 
@@ -427,6 +428,36 @@ func (s *Server) ConnectedKeys() []key.NodePublic { return s.conns.keys() }
 // Connected reports whether the client k has an admitted connection open.
 func (s *Server) Connected(k key.NodePublic) bool { return s.conns.connected(k) }
 
+// StopAccepting closes the listeners (cutting connections still in their
+// TLS handshake or request) and ends the background work (certificate
+// watch, mesh links, bootstrap DNS); connected clients stay connected. It
+// is for a process about to exit: the exit closes their connections at
+// once, as derper's does, where Close tears each client down in turn
+// (about 0.1 ms each: a quarter of a second for 2,000 clients on two
+// cores), and a restart waits for the exit. Close afterwards closes the
+// clients too.
+func (s *Server) StopAccepting() {
+	s.closeMu.Lock()
+	if s.closed || s.stopped || s.derp == nil {
+		s.closeMu.Unlock()
+		return
+	}
+	s.stopped = true
+	s.closeMu.Unlock()
+	// An ended context: Shutdown closes the listeners and idle
+	// connections and returns without waiting for requests in flight.
+	ended, cancel := context.WithCancel(context.Background())
+	cancel()
+	for _, h := range []*http.Server{s.https, s.http80} {
+		if h != nil {
+			h.Shutdown(ended)
+		}
+	}
+	s.stop()
+	s.bgCancel()
+	s.stopMesh()
+}
+
 // Close stops accepting connections, closes every client, and waits up to
 // the deadline of ctx for the listeners to finish. Closing a Server that
 // never started (or failed to) does nothing.
@@ -449,11 +480,16 @@ func (s *Server) Close(ctx context.Context) error {
 			}
 		}
 	}
-	s.bgCancel()
-	s.stopMesh()
+	// Listeners first, so nothing new arrives while the rest closes.
 	var wg sync.WaitGroup
 	wg.Go(func() { shutdown(s.https) })
 	wg.Go(func() { shutdown(s.http80) })
+	s.bgCancel()
+	s.stopMesh()
+	// An Admitter holding a client until it can decide (verify's
+	// NotReadyWait) returns when the request context ends; derp.Close
+	// waits for every connection's handler.
+	s.conns.cancelAll()
 	err := s.derp.Close()
 	wg.Wait()
 	s.wg.Wait()

@@ -3,7 +3,9 @@
 // our tailnets (asked of the embedded nodes, see package node) and, if an
 // admission URL is configured, that URL admits it too. When a check cannot
 // answer (no node has a network map yet, the URL is down) the client is
-// refused, unless FailOpen is set. When a key stops being admissible
+// refused, unless FailOpen is set; while a tailnet's answers are about to
+// arrive (its node has just started), a client that would be refused is
+// held for them first (NotReadyWait). When a key stops being admissible
 // (Revoke, and a periodic Sweep as a safety net) its connections are
 // closed.
 //
@@ -21,8 +23,10 @@ import (
 	"log/slog"
 	"net/http"
 	"net/netip"
+	"reflect"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"tailscale.com/metrics"
@@ -45,6 +49,17 @@ type KeyChecker interface {
 // why that might be.
 type PeerCounter interface {
 	PeerCount() int
+}
+
+// Settling is optionally implemented by a KeyChecker whose answers are
+// about to change: it cannot answer yet, or answers from an old copy (a
+// cache), and expects its live answers soon (a node that has just
+// started). Admit holds a client it would refuse meanwhile: see
+// Verifier.NotReadyWait.
+type Settling interface {
+	// Settling returns a channel that is closed when the answers have
+	// arrived, or nil when none are expected soon.
+	Settling() <-chan struct{}
 }
 
 // Namer is optionally implemented by a KeyChecker that knows the tailnet
@@ -93,6 +108,18 @@ const URLTimeout = 5 * time.Second
 // DefaultSweepEvery is how often Watch re-checks connected clients.
 const DefaultSweepEvery = time.Second
 
+// Defaults for the Verifier fields of the same names.
+const (
+	// DefaultNotReadyWait stays below derpserver's 5 s bound on an
+	// admission, so a client still unanswered then is refused by us, with
+	// our reason, rather than cut off by derpserver's deadline.
+	DefaultNotReadyWait = 4 * time.Second
+	// DefaultMaxHeld bounds what held clients cost while a tailnet's
+	// answers settle: each is a goroutine and a connection with its TLS
+	// and DERP buffers (tens of KiB), for at most NotReadyWait.
+	DefaultMaxHeld = 2048
+)
+
 // Verifier is the admission decision. Its exported fields may be changed
 // until the first call to Admit.
 type Verifier struct {
@@ -117,6 +144,25 @@ type Verifier struct {
 	// -verify-client-url-fail-open), without FailOpen's tailnet part.
 	URLFailOpen bool
 
+	// NotReadyWait is how long Admit holds a client that no tailnet
+	// admits while some tailnet's answers are settling (see Settling: the
+	// embedded node has just started and has no live network map yet),
+	// instead of refusing it at once. A refused client retries with a
+	// growing backoff (magicsock's reaches seconds), each retry costing
+	// the relay a TLS and a DERP handshake, and competing for CPU with the
+	// node's login; a held client costs its goroutine and connection and
+	// is decided the moment the answers arrive. The hold also ends with
+	// ctx (derpserver bounds an admission at 5 s; a closing relay ends
+	// it), and as soon as no tailnet is settling; the client is then
+	// decided as it would have been at once, so admission still fails
+	// closed. Clients that FailOpen admits unverified are not held. Zero
+	// means DefaultNotReadyWait; negative, no hold.
+	NotReadyWait time.Duration
+
+	// MaxHeld bounds the clients held at once (see NotReadyWait); more
+	// are decided at once. Zero means DefaultMaxHeld.
+	MaxHeld int
+
 	// Conns, if set, is the relay, whose connections Revoke and Sweep
 	// close.
 	Conns Conns
@@ -138,6 +184,9 @@ type Verifier struct {
 	refused     metrics.LabelMap // by reason
 	revoked     metrics.MultiLabelMap[revokedKey]
 	lastRefusal expvar.String
+	holding     atomic.Int64 // clients held now
+	held        expvar.Int   // clients held, in all
+	heldOver    expvar.Int   // clients not held: MaxHeld were
 
 	sweepMu    sync.Mutex
 	suspicious map[key.NodePublic]bool // inadmissible at the last sweep
@@ -199,6 +248,10 @@ func (v *Verifier) Admit(ctx context.Context, clientKey key.NodePublic, src neti
 	tailnet := ""
 	if len(v.Tailnets) > 0 {
 		tn, anyReady := v.lookup(clientKey)
+		if tn == nil {
+			// Not admitted now; maybe once a tailnet's answers arrive.
+			tn, anyReady = v.hold(ctx, clientKey, anyReady)
+		}
 		switch {
 		case tn != nil:
 			tailnet = tn.Name
@@ -228,6 +281,84 @@ func (v *Verifier) Admit(ctx context.Context, clientKey key.NodePublic, src neti
 	v.admitted.Add(tailnet, 1)
 	v.noteAdmitted(clientKey, src, tailnet)
 	return true
+}
+
+// hold waits, while some tailnet's answers are settling, until one admits
+// k, none is settling any more, NotReadyWait passed or ctx ended; then it
+// asks the tailnets again. It returns at once, with the answer it was
+// given, when there is nothing to wait for, when FailOpen admits anyway
+// (no tailnet ready), or when MaxHeld clients are held already.
+func (v *Verifier) hold(ctx context.Context, k key.NodePublic, anyReady bool) (*Tailnet, bool) {
+	wait := v.NotReadyWait
+	if wait == 0 {
+		wait = DefaultNotReadyWait
+	}
+	if wait < 0 || (!anyReady && v.FailOpen) {
+		return nil, anyReady
+	}
+	settling := v.settling()
+	if len(settling) == 0 {
+		return nil, anyReady
+	}
+	maxHeld := v.MaxHeld
+	if maxHeld == 0 {
+		maxHeld = DefaultMaxHeld
+	}
+	if v.holding.Add(1) > int64(maxHeld) {
+		v.holding.Add(-1)
+		v.heldOver.Add(1)
+		return nil, anyReady
+	}
+	defer v.holding.Add(-1)
+	v.held.Add(1)
+	timeout := time.NewTimer(wait)
+	defer timeout.Stop()
+	for waitAny(ctx, timeout.C, settling) {
+		// Which still settle first: answers arriving after this are
+		// either seen by the lookup or wake the next wait at once.
+		settling = v.settling()
+		tn, anyReady := v.lookup(k)
+		if tn != nil || len(settling) == 0 {
+			return tn, anyReady
+		}
+	}
+	return v.lookup(k)
+}
+
+// settling lists the channels of the tailnets whose answers are settling.
+func (v *Verifier) settling() []<-chan struct{} {
+	var out []<-chan struct{}
+	for _, t := range v.Tailnets {
+		if s, ok := t.Keys.(Settling); ok {
+			if ch := s.Settling(); ch != nil {
+				out = append(out, ch)
+			}
+		}
+	}
+	return out
+}
+
+// waitAny waits until one of chs is closed (true), or timeout fires or
+// ctx ends (false).
+func waitAny(ctx context.Context, timeout <-chan time.Time, chs []<-chan struct{}) bool {
+	if len(chs) == 1 {
+		select {
+		case <-chs[0]:
+			return true
+		case <-timeout:
+		case <-ctx.Done():
+		}
+		return false
+	}
+	cases := []reflect.SelectCase{
+		{Dir: reflect.SelectRecv, Chan: reflect.ValueOf(timeout)},
+		{Dir: reflect.SelectRecv, Chan: reflect.ValueOf(ctx.Done())},
+	}
+	for _, ch := range chs {
+		cases = append(cases, reflect.SelectCase{Dir: reflect.SelectRecv, Chan: reflect.ValueOf(ch)})
+	}
+	i, _, _ := reflect.Select(cases)
+	return i >= 2
 }
 
 // Admission records a client admitted to the relay.
@@ -506,8 +637,9 @@ func (v *Verifier) allowLog() bool {
 }
 
 // ExpVar returns the admission counters: admitted by tailnet,
-// admitted_fail_open, refused by reason, and connections revoked by
-// reason.
+// admitted_fail_open, refused by reason, connections revoked by reason,
+// and clients held while the tailnets' answers settle (now, in all, and
+// not held because MaxHeld were).
 func (v *Verifier) ExpVar() expvar.Var {
 	v.init()
 	m := new(metrics.Set)
@@ -516,6 +648,9 @@ func (v *Verifier) ExpVar() expvar.Var {
 	m.Set("counter_refused", &v.refused)
 	m.Set("revoked_connections", &v.revoked)
 	m.Set("last_refusal", &v.lastRefusal)
+	m.Set("gauge_holding", expvar.Func(func() any { return v.holding.Load() }))
+	m.Set("counter_held", &v.held)
+	m.Set("counter_not_held_max", &v.heldOver)
 	return m
 }
 
@@ -572,6 +707,13 @@ func (v *Verifier) RefusedByReason() map[string]int64 {
 func (v *Verifier) AdmittedBy(tailnet string) int64 {
 	v.init()
 	return v.admitted.Get(tailnet).Value()
+}
+
+// Held returns how many clients were held while the tailnets' answers
+// settled, in all (see NotReadyWait).
+func (v *Verifier) Held() int64 {
+	v.init()
+	return v.held.Value()
 }
 
 // Admitted returns how many clients were admitted, in all.
