@@ -99,7 +99,12 @@ func parseCheckArgs(args []string, getenv func(string) string, stderr io.Writer)
 	var flags []string
 	for rest := args; ; {
 		if err := scratch.Parse(rest); err != nil {
-			break // the real parse below reports it
+			// The real parse below reports it: give it every argument
+			// from here, not only those before the URL, or a bad flag
+			// after the URL (and the flags beside it) would be dropped
+			// without a word.
+			flags = append(flags, rest...)
+			break
 		}
 		flags = append(flags, rest[:len(rest)-scratch.NArg()]...)
 		if scratch.NArg() == 0 {

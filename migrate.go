@@ -9,7 +9,9 @@ import (
 	"path"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
+	"unicode"
 )
 
 // Moving from derper and its images: their names whose meaning is the
@@ -120,19 +122,28 @@ func certModeHint(mode string) string {
 }
 
 // unknownFlagRE matches the flag package's error for a flag it does not
-// know.
-var unknownFlagRE = regexp.MustCompile(`^flag provided but not defined: -+(.+)$`)
+// know, and badSyntaxRE its error for an argument that is no flag at all
+// ("-=x", "---x"). Both quote the argument raw, control characters and all.
+var (
+	unknownFlagRE = regexp.MustCompile(`(?s)^flag provided but not defined: -+(.+)$`)
+	badSyntaxRE   = regexp.MustCompile(`(?s)^bad flag syntax: (.*)$`)
+)
 
 // explainArgs turns what is wrong with a command line into one line per
 // thing to change: derper's program name in front of the flags, each of
 // derper's flags tailderp does not have, with what to use instead, and
 // unknown flags. err is the flag package's error (nil if it parsed); other
-// errors pass through. Each line after the first starts with fs's name, as
+// errors pass through: the flag package quotes the values in them. An
+// argument with a control character in it (a stray CR from a file edited
+// on Windows, say) is shown quoted, so each line stays one line. Each line after the first starts with fs's name, as
 // the caller prints the first.
 func explainArgs(fs *flag.FlagSet, args []string, err error) error {
 	derper := len(args) > 0 && path.Base(args[0]) == "derper"
 	var m []string
 	if err != nil {
+		if bad := badSyntaxRE.FindStringSubmatch(err.Error()); bad != nil {
+			err = fmt.Errorf("bad flag syntax: %s (see -help)", shownArg(bad[1]))
+		}
 		m = unknownFlagRE.FindStringSubmatch(err.Error())
 	}
 	if !derper && m == nil {
@@ -163,7 +174,7 @@ func explainArgs(fs *flag.FlagSet, args []string, err error) error {
 		lines = append(lines, fmt.Sprintf("-%s is derper's and not tailderp's: %s", name, hints[name]))
 	}
 	for _, name := range others {
-		lines = append(lines, fmt.Sprintf("unknown flag -%s (see -help)", name))
+		lines = append(lines, fmt.Sprintf("unknown flag %s (see -help)", shownArg("-"+name)))
 	}
 	return errors.New(strings.Join(lines, "\n"+fs.Name()+": "))
 }
@@ -201,6 +212,15 @@ func undefinedFlags(fs *flag.FlagSet, args []string) (derpers, others []string) 
 		}
 	}
 	return derpers, others
+}
+
+// shownArg is a command-line argument as a message shows it: as it is, or
+// quoted if it holds anything but printable characters.
+func shownArg(a string) string {
+	if strings.IndexFunc(a, func(r rune) bool { return !unicode.IsPrint(r) }) >= 0 {
+		return strconv.Quote(a)
+	}
+	return a
 }
 
 // envNotes are the lines to tell someone whose environment still names

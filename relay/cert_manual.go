@@ -62,10 +62,26 @@ type loadedCert struct {
 	stamp pairStamp
 }
 
-// pairStamp identifies a version of the two files.
+// pairStamp identifies a version of the two files: which files they are
+// (a renewal that renames new files into place makes new ones), and their
+// times and sizes (one that writes over them in place). The file identity
+// matters: a file's time has the kernel's clock tick for resolution
+// (milliseconds), so a pair written just after the one it replaces can
+// carry the same times and sizes.
 type pairStamp struct {
-	crtMod, keyMod   time.Time
-	crtSize, keySize int64
+	crt, key os.FileInfo
+}
+
+// same reports whether st and o are the same version of the files.
+func (st pairStamp) same(o pairStamp) bool {
+	return sameVersion(st.crt, o.crt) && sameVersion(st.key, o.key)
+}
+
+func sameVersion(a, b os.FileInfo) bool {
+	if a == nil || b == nil {
+		return a == b
+	}
+	return os.SameFile(a, b) && a.ModTime().Equal(b.ModTime()) && a.Size() == b.Size()
 }
 
 // LoadManualCerts loads <dir>/<hostname>.crt and .key (see CertPaths) and
@@ -111,7 +127,7 @@ func (m *ManualCerts) stat() (pairStamp, error) {
 	if err != nil {
 		return pairStamp{}, fmt.Errorf("key %w", err)
 	}
-	return pairStamp{crtMod: c.ModTime(), keyMod: k.ModTime(), crtSize: c.Size(), keySize: k.Size()}, nil
+	return pairStamp{crt: c, key: k}, nil
 }
 
 func (m *ManualCerts) load(st pairStamp) (*loadedCert, error) {
@@ -172,20 +188,20 @@ func (m *ManualCerts) GetCertificate(hello *tls.ClientHelloInfo) (*tls.Certifica
 func (m *ManualCerts) maybeReload() *loadedCert {
 	cur := m.cur.Load()
 	st, err := m.stat()
-	if err != nil || st == cur.stamp {
+	if err != nil || st.same(cur.stamp) {
 		// A file that vanished mid-renewal is not worth a log line per
 		// handshake; the old certificate keeps serving.
 		return cur
 	}
 	now := time.Now()
-	if bad := m.bad.Load(); bad != nil && bad.stamp == st && (bad.retryAt.IsZero() || now.Before(bad.retryAt)) {
+	if bad := m.bad.Load(); bad != nil && bad.stamp.same(st) && (bad.retryAt.IsZero() || now.Before(bad.retryAt)) {
 		return cur
 	}
 	if !m.reloadMu.TryLock() {
 		return cur // another handshake is reloading; serve the old one meanwhile
 	}
 	defer m.reloadMu.Unlock()
-	if cur = m.cur.Load(); cur.stamp == st {
+	if cur = m.cur.Load(); cur.stamp.same(st) {
 		return cur
 	}
 	next, err := m.load(st)
@@ -223,7 +239,7 @@ func (m *ManualCerts) Reload() (changed bool, err error) {
 		return false, fmt.Errorf("relay: manual certificate: %w; still serving the previous one, valid until %s", err, cur.info.NotAfter.Format(time.RFC3339))
 	}
 	if next.info.CertName == cur.info.CertName {
-		if st != cur.stamp {
+		if !st.same(cur.stamp) {
 			m.cur.Store(next) // the same certificate; remember the files' new stamp
 		}
 		return false, nil

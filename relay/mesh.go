@@ -72,9 +72,10 @@ func (p MeshPeer) String() string {
 	return net.JoinHostPort(p.Host, strconv.Itoa(p.Port))
 }
 
-// dnsName matches a DNS host name: letters, digits and hyphens in dotted
-// labels of at most 63 characters.
-var dnsName = regexp.MustCompile(`^(?i)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*\.?$`)
+// dnsName matches a DNS host name: ASCII letters, digits and hyphens in
+// dotted labels of at most 63 characters. (Not (?i)[a-z]: that matches
+// the Kelvin sign and the long s too, names nothing resolves.)
+var dnsName = regexp.MustCompile(`^[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?(\.[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)*\.?$`)
 
 // validHostName reports whether s is an IP address or a DNS name.
 func validHostName(s string) bool {
@@ -130,7 +131,13 @@ func ParseMeshPeer(s string) (MeshPeer, error) {
 	case strings.Count(hostPort, ":") == 1:
 		h, pt, err := net.SplitHostPort(hostPort)
 		if err != nil {
-			return bad("%v", err)
+			// The error quotes the address raw: say only what is wrong
+			// with it, so the message stays one line (orig is quoted).
+			var ae *net.AddrError
+			if errors.As(err, &ae) {
+				return bad("%s", ae.Err)
+			}
+			return bad("%q", err.Error())
 		}
 		host, port = h, pt
 	}
@@ -141,6 +148,11 @@ func ParseMeshPeer(s string) (MeshPeer, error) {
 		return bad("%q is neither a DNS name nor an IP address", host)
 	}
 	if ip, err := netip.ParseAddr(host); err == nil {
+		if ip.Zone() != "" {
+			// It would go into the derpMap, where clients cannot use a
+			// zone, and no certificate names one.
+			return bad("%q has a zone: give the peer's global address (a link-local one can be dialed with host/ip)", host)
+		}
 		host = ip.Unmap().String()
 	} else {
 		host = strings.ToLower(strings.TrimSuffix(host, "."))

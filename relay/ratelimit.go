@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"sync"
@@ -44,8 +45,11 @@ func parseRateConfig(b []byte) (RateConfig, error) {
 	if err := dec.Decode(&rc); err != nil {
 		return RateConfig{}, fmt.Errorf("relay: rate config: %w (want {\"PerClientRateLimitBytesPerSec\": N, \"PerClientRateBurstBytes\": N})", err)
 	}
-	if dec.More() {
-		return RateConfig{}, errors.New("relay: rate config: more than one JSON object")
+	// Nothing but space may follow the object. (dec.More is not the
+	// test: it is false before a stray "}" or "]", which derper's
+	// json.Unmarshal refuses.)
+	if _, err := dec.Token(); err != io.EOF {
+		return RateConfig{}, errors.New("relay: rate config: more after the JSON object (want one object)")
 	}
 	return rc, nil
 }
