@@ -74,15 +74,19 @@ func markElsewhere(args []string, env map[string]string) bool {
 	return false
 }
 
-// checkMessage fails t unless msg is one non-empty line and, when
-// checkSecret, does not quote an auth key.
+// checkMessage fails t unless msg is made of non-empty lines, each its
+// own log line (the first printed after the program's name, the others
+// starting with "tailderp": one line per thing to change, as explainArgs
+// writes them), and, when checkSecret, does not quote an auth key.
 func checkMessage(t *testing.T, what, msg string, checkSecret bool) {
 	t.Helper()
-	if strings.TrimSpace(msg) == "" {
-		t.Fatalf("%s: empty message", what)
-	}
-	if strings.ContainsAny(msg, "\n\r") {
-		t.Fatalf("%s: message is not one line: %q", what, msg)
+	for i, line := range strings.Split(msg, "\n") {
+		if strings.TrimSpace(line) == "" {
+			t.Fatalf("%s: empty line %d in %q", what, i+1, msg)
+		}
+		if strings.ContainsRune(line, '\r') || (i > 0 && !strings.HasPrefix(line, "tailderp")) {
+			t.Fatalf("%s: line %d is not a line of its own: %q", what, i+1, msg)
+		}
 	}
 	if checkSecret && strings.Contains(msg, secretMark) {
 		t.Fatalf("%s: message shows the auth key: %q", what, msg)
@@ -116,7 +120,7 @@ var configSeeds = []struct{ args, env string }{
 }
 
 // FuzzParseConfig: any command line and environment either give a
-// config or one line of error that never shows the auth key; an accepted
+// config or an error of whole lines that never shows the auth key; an accepted
 // config validates the same twice without changing, and what is derived
 // from a valid one (ports, the derpMap snippet, the fleet, bootstrap DNS
 // names) is computed without a panic or an error.
@@ -222,7 +226,7 @@ var fileSettings = []string{"state-dir", "auth-key-file", "mesh-psk-file", "rate
 
 // FuzzLoadConfig: loadConfig, with the files it reads (auth key file,
 // mesh key, rate config, CA bundle, the node's earlier login) fuzzed too,
-// gives a valid config or one line of error that never shows the auth key
+// gives a valid config or an error of whole lines that never shows the auth key
 // (from the environment or its file), and writes nothing: a typo fails
 // before anything is written.
 func FuzzLoadConfig(f *testing.F) {

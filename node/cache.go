@@ -53,10 +53,20 @@ func readCache(path string) (*cacheFile, error) {
 	if c.Received.IsZero() {
 		return nil, fmt.Errorf("%s: no netmap_received time", path)
 	}
+	keys := make(map[key.NodePublic]bool, len(c.Nodes))
+	ids := make(map[tailcfg.NodeID]bool, len(c.Nodes))
 	for i, n := range c.Nodes {
-		if n.Key.IsZero() {
+		switch {
+		case n.Key.IsZero():
 			return nil, fmt.Errorf("%s: node %d has no key", path, i)
+		case keys[n.Key]:
+			return nil, fmt.Errorf("%s: node %d: key listed twice", path, i)
+		case ids[n.ID]:
+			// Each key is found through its node's ID: a second entry
+			// with the ID would leave the first key pointing at it.
+			return nil, fmt.Errorf("%s: node %d: ID %d listed twice", path, i, n.ID)
 		}
+		keys[n.Key], ids[n.ID] = true, true
 	}
 	return &c, nil
 }

@@ -3,6 +3,7 @@ package node
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"log/slog"
 	"os"
 	"os/exec"
@@ -66,6 +67,7 @@ func TestCacheRoundTrip(t *testing.T) {
 // TestCacheCorruptFiles: anything but a whole file of this layout is an
 // error, never a partial set.
 func TestCacheCorruptFiles(t *testing.T) {
+	k1, k2 := key.NewNode().Public(), key.NewNode().Public()
 	good, err := os.ReadFile(writeTestCache(t, peer(1)))
 	if err != nil {
 		t.Fatal(err)
@@ -76,6 +78,8 @@ func TestCacheCorruptFiles(t *testing.T) {
 		"not JSON":      []byte("hello"),
 		"other version": bytes.Replace(good, []byte(`"version": 1`), []byte(`"version": 9`), 1),
 		"no time":       []byte(`{"version":1,"nodes":[]}`),
+		"key twice":     nodesFile(k1, 1, k1, 2),
+		"ID twice":      nodesFile(k1, 1, k2, 1),
 	} {
 		t.Run(name, func(t *testing.T) {
 			path := filepath.Join(t.TempDir(), KnownPeersFile)
@@ -87,7 +91,41 @@ func TestCacheCorruptFiles(t *testing.T) {
 	}
 }
 
-func writeTestCache(t *testing.T, peers ...*tailcfg.Node) string {
+// nodesFile is a cache file listing keys with node IDs (key, id, key, id…).
+func nodesFile(kv ...any) []byte {
+	var nodes []string
+	for i := 0; i < len(kv); i += 2 {
+		k, _ := kv[i].(key.NodePublic).MarshalText()
+		nodes = append(nodes, fmt.Sprintf(`{"key":%q,"id":%d}`, k, kv[i+1]))
+	}
+	return fmt.Appendf(nil, `{"version":1,"netmap_received":%q,"nodes":[%s]}`, time.Now().UTC().Format(time.RFC3339), strings.Join(nodes, ","))
+}
+
+// TestCacheFromTheFuture: a file that says it was written in the future
+// (the clock went back, or the file is not ours) is not used: its age
+// cannot be told, and it would answer past the maximum age.
+func TestCacheFromTheFuture(t *testing.T) {
+	dir := t.TempDir()
+	p1 := peer(1)
+	k, _ := p1.Key.MarshalText()
+	future := fmt.Sprintf(`{"version":1,"netmap_received":%q,"nodes":[{"key":%q,"id":1}]}`, time.Now().Add(24*time.Hour).UTC().Format(time.RFC3339), k)
+	if err := os.WriteFile(filepath.Join(dir, KnownPeersFile), []byte(future), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var logBuf testutil.Buffer
+	n := &Node{Dir: dir, CacheMaxAge: time.Hour, Logger: slog.New(slog.NewTextHandler(&logBuf, nil))}
+	if err := n.Load(); err != nil {
+		t.Fatal(err)
+	}
+	if known, ready := n.KnowsNodeKey(p1.Key); known || ready {
+		t.Errorf("answered from a cache written in the future: known=%v ready=%v", known, ready)
+	}
+	if !strings.Contains(logBuf.String(), "level=WARN") || !strings.Contains(logBuf.String(), "future") {
+		t.Errorf("no warning about the time:\n%s", logBuf.String())
+	}
+}
+
+func writeTestCache(t testing.TB, peers ...*tailcfg.Node) string {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), KnownPeersFile)
 	w := &cacheWriter{path: path, keys: liveSet(peers...), rename: os.Rename}

@@ -226,6 +226,10 @@ func (n *Node) Start() error {
 	return nil
 }
 
+// maxClockSkew is how far in the future a known-peers cache may say it
+// was written and still be used: clock corrections by NTP are smaller.
+const maxClockSkew = time.Minute
+
 func (n *Node) cachePath() string { return filepath.Join(n.Dir, KnownPeersFile) }
 
 // loadCache starts the key set from the cache file, if there is a usable
@@ -243,6 +247,14 @@ func (n *Node) loadCache(keys *keySet) {
 		return
 	}
 	age := time.Since(c.Received)
+	if age < -maxClockSkew {
+		// The clock went back since the file was written (or it is not
+		// ours): its age cannot be told, and a time in the future would
+		// keep it answering past CacheMaxAge.
+		n.Logger.Warn("node: ignoring the known-peers cache: it was written in the future (did the clock go back?); clients are refused until the node has a network map",
+			"netmap_received", c.Received.UTC().Format(time.RFC3339))
+		return
+	}
 	if age >= n.CacheMaxAge {
 		n.Logger.Info("node: the known-peers cache is older than its maximum age; not used",
 			"netmap_received", c.Received.UTC().Format(time.RFC3339), "max_age", n.CacheMaxAge)

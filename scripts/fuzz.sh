@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Runs every fuzz target for a while (FUZZTIME each, default 30s), one
+# after the other: what `go test` alone does not do (it runs only the seed
+# corpora and the inputs saved under testdata/fuzz, which the test command
+# already covers). A failing input is saved under the package's
+# testdata/fuzz/<Target>/: add it to the commit that fixes it. Offline, no
+# network; the targets write only to temporary directories.
+#
+#   scripts/fuzz.sh                 # every target, 30 s each
+#   FUZZTIME=5m scripts/fuzz.sh ./relay
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export TS_NO_LOGS_NO_SUPPORT=true
+fuzztime=${FUZZTIME:-30s}
+pkgs=("$@")
+[ ${#pkgs[@]} -gt 0 ] || pkgs=(./...)
+status=0
+for pkg in $(go list "${pkgs[@]}"); do
+	for target in $(go test -list '^Fuzz' "$pkg" | grep '^Fuzz' || true); do
+		echo "== $pkg $target ($fuzztime)"
+		if ! go test -run '^$' -fuzz "^$target\$" -fuzztime "$fuzztime" "$pkg"; then
+			status=1
+		fi
+	done
+done
+exit $status
