@@ -86,7 +86,9 @@ func newBootstrapDNS(s *Server) (*bootstrapDNS, error) {
 		return nil, fmt.Errorf("relay: %d bootstrap DNS names: at most %d", n, MaxBootstrapDNSNames)
 	}
 	for _, n := range append(slices.Clone(b.published), b.unpublished...) {
-		if !ValidBootstrapDNSName(n) {
+		// n lost one final dot to dedupNames: a second one ("a..") is no
+		// DNS name either.
+		if !ValidBootstrapDNSName(n) || strings.HasSuffix(n, ".") {
 			return nil, fmt.Errorf("relay: bootstrap DNS name %q: want a DNS name", n)
 		}
 	}

@@ -15,10 +15,14 @@ fuzztime=${FUZZTIME:-30s}
 pkgs=("$@")
 [ ${#pkgs[@]} -gt 0 ] || pkgs=(./...)
 status=0
-for pkg in $(go list "${pkgs[@]}"); do
-	for target in $(go test -list '^Fuzz' "$pkg" | grep '^Fuzz' || true); do
-		echo "== $pkg $target ($fuzztime)"
-		if ! go test -run '^$' -fuzz "^$target\$" -fuzztime "$fuzztime" "$pkg"; then
+# The targets, found in the source (listing them with go test -list would
+# build every package's tests once more).
+for dir in $(go list -f '{{.Dir}}' "${pkgs[@]}"); do
+	targets=$(sed -n 's/^func \(Fuzz[A-Za-z0-9_]*\)(f \*testing\.F).*/\1/p' "$dir"/*_test.go 2>/dev/null || true)
+	for target in $targets; do
+		rel=.${dir#"$PWD"}
+		echo "== $rel $target ($fuzztime)"
+		if ! go test -run '^$' -fuzz "^$target\$" -fuzztime "$fuzztime" "$dir"; then
 			status=1
 		fi
 	done
