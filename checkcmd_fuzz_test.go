@@ -78,13 +78,22 @@ func FuzzParseCheckArgs(f *testing.F) {
 					break
 				}
 				rest := slices.Concat(argv[:i], argv[i+1:])
-				o2, cfg2, target2, err2 := parseCheckArgs(append(slices.Clone(rest), "--", target), getenv, io.Discard)
 				_, _, _, err3 := parseCheckArgs(rest, getenv, io.Discard)
-				if err2 == nil && target2 == target && reflect.DeepEqual(o, o2) && reflect.DeepEqual(cfg, cfg2) && err3 == nil {
-					found = true
+				// Moved last after a "--" of its own; or, when the flags
+				// already end with a "--" (one that stood after the URL
+				// and ended nothing), after that one.
+				for _, moved := range [][]string{slices.Concat(rest, []string{"--", target}), slices.Concat(rest, []string{target})} {
+					o2, cfg2, target2, err2 := parseCheckArgs(moved, getenv, io.Discard)
+					same := reflect.DeepEqual(o, o2) && reflect.DeepEqual(cfg, cfg2)
+					if err2 == nil && target2 == target && same && err3 == nil {
+						found = true
+						break
+					}
+					problems = append(problems, fmt.Sprintf("URL at %d moved last (%q): %v, %q, same options %v; flags alone: %v", i, moved, err2, target2, same, err3))
+				}
+				if found {
 					break
 				}
-				problems = append(problems, fmt.Sprintf("URL at %d moved last: %v, %q, same options %v; flags alone: %v", i, err2, target2, reflect.DeepEqual(o, o2) && reflect.DeepEqual(cfg, cfg2), err3))
 			}
 			if !found {
 				t.Fatalf("%q (URL %q) parses, but %s", argv, target, strings.Join(problems, "; "))

@@ -2,14 +2,12 @@ package relay
 
 import (
 	"bufio"
-	"bytes"
 	"log"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -18,27 +16,8 @@ import (
 	"tailscale.com/types/logger"
 
 	"github.com/tailderp/tailderp/internal/logs"
+	"github.com/tailderp/tailderp/internal/testutil"
 )
-
-// syncBuffer is a bytes.Buffer for a logger.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) take() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	out := s.b.String()
-	s.b.Reset()
-	return out
-}
 
 // FuzzCheckUpgrade: the /derp request check in front of derpserver, given
 // any request a client can send (its request line and upgrade headers
@@ -79,7 +58,7 @@ func FuzzCheckUpgrade(f *testing.F) {
 	f.Cleanup(func() { srv.Close() })
 	derpH := derpserver.AddWebSocketSupport(srv, derpserver.Handler(srv))
 	// derpserver logs through the standard logger.
-	var stdlog syncBuffer
+	var stdlog testutil.Buffer
 	log.SetOutput(&stdlog)
 	f.Cleanup(func() { log.SetOutput(os.Stderr) })
 
@@ -104,9 +83,9 @@ func FuzzCheckUpgrade(f *testing.F) {
 
 		alone := httptest.NewRecorder()
 		derpH.ServeHTTP(alone, req)
-		stdlog.take()
+		stdlog.Take()
 
-		var relayLog syncBuffer
+		var relayLog testutil.Buffer
 		lim := logs.NewLimited(slog.New(slog.NewTextHandler(&relayLog, nil)), "malformed /derp requests", 5, time.Minute, maxLogLine)
 		checked := httptest.NewRecorder()
 		checkUpgrade(lim, derpH).ServeHTTP(checked, req)
@@ -114,14 +93,14 @@ func FuzzCheckUpgrade(f *testing.F) {
 		if checked.Code != alone.Code {
 			t.Fatalf("checkUpgrade answers %d, derpserver alone %d, to %q", checked.Code, alone.Code, raw.String())
 		}
-		for _, l := range strings.Split(stdlog.take(), "\n") {
+		for _, l := range strings.Split(stdlog.Take(), "\n") {
 			// A recorder cannot be hijacked: derpserver's complaint about
 			// that is the test's, not the request's.
 			if l != "" && !strings.Contains(l, "Hijacker") {
 				t.Fatalf("derpserver logged about a request checkUpgrade passed: %q", l)
 			}
 		}
-		for _, l := range strings.Split(relayLog.take(), "\n") {
+		for _, l := range strings.Split(relayLog.Take(), "\n") {
 			if len(l) > 2*maxLogLine {
 				t.Fatalf("log line of %d bytes: %.200q…", len(l), l)
 			}

@@ -26,6 +26,16 @@ func (b *Buffer) Write(p []byte) (int, error) {
 	return b.b.Write(p)
 }
 
+// Take returns everything written since the last Take (or ever), and
+// empties the buffer.
+func (b *Buffer) Take() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	out := b.b.String()
+	b.b.Reset()
+	return out
+}
+
 // String returns everything written so far.
 func (b *Buffer) String() string {
 	b.mu.Lock()

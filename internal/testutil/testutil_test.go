@@ -126,6 +126,18 @@ func TestWriteFiles(t *testing.T) {
 	}
 }
 
+func TestBufferTake(t *testing.T) {
+	var b Buffer
+	fmt.Fprint(&b, "one")
+	if got := b.Take(); got != "one" {
+		t.Errorf("Take = %q, want %q", got, "one")
+	}
+	fmt.Fprint(&b, "two")
+	if got, all := b.Take(), b.String(); got != "two" || all != "" {
+		t.Errorf("Take = %q then String = %q, want %q then empty", got, all, "two")
+	}
+}
+
 func TestBufferWait(t *testing.T) {
 	var b Buffer
 	go func() {
