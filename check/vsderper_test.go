@@ -53,7 +53,6 @@ import (
 	"flag"
 	"fmt"
 	"math"
-	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -79,6 +78,7 @@ import (
 
 	"github.com/tailderp/tailderp/check"
 	"github.com/tailderp/tailderp/internal/testtailnet"
+	"github.com/tailderp/tailderp/internal/testutil"
 	"github.com/tailderp/tailderp/relay"
 )
 
@@ -155,24 +155,6 @@ func (p *vsProc) pids() (relay, node int) {
 		node = p.companion.cmd.Process.Pid
 	}
 	return relay, node
-}
-
-func vsFreePort(t *testing.T, network string) int {
-	t.Helper()
-	if network == "udp" {
-		pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer pc.Close()
-		return pc.LocalAddr().(*net.UDPAddr).Port
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
 }
 
 func vsStart(t *testing.T, logDir, name, bin string, env []string, derpPort, stunPort int, args ...string) *vsProc {
@@ -288,16 +270,16 @@ func TestVsDerper(t *testing.T) {
 
 	// The tailnet for tailderp+admission: its DERP map names the relay,
 	// which keeps its ports and state across rounds.
-	admDERP, admSTUN := vsFreePort(t, "tcp"), vsFreePort(t, "udp")
+	admDERP, admSTUN := testutil.FreePort(t, "tcp"), testutil.FreePort(t, "udp")
 	admState := filepath.Join(work, "tailderp-admission-state")
 	var ctl *testtailnet.Control
 	// The tailnet for derper+tailscaled, the same way (see vsPairTailnet).
-	pairDERP, pairSTUN := vsFreePort(t, "tcp"), vsFreePort(t, "udp")
+	pairDERP, pairSTUN := testutil.FreePort(t, "tcp"), testutil.FreePort(t, "udp")
 	pairDir := filepath.Join(work, "tailscaled")
 	// tailscaled's --port: a port free on 127.0.0.1, the same all run.
 	// With TS_DEBUG_ALWAYS_USE_DERP (SetTestEnv) magicsock opens no UDP
 	// socket at all, so nothing binds it; vsAuditSockets checks.
-	pairWGPort := vsFreePort(t, "udp")
+	pairWGPort := testutil.FreePort(t, "udp")
 	var pairCtl *testtailnet.Control
 
 	common := func(derpPort, stunPort int) []string {
@@ -306,11 +288,11 @@ func TestVsDerper(t *testing.T) {
 	}
 	servers := map[string]vsServer{
 		"derper": {"derper", func(t *testing.T) *vsProc {
-			d, s := vsFreePort(t, "tcp"), vsFreePort(t, "udp")
+			d, s := testutil.FreePort(t, "tcp"), testutil.FreePort(t, "udp")
 			return vsStart(t, logDir, "derper", derperBin, nil, d, s, append(common(d, s), "-c", filepath.Join(work, "derper.key"))...)
 		}},
 		"tailderp": {"tailderp", func(t *testing.T) *vsProc {
-			d, s := vsFreePort(t, "tcp"), vsFreePort(t, "udp")
+			d, s := testutil.FreePort(t, "tcp"), testutil.FreePort(t, "udp")
 			return vsStart(t, logDir, "tailderp", tailderpBin, nil, d, s,
 				append(common(d, s), "-state-dir", filepath.Join(work, "tailderp-state"), "-verify-clients=false")...)
 		}},
