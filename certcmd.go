@@ -39,11 +39,10 @@ func runCert(args []string, getenv func(string) string, stdout, stderr io.Writer
 		return 2
 	}
 	fs := flag.NewFlagSet("tailderp cert renew", flag.ContinueOnError)
-	fs.SetOutput(stderr)
 	activate := fs.Bool("activate", false, "make the next certificate (written by `tailderp cert renew`) the one served")
-	fs.Usage = func() { printCertUsage(stderr) }
 	cfg, err := parseConfig(fs, args[1:], getenv)
 	if errors.Is(err, flag.ErrHelp) {
+		printCertUsage(stderr)
 		return 0
 	}
 	if err == nil && fs.NArg() > 0 {

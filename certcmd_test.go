@@ -268,6 +268,7 @@ func TestCertRenewRefuses(t *testing.T) {
 	}{
 		{"no subcommand", nil, 2, "Usage:"},
 		{"help", []string{"-h"}, 0, "tailderp cert renew -activate"},
+		{"renew help", []string{"renew", "-h"}, 0, "tailderp cert renew -activate"},
 		{"ACME", []string{"renew", "-hostname", "derp.example.com", "-state-dir", state}, 2, "renews its certificate by itself"},
 		{"manual with a DNS name", []string{"renew", "-hostname", "derp.example.com", "-certmode", "manual", "-state-dir", state}, 2,
 			"put the renewed certificate at " + filepath.Join(state, "certs", "derp.example.com.crt")},

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"slices"
@@ -134,7 +133,6 @@ func findServers() []serverProcess {
 			}
 		}
 		fs := flag.NewFlagSet("tailderp", flag.ContinueOnError)
-		fs.SetOutput(io.Discard)
 		cfg, err := parseConfig(fs, args, func(k string) string { return envMap[k] })
 		if err != nil {
 			continue
