@@ -95,12 +95,11 @@ func renewableHere(cfg *config) error {
 // written before that is still good) and prints its derpMap.
 func writeNext(cfg *config, stdout, stderr io.Writer) error {
 	dir, ip := cfg.certDir(), cfg.Hostname
-	crt, key := relay.CertPaths(dir, ip)
-	cur, err := relay.ReadCertPair(crt, key, ip)
+	cur, err := cfg.currentIPCert()
+	if errors.Is(err, errNoCertYet) {
+		return err
+	}
 	if err != nil {
-		if _, statErr := os.Stat(crt); errors.Is(statErr, os.ErrNotExist) {
-			return fmt.Errorf("%w at %s: start tailderp once to generate it", errNoCertYet, crt)
-		}
 		return fmt.Errorf("%s %s: %w", settingName("certdir"), dir, err)
 	}
 	ncrt, nkey := relay.NextCertPaths(dir, ip)
@@ -161,28 +160,14 @@ has it, its new connections are refused. The previous pair is kept as %s and %s.
 	return printSnippet(stdout, region)
 }
 
-// regionWithPin is this relay's derpMap region (as `tailderp derpmap`
-// prints it) with the certificate pin certName.
+// regionWithPin is the region `tailderp derpmap` prints (the fleet's,
+// with -mesh-with) with this relay's node pinned by certName.
 func regionWithPin(cfg *config, certName string) (*tailcfg.DERPRegion, error) {
 	region, _, err := derpMapRegion(cfg)
 	if err != nil {
 		return nil, err
 	}
-	r := *region
-	n := *region.Nodes[0]
-	n.CertName = certName
-	r.Nodes = []*tailcfg.DERPNode{&n}
-	return &r, nil
-}
-
-// printSnippet writes the region as pure JSON, as `tailderp derpmap` does.
-func printSnippet(w io.Writer, r *tailcfg.DERPRegion) error {
-	b, err := relay.PolicySnippet(r)
-	if err != nil {
-		return err
-	}
-	_, err = fmt.Fprintf(w, "%s\n", b)
-	return err
+	return cfg.fleetRegion(withCertName(region, certName)), nil
 }
 
 func printCertUsage(w io.Writer) {
@@ -236,16 +221,12 @@ func (f *pinFollower) changed(st relay.CertStatus) {
 	if f.sv == nil || !f.cfg.ipMode() || f.sv.Region.Nodes[0].CertName == st.CertName {
 		return
 	}
-	r := *f.sv.Region
-	n := *r.Nodes[0]
-	n.CertName = st.CertName
-	r.Nodes = []*tailcfg.DERPNode{&n}
 	sv := *f.sv
-	sv.Region = &r
+	sv.Region = withCertName(f.sv.Region, st.CertName)
 	f.sv = &sv
 	f.logger.Info("serving a new certificate, pinned by a new CertName: clients need the derpMap below", "cert_name", st.CertName,
 		"not_after", st.NotAfter.UTC().Format(time.RFC3339))
-	if err := writeSnippet(f.out, &r); err != nil {
+	if err := writeSnippet(f.out, f.cfg.fleetRegion(sv.Region)); err != nil {
 		f.logger.Warn("cannot print the derpMap snippet", "err", err)
 	}
 	if f.write {

@@ -323,3 +323,32 @@ func TestCertAdvice(t *testing.T) {
 		t.Errorf("with a next pair waiting: %q", got)
 	}
 }
+
+// TestCertRenewPrintsTheFleet: with -mesh-with, the derpMap `cert renew`
+// prints is the fleet's region, as the server and `tailderp derpmap` print
+// it, with this relay's node pinned by the new certificate.
+func TestCertRenewPrintsTheFleet(t *testing.T) {
+	state := t.TempDir()
+	const ip, peer = "203.0.113.7", "203.0.113.8"
+	if _, err := relay.EnsureSelfSignedIPCert(filepath.Join(state, "certs"), ip); err != nil {
+		t.Fatal(err)
+	}
+	code, stdout, stderr := runMain(t, nil, "cert", "renew", "-hostname", ip, "-certmode", "manual", "-state-dir", state,
+		"-mesh-with", ip+","+peer)
+	if code != 0 {
+		t.Fatalf("exit %d:\n%s", code, stderr)
+	}
+	region := testutil.DERPMapFleetRegion(t, stdout)
+	if len(region.Nodes) != 2 || region.Nodes[0].HostName != ip || region.Nodes[1].HostName != peer {
+		t.Fatalf("printed region %+v, want this relay then %s", region.Nodes, peer)
+	}
+	ncrt, nkey := relay.NextCertPaths(filepath.Join(state, "certs"), ip)
+	next, err := relay.ReadCertPair(ncrt, nkey, ip)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := next.CertName
+	if region.Nodes[0].CertName != want || region.Nodes[1].CertName == want {
+		t.Errorf("pins %q, %q: want this relay's node pinned by the next certificate %q", region.Nodes[0].CertName, region.Nodes[1].CertName, want)
+	}
+}

@@ -293,7 +293,7 @@ func checkTarget(o *checkOpts, cfg *config, target string, stderr io.Writer) (ch
 		t.Node.CertName = o.certName
 	}
 	t.TrustOnFirstUse = cfg.Dev && t.Node.CertName == ""
-	if !cfg.VerifyClients && cfg.VerifyClientURL == "" && !o.expectOpen {
+	if !cfg.VerifyClients && cfg.VerifyClientURL == "" {
 		t.Expect = check.ExpectOpen // as this server is configured
 	}
 	return t, nil

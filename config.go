@@ -423,8 +423,8 @@ func (c *config) validate() error {
 	if c.STUNPort < 0 || c.STUNPort > 65535 {
 		return fmt.Errorf("%s %d: want a port from 0 to 65535", settingName("stun-port"), c.STUNPort)
 	}
-	if c.TailnetPort < 0 || c.TailnetPort > 65535 {
-		return fmt.Errorf("%s %d: want a UDP port from 1 to 65535, or 0 for a random one", settingName("tailnet-port"), c.TailnetPort)
+	if err := checkTailnetPort(c.TailnetPort); err != nil {
+		return fmt.Errorf("%s %w", settingName("tailnet-port"), err)
 	}
 	if c.VerifyClientsCacheMaxAge < 0 {
 		return fmt.Errorf("%s %v: want a duration like 24h, or 0 to turn the cache off", settingName("verify-clients-cache-max-age"), c.VerifyClientsCacheMaxAge)
@@ -544,7 +544,7 @@ func (c *config) validateLogin() error {
 	if err := checkAuthKey(c.AuthKey); err != nil {
 		return err
 	}
-	if c.VerifyClients && c.AuthKey == "" && !node.HasLogin(c.nodeDir()) {
+	if c.AuthKey == "" && !node.HasLogin(c.nodeDir()) {
 		return fmt.Errorf("TAILSCALE_AUTH_KEY is not set and %s holds no earlier login: set TAILSCALE_AUTH_KEY (or TAILSCALE_AUTH_KEY_FILE) to an auth key of your tailnet so the relay can admit its clients, or set -verify-clients=false to run an open relay", c.nodeDir())
 	}
 	return nil
@@ -581,15 +581,7 @@ func (c *config) stunAddr() string {
 	return net.JoinHostPort(host, strconv.Itoa(c.STUNPort))
 }
 
-func (c *config) tags() []string {
-	var out []string
-	for t := range strings.SplitSeq(c.AdvertiseTags, ",") {
-		if t = strings.TrimSpace(t); t != "" {
-			out = append(out, t)
-		}
-	}
-	return out
-}
+func (c *config) tags() []string { return splitList(c.AdvertiseTags) }
 
 // tailnetHostname is the node's name: -tailnet-hostname, or -hostname
 // with dots turned into dashes.
@@ -633,19 +625,18 @@ func (c *config) configuredPorts() (https, stun int) {
 // errNoCertYet means IP mode has not generated its certificate yet.
 var errNoCertYet = errors.New("no certificate yet")
 
-// pinFromFiles is the CertName of the self-signed certificate IP mode
-// keeps in the certificate directory.
-func (c *config) pinFromFiles() (string, error) {
-	crt, _ := relay.CertPaths(c.certDir(), c.Hostname)
-	certs, err := relay.LoadManualCerts(c.certDir(), c.Hostname, nil)
+// currentIPCert describes the self-signed certificate IP mode keeps in
+// the certificate directory.
+func (c *config) currentIPCert() (relay.CertInfo, error) {
+	crt, key := relay.CertPaths(c.certDir(), c.Hostname)
+	info, err := relay.ReadCertPair(crt, key, c.Hostname)
 	if err != nil {
 		if _, statErr := os.Stat(crt); errors.Is(statErr, os.ErrNotExist) {
-			return "", fmt.Errorf("%w at %s: start tailderp once to generate it", errNoCertYet, crt)
+			return relay.CertInfo{}, fmt.Errorf("%w at %s: start tailderp once to generate it", errNoCertYet, crt)
 		}
-		return "", err
+		return relay.CertInfo{}, err
 	}
-	info, _ := certs.Current()
-	return info.CertName, nil
+	return info, nil
 }
 
 // loadCertPool reads a PEM bundle of CA certificates.
@@ -685,6 +676,15 @@ func readMeshKey(path string) (key.DERPMesh, error) {
 }
 
 // The fleet: -mesh-with and bootstrap DNS.
+
+// checkTailnetPort checks the UDP port of a tailnet's node (-tailnet-port,
+// or tailnet_port in -tailnets).
+func checkTailnetPort(p int) error {
+	if p < 0 || p > 65535 {
+		return fmt.Errorf("%d: want a UDP port from 1 to 65535, or 0 for a random one", p)
+	}
+	return nil
+}
 
 // splitList splits a comma-separated setting, dropping empty entries.
 func splitList(s string) []string {

@@ -23,6 +23,26 @@ func writeSnippet(w io.Writer, r *tailcfg.DERPRegion) error {
 	return err
 }
 
+// printSnippet writes the region as pure JSON, as `tailderp derpmap` does.
+func printSnippet(w io.Writer, r *tailcfg.DERPRegion) error {
+	b, err := relay.PolicySnippet(r)
+	if err != nil {
+		return err
+	}
+	_, err = fmt.Fprintf(w, "%s\n", b)
+	return err
+}
+
+// withCertName returns a copy of r, this relay's one-node region, whose
+// node is pinned by certName.
+func withCertName(r *tailcfg.DERPRegion, certName string) *tailcfg.DERPRegion {
+	c := *r
+	n := *r.Nodes[0]
+	n.CertName = certName
+	c.Nodes = []*tailcfg.DERPNode{&n}
+	return &c
+}
+
 // runDERPMap is `tailderp derpmap`: print the snippet as JSON on stdout
 // (notes go to stderr), without serving.
 func runDERPMap(args []string, getenv func(string) string, stdout, stderr io.Writer) int {
@@ -58,12 +78,10 @@ func runDERPMap(args []string, getenv func(string) string, stdout, stderr io.Wri
 		fmt.Fprintf(stderr, "tailderp derpmap: the fleet's region: this relay and %d peers of %s, in its order (clients use the first node they reach); peers are assumed to serve STUN like this relay\n", len(fleet.Nodes)-1, settingName("mesh-with"))
 		region = fleet
 	}
-	b, err := relay.PolicySnippet(region)
-	if err != nil {
+	if err := printSnippet(stdout, region); err != nil {
 		fmt.Fprintf(stderr, "tailderp derpmap: %v\n", err)
 		return 1
 	}
-	fmt.Fprintf(stdout, "%s\n", b)
 	return 0
 }
 
@@ -86,9 +104,11 @@ func derpMapRegion(cfg *config) (r *tailcfg.DERPRegion, note string, err error) 
 	certName := ""
 	switch {
 	case cfg.ipMode():
-		if certName, err = cfg.pinFromFiles(); err != nil {
+		cur, err := cfg.currentIPCert()
+		if err != nil {
 			return nil, "", err
 		}
+		certName = cur.CertName
 	case cfg.Dev:
 		note = "-dev makes a new certificate at every start and no server is running: its CertName is in the server's output (or run this while it runs)"
 	}

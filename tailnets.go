@@ -149,8 +149,8 @@ func (c *config) readTailnetsFile() error {
 				return fail("%s: advertise_tags %q: each tag must start with \"tag:\"", what, tag)
 			}
 		}
-		if t.Port < 0 || t.Port > 65535 {
-			return fail("%s: tailnet_port %d: want a UDP port from 1 to 65535, or 0 for a random one", what, t.Port)
+		if err := checkTailnetPort(t.Port); err != nil {
+			return fail("%s: tailnet_port %v", what, err)
 		}
 		if other, taken := ports[t.Port]; t.Port != 0 && taken {
 			return fail("%s: tailnet_port %d is also %s's", what, t.Port, other)
