@@ -2,7 +2,6 @@ package node
 
 import (
 	"encoding/json"
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -132,6 +131,9 @@ type cacheWriter struct {
 // writeIfChanged writes the set if it changed since the last write and is
 // live.
 func (w *cacheWriter) writeIfChanged() error {
+	if w.keys.changeCount() == w.written {
+		return nil // no snapshot of the whole set to find that out
+	}
 	c, changes, ok := w.keys.snapshot()
 	if !ok || changes == w.written {
 		return nil
@@ -146,6 +148,3 @@ func (w *cacheWriter) writeIfChanged() error {
 	w.written = changes
 	return nil
 }
-
-// errCacheOff is returned by loadCache when the cache is switched off.
-var errCacheOff = errors.New("cache off")

@@ -314,19 +314,24 @@ func (s *keySet) apply(n *ipn.Notify) []Drop {
 	}
 	now := s.now()
 	var drops []Drop
+	changed := false
 	for _, p := range n.PeersChanged {
-		drops = append(drops, s.upsertLocked(p, now)...)
+		d, c := s.upsertLocked(p, now)
+		drops, changed = append(drops, d...), changed || c
 	}
 	for _, id := range n.PeersRemoved {
 		if e, ok := s.byID[id]; ok {
 			delete(s.byKey, e.key)
 			delete(s.byID, id)
+			changed = true
 			if e.admissible(now) {
 				drops = append(drops, e.drop(DropRemoved))
 			}
 		}
 	}
-	if len(n.PeersChanged) > 0 || len(n.PeersRemoved) > 0 {
+	// Most deltas are a peer's endpoints, home relay or online state: the
+	// set (and so the cache file) changes only when an entry does.
+	if changed {
 		s.changes++
 	}
 	return drops
@@ -384,9 +389,9 @@ func (s *keySet) replaceLocked(self entry, peers []*tailcfg.Node) []Drop {
 }
 
 // upsertLocked adds or updates p and returns the keys it made
-// inadmissible: its old key after a rotation, or its key once expired.
-func (s *keySet) upsertLocked(p *tailcfg.Node, now time.Time) []Drop {
-	var drops []Drop
+// inadmissible (its old key after a rotation, or its key once expired),
+// and whether the set changed.
+func (s *keySet) upsertLocked(p *tailcfg.Node, now time.Time) (drops []Drop, changed bool) {
 	old, had := s.byID[p.ID]
 	if had && old.key != p.Key {
 		delete(s.byKey, old.key)
@@ -400,7 +405,8 @@ func (s *keySet) upsertLocked(p *tailcfg.Node, now time.Time) []Drop {
 	}
 	s.byKey[p.Key] = p.ID
 	s.byID[p.ID] = e
-	return drops
+	changed = !had || old.key != e.key || old.name != e.name || !old.expiry.Equal(e.expiry) || old.expired != e.expired
+	return drops, changed
 }
 
 // allLocked is every admissible key, as drops for reason.

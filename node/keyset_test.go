@@ -2,6 +2,7 @@ package node
 
 import (
 	"fmt"
+	"net/netip"
 	"slices"
 	"strings"
 	"testing"
@@ -332,5 +333,37 @@ func TestNodeSettling(t *testing.T) {
 	}
 	if (&Node{}).Settling() != nil {
 		t.Error("a node never started is settling")
+	}
+}
+
+// TestKeySetChangesOnlyWhenAnEntryDoes: a delta that changes only what the
+// set does not keep (a peer's endpoints, home relay, online state) is no
+// change, so the cache file is not rewritten for it; a changed name, key
+// or expiry, or a removal, is.
+func TestKeySetChangesOnlyWhenAnEntryDoes(t *testing.T) {
+	p := peer(1)
+	s := liveSet(p)
+	before := s.changeCount()
+	same := *p
+	same.Endpoints = []netip.AddrPort{netip.MustParseAddrPort("192.0.2.1:41641")}
+	same.HomeDERP = 900
+	s.apply(&ipn.Notify{PeersChanged: []*tailcfg.Node{&same}})
+	if got := s.changeCount(); got != before {
+		t.Errorf("endpoints and home relay changed: change count %d → %d, want no change", before, got)
+	}
+	renamed := same
+	renamed.Name = "renamed.ts.net."
+	s.apply(&ipn.Notify{PeersChanged: []*tailcfg.Node{&renamed}})
+	if s.changeCount() == before {
+		t.Error("a renamed node is no change")
+	}
+	before = s.changeCount()
+	s.apply(&ipn.Notify{PeersRemoved: []tailcfg.NodeID{42}})
+	if s.changeCount() != before {
+		t.Error("removing a node the set does not hold is a change")
+	}
+	s.apply(&ipn.Notify{PeersRemoved: []tailcfg.NodeID{p.ID}})
+	if s.changeCount() == before {
+		t.Error("a removal is no change")
 	}
 }

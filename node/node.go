@@ -494,11 +494,14 @@ func (n *Node) watch() error {
 			case ipn.Running:
 				n.setState(StateRunning)
 			case ipn.NeedsLogin, ipn.NeedsMachineAuth:
-				if n.State() == StateRunning {
+				wasRunning := n.State() == StateRunning
+				n.dropped(n.keys.loggedOut())
+				if wasRunning {
+					// Said once the set has turned to the cache (or
+					// been cleared), so the effect is what happens now.
 					n.Logger.Error("node: logged out by the control server (node key expired, or the device was removed)",
 						"effect", n.effectWithoutLiveMap(), "fix", n.advice(ProblemLoggedOut))
 				}
-				n.dropped(n.keys.loggedOut())
 				n.setState(StateNeedsLogin)
 				if *note.State == ipn.NeedsMachineAuth {
 					n.Logger.Warn("node: the tailnet requires device approval", "fix", n.advice(ProblemNeedsApproval))
@@ -510,10 +513,13 @@ func (n *Node) watch() error {
 				n.setState(StateStarting)
 			}
 		}
-		first := note.NetMap != nil || note.SelfChange != nil
-		if first {
+		if fullMap := note.NetMap != nil || note.SelfChange != nil; fullMap {
 			if src, _ := n.keys.status(); src != SourceLive {
-				n.Logger.Info("node: network map received; admitting the tailnet's nodes from it", "peers", len(n.peersIn(&note)))
+				peers := len(note.PeersChanged)
+				if note.NetMap != nil {
+					peers = len(note.NetMap.Peers)
+				}
+				n.Logger.Info("node: network map received; admitting the tailnet's nodes from it", "peers", peers)
 			}
 		}
 		n.dropped(n.keys.apply(&note))
@@ -522,21 +528,6 @@ func (n *Node) watch() error {
 			n.cacheDirty.Store(true)
 		}
 	}
-}
-
-// peersIn returns the peers a full-map notification carries.
-func (n *Node) peersIn(note *ipn.Notify) []key.NodePublic {
-	var out []key.NodePublic
-	if note.NetMap != nil {
-		for _, p := range note.NetMap.Peers {
-			out = append(out, p.Key())
-		}
-		return out
-	}
-	for _, p := range note.PeersChanged {
-		out = append(out, p.Key)
-	}
-	return out
 }
 
 // effectWithoutLiveMap says what happens to admission while the node has
