@@ -47,7 +47,7 @@ func ValidBootstrapDNSName(name string) bool {
 	if _, err := netip.ParseAddr(name); err == nil {
 		return false
 	}
-	return len(name) <= 253 && dnsName.MatchString(name)
+	return isDNSName(name)
 }
 
 // bootstrapDNS is the cache behind /bootstrap-dns.

@@ -227,7 +227,7 @@ func (a *ACMECerts) GetCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate
 	a.mu.Unlock()
 	if c.Leaf != nil {
 		if prev := a.last.Load(); prev == nil || !prev.NotAfter.Equal(c.Leaf.NotAfter) {
-			info := certInfo(c.Leaf)
+			info := CertInfoOf(c.Leaf)
 			a.last.Store(&info)
 		}
 	}

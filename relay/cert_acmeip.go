@@ -63,7 +63,7 @@ type ACMEIPCerts struct {
 	logger   *slog.Logger
 	client   *acme.Client
 
-	cur atomic.Pointer[tls.Certificate] // Leaf set; nil before the first
+	cur atomic.Pointer[issuedCert] // nil before the first
 
 	tryHTTP01 atomic.Bool // HTTPHandler was asked for: port 80 is served
 
@@ -114,7 +114,7 @@ func NewACMEIP(cfg ACMEConfig) (*ACMEIPCerts, error) {
 	}
 	switch c, err := a.loadCached(time.Now()); {
 	case err == nil:
-		a.cur.Store(c)
+		a.cur.Store(newIssuedCert(c))
 		logger.Info("relay: loaded the IP address certificate issued earlier", "ip", ip.String(), "path", a.certPath,
 			"not_after", c.Leaf.NotAfter.Format(time.RFC3339))
 	case !errors.Is(err, os.ErrNotExist):
@@ -279,7 +279,7 @@ func (a *ACMEIPCerts) run(ctx context.Context) {
 func (a *ACMEIPCerts) nextIssue() time.Time {
 	due := time.Now()
 	if c := a.cur.Load(); c != nil {
-		due = renewAt(c.Leaf)
+		due = c.renewAt
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -287,6 +287,19 @@ func (a *ACMEIPCerts) nextIssue() time.Time {
 		return a.nextTry
 	}
 	return due
+}
+
+// issuedCert is a certificate the CA issued (Leaf set), described once:
+// what Current reports, and when it is renewed (one draw of the jitter, so
+// the time logged is the time used).
+type issuedCert struct {
+	cert    *tls.Certificate
+	info    CertInfo
+	renewAt time.Time
+}
+
+func newIssuedCert(c *tls.Certificate) *issuedCert {
+	return &issuedCert{cert: c, info: CertInfoOf(c.Leaf), renewAt: renewAt(c.Leaf)}
 }
 
 // renewAt is when a certificate is renewed: with a third of its lifetime
@@ -310,13 +323,14 @@ func renewAt(leaf *x509.Certificate) time.Time {
 func (a *ACMEIPCerts) finish(c *tls.Certificate, err error) {
 	now := time.Now()
 	if err == nil {
-		a.cur.Store(c)
+		ic := newIssuedCert(c)
+		a.cur.Store(ic)
 		a.mu.Lock()
 		a.failures, a.nextTry, a.lastErr, a.lastFail = 0, time.Time{}, nil, ""
 		a.mu.Unlock()
 		a.logger.Info("relay: got a certificate for the IP address from the ACME CA", "ip", a.ip.String(),
 			"not_after", c.Leaf.NotAfter.Format(time.RFC3339),
-			"renew_at", renewAt(c.Leaf).Round(time.Second).Format(time.RFC3339), "path", a.certPath)
+			"renew_at", ic.renewAt.Round(time.Second).Format(time.RFC3339), "path", a.certPath)
 		return
 	}
 	a.mu.Lock()
@@ -331,7 +345,7 @@ func (a *ACMEIPCerts) finish(c *tls.Certificate, err error) {
 
 	serving := "nothing: handshakes fail until a certificate is issued"
 	if cur := a.cur.Load(); cur != nil {
-		serving = "the previous certificate, valid until " + cur.Leaf.NotAfter.Format(time.RFC3339)
+		serving = "the previous certificate, valid until " + cur.info.NotAfter.Format(time.RFC3339)
 	}
 	if ok, _ := a.failLog.Allow(now); ok || isNew {
 		a.logger.Warn("relay: ACME certificate for the IP address not issued",
@@ -348,7 +362,7 @@ func (a *ACMEIPCerts) Current() (CertInfo, bool) {
 	if c == nil {
 		return CertInfo{}, false
 	}
-	return certInfo(c.Leaf), true
+	return c.info, true
 }
 
 // GetCertificate implements Certificates. It serves the address's
@@ -373,7 +387,7 @@ func (a *ACMEIPCerts) GetCertificate(hello *tls.ClientHelloInfo) (*tls.Certifica
 		}
 		return nil, fmt.Errorf("relay: no certificate for %s yet: being issued", a.ip)
 	}
-	cc := *c
+	cc := *c.cert
 	cc.Certificate = slices.Clip(cc.Certificate)
 	return &cc, nil
 }

@@ -154,7 +154,7 @@ func loadPair(crt, key, hostname string) (*tls.Certificate, CertInfo, error) {
 	if err := leaf.VerifyHostname(hostname); err != nil {
 		return nil, CertInfo{}, fmt.Errorf("%s is not valid for %s: %w", crt, hostname, err)
 	}
-	info := certInfo(leaf)
+	info := CertInfoOf(leaf)
 	info.File = crt
 	return &cert, info, nil
 }

@@ -250,7 +250,7 @@ func NewSelfSigned(names ...string) (*StaticCert, error) {
 		return nil, fmt.Errorf("relay: self-signed certificate: %w", err)
 	}
 	c.Leaf = leaf
-	return &StaticCert{cert: &c, info: certInfo(leaf)}, nil
+	return &StaticCert{cert: &c, info: CertInfoOf(leaf)}, nil
 }
 
 // Current describes the certificate.

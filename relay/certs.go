@@ -102,9 +102,6 @@ func CertInfoOf(leaf *x509.Certificate) CertInfo {
 		CertName: CertName(leaf.Raw), SelfSigned: selfSigned}
 }
 
-// certInfo is CertInfoOf, for the modes inside this package.
-func certInfo(leaf *x509.Certificate) CertInfo { return CertInfoOf(leaf) }
-
 // CertWarnBefore is the longest a certificate is warned about before it
 // expires: renewal tools renew when 30 days are left (autocert, certbot
 // and acme.sh for 90-day certificates), and a self-signed certificate,

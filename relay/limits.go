@@ -84,6 +84,9 @@ func (s *Server) acceptLimiter() (*rate.Limiter, error) {
 type guardedListener struct {
 	net.Listener
 	lim *rate.Limiter // nil: no limit
+	// limitArgs say lim in the refusal warning; lim never changes, and a
+	// flood of refusals should not box them anew for each.
+	limitArgs []any
 
 	accepted, refused, fdErrors expvar.Int
 
@@ -110,7 +113,7 @@ func (ln *guardedListener) Accept() (net.Conn, error) {
 			}
 			c.Close()
 			ln.refusedWarn.add("relay: refusing new connections over the accept rate limit; if they are your clients, raise the limit",
-				"limit_per_second", float64(ln.lim.Limit()), "burst", ln.lim.Burst())
+				ln.limitArgs...)
 			continue
 		}
 		ln.accepted.Add(1)
@@ -139,10 +142,14 @@ func (ln *guardedListener) expVar() expvar.Var {
 
 // guard wraps a public port's listener; lim nil means no rate limit.
 func (s *Server) guard(ln net.Listener, lim *rate.Limiter) *guardedListener {
-	return &guardedListener{
+	g := &guardedListener{
 		Listener:    ln,
 		lim:         lim,
 		refusedWarn: newWarnEvery(s.Logger, time.Minute),
 		fdWarn:      newWarnEvery(s.Logger, time.Minute),
 	}
+	if lim != nil {
+		g.limitArgs = []any{"limit_per_second", float64(lim.Limit()), "burst", lim.Burst()}
+	}
+	return g
 }

@@ -82,8 +82,12 @@ func validHostName(s string) bool {
 	if _, err := netip.ParseAddr(s); err == nil {
 		return true
 	}
-	return len(s) <= 253 && dnsName.MatchString(s)
+	return isDNSName(s)
 }
+
+// isDNSName reports whether s is a DNS host name (see dnsName), at most
+// 253 characters long.
+func isDNSName(s string) bool { return len(s) <= 253 && dnsName.MatchString(s) }
 
 // ParseMeshPeer parses one peer: "[CERTNAME@]HOST[:PORT][/DIALIP]".
 // HOST is a DNS name or an IP address (IPv6 in brackets when a port
@@ -234,13 +238,7 @@ const (
 
 // meshRetryWait is the whole wait before the next dial after the n-th
 // failure in a row (n ≥ 1), before jitter.
-func meshRetryWait(n int) time.Duration {
-	d := meshLoopRetry
-	for i := 1; i < n && d < meshRetryMax; i++ {
-		d *= 2
-	}
-	return min(d, meshRetryMax)
-}
+func meshRetryWait(n int) time.Duration { return retryDelay(n, meshLoopRetry, meshRetryMax) }
 
 // meshLink is this relay's connection to one peer: a derphttp mesh
 // client whose watch loop adds and removes packet forwarders.
