@@ -195,14 +195,10 @@ func serveStatusPage(w http.ResponseWriter, st Status) {
 }
 
 func problemText(problem, fix string) string {
-	if problem == "" || problem == "ok" {
+	if problem == "" { // relay.CertOK
 		return ""
 	}
 	return fmt.Sprintf(": %s; %s", problem, fix)
-}
-
-func sortedKeys(m map[string]int64) []string {
-	return slices.Sorted(maps.Keys(m))
 }
 
 func writeCounts(w io.Writer, what string, m map[string]int64) {
@@ -210,7 +206,7 @@ func writeCounts(w io.Writer, what string, m map[string]int64) {
 	if len(m) == 0 {
 		io.WriteString(w, " none")
 	}
-	for _, k := range sortedKeys(m) {
+	for _, k := range slices.Sorted(maps.Keys(m)) {
 		fmt.Fprintf(w, " %s %d;", html.EscapeString(k), m[k])
 	}
 	io.WriteString(w, "</p>\n")
