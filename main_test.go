@@ -941,6 +941,8 @@ func TestTailnetsFileErrors(t *testing.T) {
 		{"unreadable key file", `{"tailnets": [{"name": "b", "auth_key_file": "` + dir + `"}]}`, []string{`tailnet 1 ("b")`, "auth_key_file", "is a directory"}},
 		{"empty key file", `{"tailnets": [{"name": "b", "auth_key_file": "` + empty + `"}]}`, []string{`tailnet 1 ("b")`, "is empty"}},
 		{"no key file and no login", `{"tailnets": [{"name": "b"}]}`, []string{`tailnet 1 ("b")`, "no auth_key_file", "no earlier login"}},
+		{"IPv6 address as hostname", `{"tailnets": [` + entry("b", `, "hostname": "2001:db8::1"`) + `]}`, []string{`tailnet 1 ("b")`, `hostname "2001:db8::1"`, "one DNS label"}},
+		{"dotted hostname", `{"tailnets": [` + entry("b", `, "hostname": "relay.example.com"`) + `]}`, []string{`tailnet 1 ("b")`, `hostname "relay.example.com"`, "one DNS label"}},
 		{"bad control URL", `{"tailnets": [` + entry("b", `, "control_url": "hs.example.com"`) + `]}`, []string{`tailnet 1 ("b")`, "control_url"}},
 		{"not JSON", `{"tailnets": [`, []string{"not JSON"}},
 		{"no tailnets", `{"tailnets": []}`, []string{"lists no tailnets"}},

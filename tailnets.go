@@ -19,6 +19,7 @@ import (
 	"tailscale.com/ipn"
 
 	"github.com/tailderp/tailderp/node"
+	"github.com/tailderp/tailderp/relay"
 	"github.com/tailderp/tailderp/verify"
 )
 
@@ -141,7 +142,7 @@ func (c *config) readTailnetsFile() error {
 				return fail("%s: control_url %q: %v", what, e.ControlURL, err)
 			}
 		}
-		if err := checkHostname(t.Hostname); err != nil || strings.Contains(t.Hostname, ".") {
+		if !relay.ValidBootstrapDNSName(t.Hostname) || strings.Contains(t.Hostname, ".") { // not an IP address either
 			return fail("%s: hostname %q: want one DNS label (letters, digits, dashes)", what, t.Hostname)
 		}
 		for _, tag := range t.Tags {

@@ -67,7 +67,7 @@ func FuzzTailnetsFile(f *testing.F) {
 			if filepath.Dir(tn.Dir) != filepath.Join(stateDir, "tailnets") || dirs[tn.Dir] {
 				t.Fatalf("tailnet %q: state %s is not its own directory under %s/tailnets", tn.Name, tn.Dir, stateDir)
 			}
-			if err := checkHostname(tn.Hostname); err != nil || strings.Contains(tn.Hostname, ".") {
+			if err := checkHostname(tn.Hostname); err != nil || strings.ContainsAny(tn.Hostname, ".:") {
 				t.Fatalf("tailnet %q: hostname %q is not one DNS label", tn.Name, tn.Hostname)
 			}
 			if tn.AuthKey != strings.TrimSpace(keyText) {
