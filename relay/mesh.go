@@ -419,26 +419,13 @@ func (m *meshLink) snapshot() MeshPeerStatus {
 	return st
 }
 
-// startMesh dials every peer of s.MeshWith in the background.
-func (s *Server) startMesh() {
-	ctx, cancel := context.WithCancel(context.Background())
-	s.meshCancel = cancel
+// startMesh dials every peer of s.MeshWith in the background, until ctx
+// ends (and stopBackground closes the clients).
+func (s *Server) startMesh(ctx context.Context) {
 	for _, p := range s.MeshWith {
 		m := newMeshLink(s, p)
 		s.mesh = append(s.mesh, m)
 		s.wg.Go(func() { m.run(ctx) })
-	}
-}
-
-// stopMesh ends every link: the loop needs both its context cancelled and
-// its client closed to return promptly.
-func (s *Server) stopMesh() {
-	if s.meshCancel == nil {
-		return
-	}
-	s.meshCancel()
-	for _, m := range s.mesh {
-		m.client.Close()
 	}
 }
 

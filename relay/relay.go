@@ -158,23 +158,21 @@ type Server struct {
 	// certCheckEvery overrides certCheckEvery, for tests.
 	certCheckEvery time.Duration
 
-	derp       *derpserver.Server
-	logs       relayLogs
-	conns      connTracker
-	mesh       []*meshLink
-	meshCancel context.CancelFunc
-	bootstrap  *bootstrapDNS
-	bgCancel   context.CancelFunc // ends background work: bootstrap DNS
-	https      *http.Server
-	http80     *http.Server
-	lnHTTPS    *guardedListener
-	ln80       *guardedListener
-	serveErr   chan error
-	wg         sync.WaitGroup
-	closeMu    sync.Mutex
-	closed     bool
-	stopped    bool               // StopAccepting was called
-	stop       context.CancelFunc // ends the certificate watch
+	derp      *derpserver.Server
+	logs      relayLogs
+	conns     connTracker
+	mesh      []*meshLink
+	bootstrap *bootstrapDNS
+	bgCancel  context.CancelFunc // ends background work: bootstrap DNS, mesh links, the certificate watch
+	https     *http.Server
+	http80    *http.Server
+	lnHTTPS   *guardedListener
+	ln80      *guardedListener
+	serveErr  chan error
+	wg        sync.WaitGroup
+	closeMu   sync.Mutex
+	closed    bool
+	stopped   bool // StopAccepting was called
 }
 
 // ListenError is returned by Start when a listener cannot be bound.
@@ -328,13 +326,11 @@ func (s *Server) Start() (err error) {
 	s.bgCancel = cancel
 	s.wg.Go(func() { s.bootstrap.run(bg) })
 	// Dial the peers once serving, so a peer that dials back finds us.
-	s.startMesh()
+	s.startMesh(bg)
 	// A certificate problem is said at start, beside the line above.
 	w := &certWatch{s: s}
 	w.check(time.Now())
-	ctx, stop := context.WithCancel(context.Background())
-	s.stop = stop
-	s.wg.Go(func() { s.watchCerts(ctx, w) })
+	s.wg.Go(func() { s.watchCerts(bg, w) })
 	return nil
 }
 
@@ -453,9 +449,17 @@ func (s *Server) StopAccepting() {
 			h.Shutdown(ended)
 		}
 	}
-	s.stop()
+	s.stopBackground()
+}
+
+// stopBackground ends the background work: bootstrap DNS, the certificate
+// watch and the mesh links (whose loops also need their clients closed to
+// return promptly).
+func (s *Server) stopBackground() {
 	s.bgCancel()
-	s.stopMesh()
+	for _, m := range s.mesh {
+		m.client.Close()
+	}
 }
 
 // Close stops accepting connections, closes every client, and waits up to
@@ -469,7 +473,6 @@ func (s *Server) Close(ctx context.Context) error {
 	}
 	s.closed = true
 	s.closeMu.Unlock()
-	s.stop()
 
 	// Shutdown closes the listeners first, then waits for requests that
 	// are not hijacked; derp.Close closes the hijacked DERP connections.
@@ -484,8 +487,7 @@ func (s *Server) Close(ctx context.Context) error {
 	var wg sync.WaitGroup
 	wg.Go(func() { shutdown(s.https) })
 	wg.Go(func() { shutdown(s.http80) })
-	s.bgCancel()
-	s.stopMesh()
+	s.stopBackground()
 	// An Admitter holding a client until it can decide (verify's
 	// NotReadyWait) returns when the request context ends; derp.Close
 	// waits for every connection's handler.
