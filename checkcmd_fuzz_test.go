@@ -16,8 +16,8 @@ import (
 )
 
 // FuzzParseCheckArgs: `tailderp check`'s command line, whose URL may stand
-// before, between or after the flags, parses to options or an error of whole lines
-// error that never shows the auth key; where the URL stands changes
+// before, between or after the flags, parses to options or an error of
+// whole lines that never shows the auth key; where the URL stands changes
 // nothing (a flag after it is parsed, a bad one reported, as when it comes
 // last); the URL is one of the arguments, and when it parses, its derpMap
 // node says the same when written back as a URL.

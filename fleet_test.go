@@ -1,7 +1,6 @@
 package main
 
 import (
-	"encoding/json"
 	"os"
 	"path/filepath"
 	"slices"
@@ -170,16 +169,8 @@ func TestDERPMapFleet(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("exit %d:\n%s", code, stderr)
 	}
-	var p struct {
-		DERPMap struct {
-			Regions map[string]*tailcfg.DERPRegion
-		} `json:"derpMap"`
-	}
-	if err := json.Unmarshal([]byte(stdout), &p); err != nil {
-		t.Fatalf("%v:\n%s", err, stdout)
-	}
-	r := p.DERPMap.Regions["900"]
-	if r == nil || len(r.Nodes) != 4 {
+	r := testutil.DERPMapFleetRegion(t, stdout)
+	if r.RegionID != 900 || len(r.Nodes) != 4 {
 		t.Fatalf("region 900: %s", stdout)
 	}
 	want := []tailcfg.DERPNode{

@@ -3,9 +3,7 @@ package check_test
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
 	"crypto/tls"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"net"
@@ -189,22 +187,8 @@ func TestRunRefusesStrangers(t *testing.T) {
 	}
 }
 
-// newMeshKey returns a random mesh key as a relay's -mesh-psk-file holds
-// it (hex) and parsed.
-func newMeshKey(t *testing.T) (string, key.DERPMesh) {
-	t.Helper()
-	var raw [32]byte
-	rand.Read(raw[:])
-	mk := hex.EncodeToString(raw[:])
-	meshKey, err := key.ParseDERPMesh(mk)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return mk, meshKey
-}
-
 func TestRunMeshKeyOnVerifyingRelay(t *testing.T) {
-	mk, meshKey := newMeshKey(t)
+	mk, meshKey := testutil.NewMeshKey(t)
 	tr := startRelay(t, relayOpts{admit: denyAll{}, meshKey: mk})
 	r := run(t, check.Target{Node: tr.node, Expect: check.ExpectRefused, MeshKey: meshKey, Pings: 3})
 	if !r.OK() {
@@ -501,7 +485,7 @@ func TestLoadRefusesNonLoopback(t *testing.T) {
 }
 
 func TestLoadVerifyingRelay(t *testing.T) {
-	mk, meshKey := newMeshKey(t)
+	mk, meshKey := testutil.NewMeshKey(t)
 	tr := startRelay(t, relayOpts{admit: denyAll{}, meshKey: mk})
 	n := tr.node
 	cfg := check.LoadConfig{

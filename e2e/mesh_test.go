@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -14,6 +13,7 @@ import (
 	"tailscale.com/tailcfg"
 
 	"github.com/tailderp/tailderp/internal/testtailnet"
+	"github.com/tailderp/tailderp/internal/testutil"
 )
 
 // fleetDERPMap runs `tailderp derpmap` with p's settings and returns the
@@ -26,16 +26,8 @@ func fleetDERPMap(t *testing.T, p *relayProc) *tailcfg.DERPRegion {
 	if err != nil {
 		t.Fatalf("tailderp derpmap: %v", err)
 	}
-	var snippet struct {
-		DERPMap struct {
-			Regions map[string]*tailcfg.DERPRegion
-		} `json:"derpMap"`
-	}
-	if err := json.Unmarshal(out, &snippet); err != nil {
-		t.Fatalf("tailderp derpmap: %v\n%s", err, out)
-	}
-	r := snippet.DERPMap.Regions[fmt.Sprint(testtailnet.RegionID)]
-	if r == nil {
+	r := testutil.DERPMapFleetRegion(t, string(out))
+	if r.RegionID != testtailnet.RegionID {
 		t.Fatalf("tailderp derpmap printed no region %d:\n%s", testtailnet.RegionID, out)
 	}
 	return r

@@ -767,16 +767,12 @@ func startRelayArgs(t *testing.T, env []string, args ...string) *runningRelay {
 	cmd := exec.Command(binary, args...)
 	cmd.Env = append([]string{}, env...)
 	r.p = testutil.StartProcess(t, cmd, testutil.ProcessOptions{Name: "tailderp", StopGrace: 15 * time.Second})
-	deadline := time.Now().Add(30 * time.Second)
-	for {
+	serving := func() bool {
 		b, err := os.ReadFile(filepath.Join(r.state, "serving.json"))
-		if err == nil && json.Unmarshal(b, &r.serving) == nil {
-			break
-		}
-		if r.p.Exited() || time.Now().After(deadline) {
-			t.Fatalf("tailderp did not serve (exited: %v):\n%s", r.p.Exited(), r.p.Output.String())
-		}
-		time.Sleep(20 * time.Millisecond)
+		return err == nil && json.Unmarshal(b, &r.serving) == nil
+	}
+	if !testutil.Poll(30*time.Second, 20*time.Millisecond, r.p.Done(), serving) {
+		t.Fatalf("tailderp did not serve (exited: %v):\n%s", r.p.Exited(), r.p.Output.String())
 	}
 	r.p.WaitOutput(t, "\n---\n", 10*time.Second) // the whole snippet
 	return r

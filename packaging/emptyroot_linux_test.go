@@ -406,20 +406,19 @@ func (r *emptyRoot) checkUnprivileged(t *testing.T, p *testutil.Process) {
 // during the start period.
 func (r *emptyRoot) awaitHealthy(t *testing.T, p *testutil.Process, env, healthcheck []string, d time.Duration) string {
 	t.Helper()
-	deadline := time.Now().Add(d)
-	for {
-		code, out := r.run(t, env, healthcheck...)
-		if code == 0 {
-			return out
-		}
+	var code int
+	var out string
+	healthy := func() bool {
+		code, out = r.run(t, env, healthcheck...)
+		return code == 0
+	}
+	if !testutil.Poll(d, 200*time.Millisecond, p.Done(), healthy) {
 		if p.Exited() {
 			t.Fatalf("server exited (%v); last healthcheck (exit %d):\n%s", p.Err(), code, out)
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("healthcheck %q still failing after %v (exit %d):\n%s", healthcheck, d, code, out)
-		}
-		time.Sleep(200 * time.Millisecond)
+		t.Fatalf("healthcheck %q still failing after %v (exit %d):\n%s", healthcheck, d, code, out)
 	}
+	return out
 }
 
 // walkOwners returns every path in dir (relative, "/"-rooted) with its

@@ -172,12 +172,9 @@ func TestSeedsStart(t *testing.T) {
 			t.Errorf("STUN: %v", err)
 		}
 		// TAILSCALE_AUTH_KEY logged the node in: control has one more node.
-		deadline := time.Now().Add(30 * time.Second)
-		for ctl.Server.NumNodes() == before {
-			if time.Now().After(deadline) || p.Exited() {
-				t.Fatalf("the node did not register with TAILSCALE_AUTH_KEY:\n%s", p.Output.String())
-			}
-			time.Sleep(50 * time.Millisecond)
+		registered := func() bool { return ctl.Server.NumNodes() != before }
+		if !testutil.Poll(30*time.Second, 50*time.Millisecond, p.Done(), registered) {
+			t.Fatalf("the node did not register with TAILSCALE_AUTH_KEY:\n%s", p.Output.String())
 		}
 		if err := p.Stop(stopGrace); err != nil {
 			t.Errorf("after SIGTERM: %v", err)
@@ -242,13 +239,12 @@ func newControl(t *testing.T, ns *netns) *testtailnet.Control {
 // logLine returns the first output line containing s.
 func logLine(t *testing.T, p *testutil.Process, s string) string {
 	t.Helper()
-	for _, line := range strings.Split(p.Output.String(), "\n") {
-		if strings.Contains(line, s) {
-			return line
-		}
+	out := p.Output.String()
+	lines := testutil.Lines(out, s)
+	if len(lines) == 0 {
+		t.Fatalf("no line with %q in:\n%s", s, out)
 	}
-	t.Fatalf("no line with %q in:\n%s", s, p.Output.String())
-	return ""
+	return lines[0]
 }
 
 // checkEnviron asserts that the process got exactly env.

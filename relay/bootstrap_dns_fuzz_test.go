@@ -3,7 +3,6 @@ package relay
 import (
 	"context"
 	"encoding/json"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
@@ -12,57 +11,9 @@ import (
 	"strings"
 	"testing"
 
-	"golang.org/x/net/dns/dnsmessage"
-
 	"github.com/tailderp/tailderp/internal/logs"
+	"github.com/tailderp/tailderp/internal/testutil"
 )
-
-// anyNameDNS answers every A and AAAA question on a loopback UDP socket
-// with one documentation address, so a fuzz test resolves its names
-// without the network.
-func anyNameDNS(f *testing.F) *net.Resolver {
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		f.Fatal(err)
-	}
-	f.Cleanup(func() { pc.Close() })
-	go func() {
-		buf := make([]byte, 1500)
-		for {
-			n, from, err := pc.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			var p dnsmessage.Parser
-			h, err := p.Start(buf[:n])
-			if err != nil {
-				continue
-			}
-			q, err := p.Question()
-			if err != nil {
-				continue
-			}
-			b := dnsmessage.NewBuilder(nil, dnsmessage.Header{ID: h.ID, Response: true, Authoritative: true, RecursionDesired: h.RecursionDesired})
-			b.StartQuestions()
-			b.Question(q)
-			b.StartAnswers()
-			rr := dnsmessage.ResourceHeader{Name: q.Name, Class: dnsmessage.ClassINET, TTL: 60}
-			switch q.Type {
-			case dnsmessage.TypeA:
-				b.AResource(rr, dnsmessage.AResource{A: [4]byte{192, 0, 2, 53}})
-			case dnsmessage.TypeAAAA:
-				b.AAAAResource(rr, dnsmessage.AAAAResource{AAAA: netip.MustParseAddr("2001:db8::53").As16()})
-			}
-			if resp, err := b.Finish(); err == nil {
-				pc.WriteTo(resp, from)
-			}
-		}
-	}()
-	return &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, _, _ string) (net.Conn, error) {
-		var d net.Dialer
-		return d.DialContext(ctx, "udp", pc.LocalAddr().String())
-	}}
-}
 
 // FuzzBootstrapDNS: /bootstrap-dns, with any names configured (published
 // and unpublished, as -bootstrap-dns-names and its unpublished twin give
@@ -86,7 +37,11 @@ func FuzzBootstrapDNS(f *testing.F) {
 	} {
 		f.Add(s.pub, s.unpub, s.query)
 	}
-	resolver := anyNameDNS(f)
+	// Every name resolves, to one documentation address, so the fuzz test
+	// resolves its names without the network.
+	dns := testutil.StartDNS(f, nil)
+	dns.SetDefault(netip.MustParseAddr("192.0.2.53"), netip.MustParseAddr("2001:db8::53"))
+	resolver := dns.Resolver()
 	f.Fuzz(func(t *testing.T, pub, unpub, query string) {
 		s := &Server{BootstrapDNSNames: strings.Split(pub, ","), UnpublishedBootstrapDNSNames: strings.Split(unpub, ","), Resolver: resolver, Logger: logs.Discard()}
 		b, err := newBootstrapDNS(s)

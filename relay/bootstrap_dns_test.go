@@ -7,113 +7,18 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"net/netip"
 	"slices"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
-	"golang.org/x/net/dns/dnsmessage"
 	"tailscale.com/types/key"
 
+	"github.com/tailderp/tailderp/internal/testutil"
 	"github.com/tailderp/tailderp/relay"
 )
-
-// loopbackDNS is a DNS server on 127.0.0.1 (UDP) answering A and AAAA
-// questions from a table the test changes; a net.Resolver whose Dial
-// leads there resolves through it, so no test resolves a real name.
-type loopbackDNS struct {
-	pc      net.PacketConn
-	mu      sync.Mutex
-	table   map[string][]netip.Addr // name without the final dot
-	fail    bool                    // answer SERVFAIL
-	queries atomic.Int64
-}
-
-func startLoopbackDNS(t *testing.T, table map[string][]netip.Addr) *loopbackDNS {
-	t.Helper()
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	d := &loopbackDNS{pc: pc, table: table}
-	go d.serve()
-	t.Cleanup(func() { pc.Close() })
-	return d
-}
-
-func (d *loopbackDNS) set(name string, addrs []netip.Addr, fail bool) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	d.table[name] = addrs
-	d.fail = fail
-}
-
-func (d *loopbackDNS) serve() {
-	buf := make([]byte, 1500)
-	for {
-		n, from, err := d.pc.ReadFrom(buf)
-		if err != nil {
-			return
-		}
-		if resp, err := d.answer(buf[:n]); err == nil {
-			d.pc.WriteTo(resp, from)
-		}
-	}
-}
-
-func (d *loopbackDNS) answer(req []byte) ([]byte, error) {
-	d.queries.Add(1)
-	var p dnsmessage.Parser
-	h, err := p.Start(req)
-	if err != nil {
-		return nil, err
-	}
-	q, err := p.Question()
-	if err != nil {
-		return nil, err
-	}
-	d.mu.Lock()
-	addrs, known := d.table[strings.TrimSuffix(strings.ToLower(q.Name.String()), ".")]
-	fail := d.fail
-	d.mu.Unlock()
-	rh := dnsmessage.Header{ID: h.ID, Response: true, Authoritative: true, RecursionDesired: h.RecursionDesired, RecursionAvailable: true}
-	switch {
-	case fail:
-		rh.RCode = dnsmessage.RCodeServerFailure
-	case !known:
-		rh.RCode = dnsmessage.RCodeNameError
-	}
-	b := dnsmessage.NewBuilder(nil, rh)
-	b.EnableCompression()
-	b.StartQuestions()
-	b.Question(q)
-	b.StartAnswers()
-	if !fail {
-		rr := dnsmessage.ResourceHeader{Name: q.Name, Class: dnsmessage.ClassINET, TTL: 60}
-		for _, a := range addrs {
-			switch {
-			case q.Type == dnsmessage.TypeA && a.Is4():
-				b.AResource(rr, dnsmessage.AResource{A: a.As4()})
-			case q.Type == dnsmessage.TypeAAAA && a.Is6():
-				b.AAAAResource(rr, dnsmessage.AAAAResource{AAAA: a.As16()})
-			}
-		}
-	}
-	return b.Finish()
-}
-
-// resolver resolves through d only.
-func (d *loopbackDNS) resolver() *net.Resolver {
-	return &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, _, _ string) (net.Conn, error) {
-		var dl net.Dialer
-		return dl.DialContext(ctx, "udp", d.pc.LocalAddr().String())
-	}}
-}
 
 func addrs(t *testing.T, ss ...string) []netip.Addr {
 	t.Helper()
@@ -198,7 +103,7 @@ func TestBootstrapDNS(t *testing.T) {
 	for i := range 20 {
 		many = append(many, netip.AddrFrom4([4]byte{192, 0, 2, byte(100 + i)}))
 	}
-	dns := startLoopbackDNS(t, map[string][]netip.Addr{
+	dns := testutil.StartDNS(t, map[string][]netip.Addr{
 		"a.test.example":       addrs(t, "192.0.2.1", "2001:db8::1"),
 		"b.test.example":       addrs(t, "192.0.2.2"),
 		"many.test.example":    many,
@@ -207,7 +112,7 @@ func TestBootstrapDNS(t *testing.T) {
 	s := &relay.Server{
 		BootstrapDNSNames:            []string{"a.test.example", "B.test.example.", "many.test.example", "gone.test.example"},
 		UnpublishedBootstrapDNSNames: []string{"control.test.example"},
-		Resolver:                     dns.resolver(),
+		Resolver:                     dns.Resolver(),
 	}
 	c, url := bootstrapRelay(t, s)
 
@@ -276,10 +181,10 @@ func TestBootstrapDNS(t *testing.T) {
 // (a client with broken DNS is better served by a recent address than by
 // none), and a new answer replaces it.
 func TestBootstrapDNSRefresh(t *testing.T) {
-	dns := startLoopbackDNS(t, map[string][]netip.Addr{"control.test.example": addrs(t, "192.0.2.9")})
+	dns := testutil.StartDNS(t, map[string][]netip.Addr{"control.test.example": addrs(t, "192.0.2.9")})
 	s := &relay.Server{
 		BootstrapDNSNames:   []string{"control.test.example"},
-		Resolver:            dns.resolver(),
+		Resolver:            dns.Resolver(),
 		BootstrapDNSRefresh: 50 * time.Millisecond,
 	}
 	c, url := bootstrapRelay(t, s)
@@ -288,10 +193,10 @@ func TestBootstrapDNSRefresh(t *testing.T) {
 		return sameAddrs(m["control.test.example"], addrs(t, "192.0.2.9"))
 	})
 
-	dns.set("control.test.example", addrs(t, "192.0.2.10"), true)
-	before := dns.queries.Load()
+	dns.Set("control.test.example", addrs(t, "192.0.2.10"), true)
+	before := dns.Queries()
 	deadline := time.Now().Add(10 * time.Second)
-	for dns.queries.Load() < before+6 { // several failed refreshes
+	for dns.Queries() < before+6 { // several failed refreshes
 		if time.Now().After(deadline) {
 			t.Fatal("no refresh within 10s")
 		}
@@ -301,7 +206,7 @@ func TestBootstrapDNSRefresh(t *testing.T) {
 		t.Errorf("while the name fails: %v, want its last answer 192.0.2.9", m)
 	}
 
-	dns.set("control.test.example", addrs(t, "192.0.2.10"), false)
+	dns.Set("control.test.example", addrs(t, "192.0.2.10"), false)
 	waitBootstrap(t, c, q, "the new answer", func(m map[string][]netip.Addr) bool {
 		return sameAddrs(m["control.test.example"], addrs(t, "192.0.2.10"))
 	})

@@ -80,35 +80,6 @@ func (c *fileClock) writePair(t *testing.T, dir, hostname string, p *testutil.Ce
 	c.replace(t, key, p.KeyPEM)
 }
 
-// logRecorder is a slog handler keeping every record.
-type logRecorder struct {
-	mu   sync.Mutex
-	recs []slog.Record
-}
-
-func (r *logRecorder) Enabled(context.Context, slog.Level) bool { return true }
-func (r *logRecorder) Handle(_ context.Context, rec slog.Record) error {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.recs = append(r.recs, rec.Clone())
-	return nil
-}
-func (r *logRecorder) WithAttrs([]slog.Attr) slog.Handler { return r }
-func (r *logRecorder) WithGroup(string) slog.Handler      { return r }
-
-// count returns how many records at level have a message containing msg.
-func (r *logRecorder) count(level slog.Level, msg string) int {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	n := 0
-	for _, rec := range r.recs {
-		if rec.Level == level && strings.Contains(rec.Message, msg) {
-			n++
-		}
-	}
-	return n
-}
-
 // presented does a TLS handshake with addr, sending serverName as SNI
 // ("" sends none), and returns the leaf the server presented.
 func presented(t *testing.T, addr, serverName string) (*x509.Certificate, error) {
@@ -167,7 +138,7 @@ func TestManualCertsReloadWhileServing(t *testing.T) {
 	clock.writePair(t, dir, testHost, first)
 	crtPath, keyPath := relay.CertPaths(dir, testHost)
 
-	logs := &logRecorder{}
+	logs := &testutil.LogRecorder{}
 	certs, err := relay.LoadManualCerts(dir, testHost, slog.New(logs))
 	if err != nil {
 		t.Fatal(err)
@@ -182,8 +153,8 @@ func TestManualCertsReloadWhileServing(t *testing.T) {
 	if got, want := mustCurrent(t, certs).CertName, relay.CertName(second.Cert.Raw); got != want {
 		t.Errorf("Current().CertName = %s, want %s", got, want)
 	}
-	if logs.count(slog.LevelInfo, "reloaded") != 1 {
-		t.Errorf("want one info line about the reload, got %d", logs.count(slog.LevelInfo, "reloaded"))
+	if logs.Count(slog.LevelInfo, "reloaded") != 1 {
+		t.Errorf("want one info line about the reload, got %d", logs.Count(slog.LevelInfo, "reloaded"))
 	}
 	// A real client that trusts only the new certificate connects.
 	early := watch(clientVia(t, testHost, s.LocalAddr(), second.Cert))
@@ -205,7 +176,7 @@ func TestManualCertsReloadWhileServing(t *testing.T) {
 		for range 3 {
 			mustPresent(t, addr, second.Cert, b.name)
 		}
-		if got := logs.count(slog.LevelWarn, "still serving the previous certificate"); got != i+1 {
+		if got := logs.Count(slog.LevelWarn, "still serving the previous certificate"); got != i+1 {
 			t.Errorf("%s: %d warnings so far, want %d (one per broken version)", b.name, got, i+1)
 		}
 	}
@@ -438,7 +409,7 @@ func TestManualCertsReloadRefusesInvalidDates(t *testing.T) {
 	now := time.Now()
 	good := newPair(t, testHost)
 	clock.writePair(t, dir, testHost, good)
-	logs := &logRecorder{}
+	logs := &testutil.LogRecorder{}
 	certs, err := relay.LoadManualCerts(dir, testHost, slog.New(logs))
 	if err != nil {
 		t.Fatal(err)
@@ -455,7 +426,7 @@ func TestManualCertsReloadRefusesInvalidDates(t *testing.T) {
 	for range 3 {
 		mustPresent(t, addr, good.Cert, "after an expired certificate replaced it")
 	}
-	if got := logs.count(slog.LevelError, "the new certificate expired "); got != 1 {
+	if got := logs.Count(slog.LevelError, "the new certificate expired "); got != 1 {
 		t.Errorf("%d error lines about the expired certificate, want 1", got)
 	}
 	if got := mustCurrent(t, certs).CertName; got != relay.CertName(good.Cert.Raw) {
@@ -467,10 +438,10 @@ func TestManualCertsReloadRefusesInvalidDates(t *testing.T) {
 	soon := newPairSpan(t, now.Add(2500*time.Millisecond), now.Add(365*24*time.Hour), testHost)
 	clock.writePair(t, dir, testHost, soon)
 	mustPresent(t, addr, good.Cert, "before the new certificate is valid")
-	if got := logs.count(slog.LevelError, "the new certificate not valid until"); got != 1 {
+	if got := logs.Count(slog.LevelError, "the new certificate not valid until"); got != 1 {
 		t.Errorf("%d error lines about the certificate not valid yet, want 1", got)
 	}
-	if got := logs.count(slog.LevelError, refused); got != 2 {
+	if got := logs.Count(slog.LevelError, refused); got != 2 {
 		t.Errorf("%d error lines saying the previous certificate is still served, want 2", got)
 	}
 	time.Sleep(time.Until(soon.Cert.NotBefore.Add(100 * time.Millisecond)))

@@ -5,7 +5,6 @@ import (
 	"context"
 	"crypto/sha256"
 	"crypto/x509"
-	"encoding/json"
 	"encoding/pem"
 	"fmt"
 	"net"
@@ -20,6 +19,7 @@ import (
 	"tailscale.com/types/key"
 	"tailscale.com/types/logger"
 
+	"github.com/tailderp/tailderp/internal/testutil"
 	"github.com/tailderp/tailderp/relay"
 )
 
@@ -169,14 +169,8 @@ func regionFromSnippet(t *testing.T, node relay.NodeInfo) *tailcfg.DERPRegion {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var policy struct {
-		DERPMap tailcfg.DERPMap `json:"derpMap"`
-	}
-	if err := json.Unmarshal(b, &policy); err != nil {
-		t.Fatalf("snippet is not JSON: %v\n%s", err, b)
-	}
-	r := policy.DERPMap.Regions[900]
-	if r == nil || len(r.Nodes) != 1 {
+	r := testutil.DERPMapRegion(t, string(b))
+	if r.RegionID != 900 {
 		t.Fatalf("snippet has no region 900 with one node:\n%s", b)
 	}
 	return r

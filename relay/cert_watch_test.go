@@ -105,48 +105,13 @@ func (f *fixedCerts) GetCertificate(*tls.ClientHelloInfo) (*tls.Certificate, err
 }
 func (f *fixedCerts) HTTPHandler(h http.Handler) http.Handler { return h }
 
-// records is a slog handler keeping every record.
-type records struct {
-	mu   sync.Mutex
-	recs []slog.Record
-}
-
-func (r *records) Enabled(context.Context, slog.Level) bool { return true }
-func (r *records) Handle(_ context.Context, rec slog.Record) error {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.recs = append(r.recs, rec.Clone())
-	return nil
-}
-func (r *records) WithAttrs([]slog.Attr) slog.Handler { return r }
-func (r *records) WithGroup(string) slog.Handler      { return r }
-
-// take returns the records since the last take, as "LEVEL message
-// key=value…" lines.
-func (r *records) take() []string {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	var out []string
-	for _, rec := range r.recs {
-		var b strings.Builder
-		b.WriteString(rec.Level.String() + " " + rec.Message)
-		rec.Attrs(func(a slog.Attr) bool {
-			b.WriteString(" " + a.Key + "=" + a.Value.String())
-			return true
-		})
-		out = append(out, b.String())
-	}
-	r.recs = nil
-	return out
-}
-
 // The watch says a problem at once, again only a day later while it
 // lasts, at once when the certificate changes, and with the fix.
 func TestCertWatchSaysProblems(t *testing.T) {
 	t0 := time.Now()
 	year := infoSpan(t, t0.Add(-345*day), t0.Add(20*day), false) // 20 days left
 	certs := &fixedCerts{info: year}
-	logs := &records{}
+	logs := &testutil.LogRecorder{}
 	var changes []string
 	s := &Server{Certs: certs, Logger: slog.New(logs),
 		CertAdvice:   func(p CertProblem) string { return "fix for " + string(p) },
@@ -157,7 +122,7 @@ func TestCertWatchSaysProblems(t *testing.T) {
 	step := func(name string, at time.Time, want ...string) []string {
 		t.Helper()
 		w.check(at)
-		got := logs.take()
+		got := logs.Take()
 		if len(got) != len(want) {
 			t.Fatalf("%s: logged %q, want %d lines like %q", name, got, len(want), want)
 		}
@@ -205,10 +170,10 @@ func TestCertWatchSaysProblems(t *testing.T) {
 // A watch with nothing to judge (ACME before its first certificate) says
 // nothing.
 func TestCertWatchBeforeACertificate(t *testing.T) {
-	logs := &records{}
+	logs := &testutil.LogRecorder{}
 	s := &Server{Certs: &noCertYet{}, Logger: slog.New(logs), CertAdvice: func(CertProblem) string { return "x" }}
 	(&certWatch{s: s}).check(time.Now())
-	if got := logs.take(); len(got) != 0 {
+	if got := logs.Take(); len(got) != 0 {
 		t.Errorf("logged %q", got)
 	}
 	if st := s.CertStatus(); st.Serving || st.Problem != CertOK {
@@ -245,7 +210,7 @@ func TestServerWatchesManualFiles(t *testing.T) {
 		return leaf
 	}
 	writePair(now.Add(-time.Hour), now.Add(89*day), now.Add(-2*time.Hour))
-	logs := &records{}
+	logs := &testutil.LogRecorder{}
 	certs, err := LoadManualCerts(dir, host, slog.New(logs))
 	if err != nil {
 		t.Fatal(err)
@@ -260,7 +225,7 @@ func TestServerWatchesManualFiles(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer s.Close(context.Background())
-	for _, l := range logs.take() {
+	for _, l := range logs.Take() {
 		if !strings.HasPrefix(l, "INFO ") {
 			t.Errorf("a fresh certificate logged %q", l)
 		}
@@ -278,12 +243,12 @@ func TestServerWatchesManualFiles(t *testing.T) {
 			t.Errorf("OnCertChange(%+v)", st)
 		}
 	case <-time.After(10 * time.Second):
-		t.Fatalf("no OnCertChange 10s after the files changed; logs: %q", logs.take())
+		t.Fatalf("no OnCertChange 10s after the files changed; logs: %q", logs.Take())
 	}
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		var warned bool
-		for _, l := range logs.take() {
+		for _, l := range logs.Take() {
 			warned = warned || (strings.HasPrefix(l, "WARN relay: the certificate expires in 19 days") && strings.Contains(l, "fix=renew the files"))
 		}
 		if warned {

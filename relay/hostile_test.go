@@ -2,7 +2,6 @@ package relay_test
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -13,49 +12,26 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"tailscale.com/types/key"
 
+	"github.com/tailderp/tailderp/internal/testutil"
 	"github.com/tailderp/tailderp/relay"
 )
 
 // logSink is a relay's log as an operator's disk sees it: slog's text
 // format, every level.
 type logSink struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
+	testutil.Buffer
 }
 
-func (s *logSink) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.buf.Write(p)
-}
-
-func (s *logSink) size() int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.buf.Len()
-}
+func (s *logSink) size() int { return len(s.String()) }
 
 // lines returns the lines that contain every one of substrs.
 func (s *logSink) lines(substrs ...string) []string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	var out []string
-	for l := range strings.Lines(s.buf.String()) {
-		ok := true
-		for _, sub := range substrs {
-			ok = ok && strings.Contains(l, sub)
-		}
-		if ok {
-			out = append(out, strings.TrimSuffix(l, "\n"))
-		}
-	}
-	return out
+	return testutil.Lines(s.String(), substrs...)
 }
 
 func (s *logSink) logger() *slog.Logger {

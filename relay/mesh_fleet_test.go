@@ -6,7 +6,6 @@ import (
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -67,12 +66,7 @@ func (ca *fleetCA) issue(t *testing.T, dir, host string) {
 // newMeshKey returns a random mesh key and a file holding it.
 func newMeshKey(t *testing.T) (key.DERPMesh, string) {
 	t.Helper()
-	var b [32]byte
-	rand.Read(b[:])
-	k, err := key.ParseDERPMesh(hex.EncodeToString(b[:]))
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, k := testutil.NewMeshKey(t)
 	path := filepath.Join(t.TempDir(), "mesh.key")
 	if err := os.WriteFile(path, []byte(k.String()+"\n"), 0o600); err != nil {
 		t.Fatal(err)
@@ -173,20 +167,18 @@ func startDerper(t *testing.T, ca *fleetCA, port int, meshKeyFile, meshWith stri
 	// derper's mesh client verifies peers against the system roots only.
 	cmd.Env = append(os.Environ(), "SSL_CERT_FILE="+ca.pemPath)
 	p := testutil.StartProcess(t, cmd, testutil.ProcessOptions{Name: "derper", StopGrace: 5 * time.Second})
-	deadline := time.Now().Add(20 * time.Second)
-	for {
+	serving := func() bool {
 		c, err := net.DialTimeout("tcp", loopbackAddr(port), time.Second)
 		if err == nil {
 			c.Close()
-			return
 		}
+		return err == nil
+	}
+	if !testutil.Poll(20*time.Second, 50*time.Millisecond, p.Done(), serving) {
 		if p.Exited() {
 			t.Fatalf("derper exited (%v) before serving:\n%s", p.Err(), p.Output.String())
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("derper not serving on %d after 20s:\n%s", port, p.Output.String())
-		}
-		time.Sleep(50 * time.Millisecond)
+		t.Fatalf("derper not serving on %d after 20s:\n%s", port, p.Output.String())
 	}
 }
 
@@ -205,11 +197,7 @@ func newFleetClient(t *testing.T, ca *fleetCA, port int) *fleetClient {
 
 func newFleetClientKey(t *testing.T, ca *fleetCA, port int, priv key.NodePrivate) *fleetClient {
 	t.Helper()
-	region := &tailcfg.DERPRegion{RegionID: 900, RegionCode: "fleet", Nodes: []*tailcfg.DERPNode{{
-		Name: "900a", RegionID: 900, HostName: "127.0.0.1", IPv4: "127.0.0.1", IPv6: "none", DERPPort: port,
-	}}}
-	c := derphttp.NewRegionClient(priv, logger.Discard, netmon.NewStatic(), func() *tailcfg.DERPRegion { return region })
-	c.TLSConfig = &tls.Config{RootCAs: ca.pool}
+	c := newFleetClientKeyRaw(ca, port, priv)
 	fc := &fleetClient{priv: priv, c: c, pkts: make(chan []byte, 256)}
 	go func() {
 		for {

@@ -64,24 +64,6 @@ func Logf(l *slog.Logger, level slog.Level, secrets ...string) logger.Logf {
 	}
 }
 
-// Writer returns an io.Writer that logs each write to l at level, for
-// libraries that log through a *log.Logger (net/http's ErrorLog, the
-// standard logger).
-func Writer(l *slog.Logger, level slog.Level, attrs ...any) io.Writer {
-	return writer{l: l, level: level, attrs: attrs}
-}
-
-type writer struct {
-	l     *slog.Logger
-	level slog.Level
-	attrs []any
-}
-
-func (w writer) Write(p []byte) (int, error) {
-	w.l.Log(context.Background(), w.level, strings.TrimSpace(string(p)), w.attrs...)
-	return len(p), nil
-}
-
 // Limiter lets through at most Burst events per Interval and counts the
 // rest, so that a flood of refused clients cannot fill a disk with log
 // lines. The zero value is not usable; use NewLimiter.
@@ -236,7 +218,8 @@ func (ll *Limited) Flush() {
 }
 
 // Writer returns an io.Writer that logs each write through ll at level,
-// for libraries that log through a *log.Logger.
+// with attrs (slog key-value pairs), for libraries that log through a
+// *log.Logger (net/http's ErrorLog, the standard logger).
 func (ll *Limited) Writer(level slog.Level, attrs ...any) io.Writer {
 	return limitedWriter{ll: ll, level: level, attrs: attrs}
 }

@@ -43,6 +43,22 @@ func (b *Buffer) String() string {
 	return b.b.String()
 }
 
+// Lines returns the lines of out that contain every one of substrs (with
+// no substrs, every line), in order and without their "\n".
+func Lines(out string, substrs ...string) []string {
+	var lines []string
+	for l := range strings.Lines(out) {
+		ok := true
+		for _, sub := range substrs {
+			ok = ok && strings.Contains(l, sub)
+		}
+		if ok {
+			lines = append(lines, strings.TrimSuffix(l, "\n"))
+		}
+	}
+	return lines
+}
+
 // WaitFor reports whether the buffer holds s within timeout.
 func (b *Buffer) WaitFor(s string, timeout time.Duration) bool {
 	return b.wait(timeout, nil, func(out string) bool { return strings.Contains(out, s) })
@@ -72,15 +88,25 @@ func (b *Buffer) WaitMatch(re *regexp.Regexp, timeout time.Duration, stop <-chan
 // passes or stop is closed (false, unless ok accepts what the buffer holds
 // then).
 func (b *Buffer) wait(timeout time.Duration, stop <-chan struct{}, ok func(string) bool) bool {
+	return Poll(timeout, pollInterval, stop, func() bool { return ok(b.String()) })
+}
+
+// Poll calls cond every interval until it returns true, and reports
+// whether it did within timeout. Once stop is closed (nil: never) it calls
+// cond a last time and returns what it says: stop says that what cond
+// waits for can no longer come (the process that would make it true has
+// exited, for example). Poll calls cond on the caller's goroutine, so cond
+// may fail the test.
+func Poll(timeout, interval time.Duration, stop <-chan struct{}, cond func() bool) bool {
 	deadline := time.Now().Add(timeout)
-	for !ok(b.String()) {
+	for !cond() {
 		if time.Now().After(deadline) {
 			return false
 		}
 		select {
 		case <-stop:
-			return ok(b.String())
-		case <-time.After(pollInterval):
+			return cond()
+		case <-time.After(interval):
 		}
 	}
 	return true

@@ -26,7 +26,8 @@ func DERPMapRegion(t testing.TB, out string) *tailcfg.DERPRegion {
 }
 
 // DERPMapFleetRegion is DERPMapRegion for a fleet's region: one region
-// with any number of nodes (at least one).
+// with any number of nodes (at least one). Both fail the test unless the
+// region's RegionID is the key it is listed under.
 func DERPMapFleetRegion(t testing.TB, out string) *tailcfg.DERPRegion {
 	t.Helper()
 	js := out
@@ -48,7 +49,10 @@ func DERPMapFleetRegion(t testing.TB, out string) *tailcfg.DERPRegion {
 	if len(policy.DERPMap.Regions) != 1 {
 		t.Fatalf("derpMap snippet has %d regions, want 1:\n%s", len(policy.DERPMap.Regions), js)
 	}
-	for _, r := range policy.DERPMap.Regions {
+	for id, r := range policy.DERPMap.Regions {
+		if r.RegionID != id {
+			t.Fatalf("derpMap region %d has RegionID %d:\n%s", id, r.RegionID, js)
+		}
 		if len(r.Nodes) == 0 {
 			t.Fatalf("derpMap region has no nodes:\n%s", js)
 		}

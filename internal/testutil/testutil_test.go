@@ -1,10 +1,12 @@
 package testutil
 
 import (
+	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/netip"
 	"os"
@@ -13,6 +15,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"runtime"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -276,7 +279,8 @@ func TestDERPMapRegion(t *testing.T) {
 	}
 	for name, out := range map[string]string{
 		"not terminated": "--- derpMap ---\n" + js + "\n",
-		"two nodes":      `{"derpMap": {"Regions": {"900": {"Nodes": [{"Name": "a"}, {"Name": "b"}]}}}}`,
+		"two nodes":      `{"derpMap": {"Regions": {"900": {"RegionID": 900, "Nodes": [{"Name": "a"}, {"Name": "b"}]}}}}`,
+		"other RegionID": `{"derpMap": {"Regions": {"900": {"RegionID": 901, "Nodes": [{"Name": "a"}]}}}}`,
 		"no region":      `{"derpMap": {"Regions": {}}}`,
 		"not JSON":       "hello",
 	} {
@@ -338,5 +342,91 @@ func TestSTUNBinding(t *testing.T) {
 	silent := stunResponder(t, func(stun.TxID, netip.AddrPort) [][]byte { return nil })
 	if _, _, err := STUNBinding("udp4", "127.0.0.1:0", silent, 100*time.Millisecond); err == nil || !strings.Contains(err.Error(), "no STUN answer") {
 		t.Errorf("no answer: err = %v", err)
+	}
+}
+
+func TestLogRecorder(t *testing.T) {
+	r := &LogRecorder{}
+	l := slog.New(r).With("dropped", 1)
+	l.Info("relay: serving", "addr", "127.0.0.1:443")
+	l.Warn("the certificate expires soon")
+	l.Error("the certificate expired")
+	if got := r.Count(slog.LevelWarn, "certificate"); got != 1 {
+		t.Errorf("Count(WARN, certificate) = %d, want 1 (the ERROR line is another level)", got)
+	}
+	if got := r.Count(slog.LevelInfo, "addr"); got != 0 {
+		t.Errorf("Count(INFO, addr) = %d, want 0 (attributes do not count)", got)
+	}
+	want := []string{"INFO relay: serving addr=127.0.0.1:443", "WARN the certificate expires soon", "ERROR the certificate expired"}
+	if got := r.Take(); !slices.Equal(got, want) {
+		t.Errorf("Take = %q, want %q", got, want)
+	}
+	if got, n := r.Take(), r.Count(slog.LevelError, ""); got != nil || n != 0 {
+		t.Errorf("after Take: Take = %q, Count = %d; want nothing", got, n)
+	}
+}
+
+func TestLines(t *testing.T) {
+	out := "level=INFO msg=one\nlevel=WARN msg=two\nlevel=WARN msg=three"
+	if got, want := Lines(out, "level=WARN", "msg=t"), []string{"level=WARN msg=two", "level=WARN msg=three"}; !slices.Equal(got, want) {
+		t.Errorf("Lines = %q, want %q", got, want)
+	}
+	if got := Lines(out + "\n"); len(got) != 3 {
+		t.Errorf("Lines with no substrings = %q, want the 3 lines", got)
+	}
+	if got := Lines(out, "msg=four"); got != nil {
+		t.Errorf("Lines = %q, want none", got)
+	}
+}
+
+func TestPoll(t *testing.T) {
+	n := 0
+	if !Poll(10*time.Second, time.Millisecond, nil, func() bool { n++; return n == 3 }) || n != 3 {
+		t.Errorf("Poll stopped after %d calls, want true after 3", n)
+	}
+	start := time.Now()
+	if Poll(50*time.Millisecond, time.Millisecond, nil, func() bool { return false }) {
+		t.Error("Poll = true for a condition never true")
+	}
+	if time.Since(start) < 50*time.Millisecond {
+		t.Error("Poll gave up before its timeout")
+	}
+	stop := make(chan struct{})
+	close(stop)
+	n = 0
+	if !Poll(time.Minute, time.Minute, stop, func() bool { n++; return n == 2 }) || n != 2 {
+		t.Errorf("with stop closed: %d calls, want true at the last call (the 2nd)", n)
+	}
+}
+
+func TestDNS(t *testing.T) {
+	ctx := context.Background()
+	d := StartDNS(t, map[string][]netip.Addr{"a.test.example": {netip.MustParseAddr("192.0.2.1"), netip.MustParseAddr("2001:db8::1")}})
+	r := d.Resolver()
+	if got, err := r.LookupNetIP(ctx, "ip", "A.test.example."); err != nil || len(got) != 2 {
+		t.Errorf("a.test.example = %v, %v; want both addresses", got, err)
+	}
+	var dnsErr *net.DNSError
+	if _, err := r.LookupNetIP(ctx, "ip", "b.test.example"); !errors.As(err, &dnsErr) || !dnsErr.IsNotFound {
+		t.Errorf("a name not in the table: %v, want not found", err)
+	}
+	d.SetDefault(netip.MustParseAddr("192.0.2.53"))
+	if got, err := r.LookupNetIP(ctx, "ip4", "b.test.example"); err != nil || len(got) != 1 || got[0] != netip.MustParseAddr("192.0.2.53") {
+		t.Errorf("with a default: %v, %v", got, err)
+	}
+	d.Set("a.test.example", nil, true)
+	if _, err := r.LookupNetIP(ctx, "ip4", "a.test.example"); err == nil {
+		t.Error("no error while the server fails")
+	}
+	if d.Queries() < 4 {
+		t.Errorf("Queries = %d, want at least one per lookup", d.Queries())
+	}
+}
+
+func TestNewMeshKey(t *testing.T) {
+	h, k := NewMeshKey(t)
+	h2, _ := NewMeshKey(t)
+	if len(h) != 64 || k.String() != h || h == h2 {
+		t.Errorf("NewMeshKey = %q (%v), then %q; want two different keys of 64 hex digits", h, k, h2)
 	}
 }
