@@ -437,9 +437,10 @@ func (c *checker) certificate() Result {
 	now := time.Now()
 	host := c.host()
 	certName := c.t.Node.CertName
+	pinned := strings.HasPrefix(certName, "sha256-raw:")
 	var how string
 	switch {
-	case strings.HasPrefix(certName, "sha256-raw:"):
+	case pinned:
 		want := strings.ToLower(strings.TrimPrefix(certName, "sha256-raw:"))
 		if _, err := hex.DecodeString(want); err != nil || len(want) != 64 {
 			res.Err = fmt.Sprintf("CertName %q is not a pin: want sha256-raw: and 64 hex digits", certName)
@@ -473,19 +474,19 @@ func (c *checker) certificate() Result {
 	}
 	// The relay's own rule, so the check warns when the relay's log does.
 	info := relay.CertInfoOf(leaf)
-	pinned := strings.HasPrefix(certName, "sha256-raw:")
-	if now.After(leaf.NotAfter) {
+	problem := info.Problem(now)
+	switch problem {
+	case relay.CertExpired:
 		res.Err = fmt.Sprintf("expired %s: Tailscale clients refuse it; %s", leaf.NotAfter.UTC().Format(time.DateOnly), renewFix(pinned))
 		return res
-	}
-	if now.Before(leaf.NotBefore) {
+	case relay.CertNotYetValid:
 		res.Err = fmt.Sprintf("not valid until %s (is this machine's clock right?)", leaf.NotBefore.UTC().Format(time.RFC3339))
 		return res
 	}
 	days := info.DaysLeft(now)
 	res.Value = fmt.Sprintf("%s; expires %s (in %d days)", how, leaf.NotAfter.UTC().Format(time.DateOnly), days)
 	c.certOK = true
-	if info.Problem(now) == relay.CertExpiring {
+	if problem == relay.CertExpiring {
 		res.Warn = true
 		res.Err = "then Tailscale clients refuse it; " + renewFix(pinned)
 		return res
