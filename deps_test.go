@@ -55,6 +55,11 @@ var depRules = []depRule{
 		deps: map[string]string{
 			"tailscale.com/tsnet": "check is a client of the public side",
 			module + "/node":      "check is a client of the public side",
+			module + "/relay":     "check judges a relay by the rules it shares with it (internal/relayrules), not by the relay's code",
+		}},
+	{pkg: "/internal/relayrules",
+		deps: map[string]string{
+			module + "/...": "relayrules is a leaf: relay and check both import it",
 		}},
 	{pkg: "", // the shipped binary
 		deps: map[string]string{

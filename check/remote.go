@@ -29,7 +29,7 @@ import (
 	"tailscale.com/types/key"
 	"tailscale.com/types/logger"
 
-	"github.com/tailderp/tailderp/relay"
+	"github.com/tailderp/tailderp/internal/relayrules"
 )
 
 // Expect is what the check expects the relay to do with a stranger: a
@@ -473,20 +473,20 @@ func (c *checker) certificate() Result {
 		how = fmt.Sprintf("valid for %s, issued by %s", name, issuerName(leaf))
 	}
 	// The relay's own rule, so the check warns when the relay's log does.
-	info := relay.CertInfoOf(leaf)
+	info := relayrules.CertInfoOf(leaf)
 	problem := info.Problem(now)
 	switch problem {
-	case relay.CertExpired:
+	case relayrules.CertExpired:
 		res.Err = fmt.Sprintf("expired %s: Tailscale clients refuse it; %s", leaf.NotAfter.UTC().Format(time.DateOnly), renewFix(pinned))
 		return res
-	case relay.CertNotYetValid:
+	case relayrules.CertNotYetValid:
 		res.Err = fmt.Sprintf("not valid until %s (is this machine's clock right?)", leaf.NotBefore.UTC().Format(time.RFC3339))
 		return res
 	}
 	days := info.DaysLeft(now)
 	res.Value = fmt.Sprintf("%s; expires %s (in %d days)", how, leaf.NotAfter.UTC().Format(time.DateOnly), days)
 	c.certOK = true
-	if problem == relay.CertExpiring {
+	if problem == relayrules.CertExpiring {
 		res.Warn = true
 		res.Err = "then Tailscale clients refuse it; " + renewFix(pinned)
 		return res

@@ -211,7 +211,7 @@ func (m *ManualCerts) maybeReload() *loadedCert {
 			"err", err, "serving_until", cur.info.NotAfter.Format(time.RFC3339))
 		return cur
 	}
-	if cur.info.validAt(now) && !next.info.validAt(now) {
+	if cur.info.ValidAt(now) && !next.info.ValidAt(now) {
 		m.refuse(st, cur.info, next.info, now)
 		return cur
 	}
@@ -244,7 +244,7 @@ func (m *ManualCerts) Reload() (changed bool, err error) {
 		}
 		return false, nil
 	}
-	if now := time.Now(); cur.info.validAt(now) && !next.info.validAt(now) {
+	if now := time.Now(); cur.info.ValidAt(now) && !next.info.ValidAt(now) {
 		m.refuse(st, cur.info, next.info, now)
 		return false, fmt.Errorf("relay: manual certificate %s is outside its validity period (%s to %s); still serving the previous one, valid until %s",
 			m.crtPath, next.info.NotBefore.Format(time.RFC3339), next.info.NotAfter.Format(time.RFC3339), cur.info.NotAfter.Format(time.RFC3339))

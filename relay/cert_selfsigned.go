@@ -205,7 +205,7 @@ func ActivateNextCert(dir, hostname string) (CertInfo, error) {
 	if err != nil {
 		return CertInfo{}, err
 	}
-	if now := time.Now(); !info.validAt(now) {
+	if now := time.Now(); !info.ValidAt(now) {
 		return CertInfo{}, fmt.Errorf("relay: %s is %s (valid %s to %s)", ncrt, info.Problem(now),
 			info.NotBefore.UTC().Format(time.RFC3339), info.NotAfter.UTC().Format(time.RFC3339))
 	}
