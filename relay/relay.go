@@ -163,6 +163,7 @@ type Server struct {
 	conns     connTracker
 	mesh      []*meshLink
 	bootstrap *bootstrapDNS
+	derpMap   derpMapDoc         // served at DERPMapPath; see PublishRegion
 	bgCancel  context.CancelFunc // ends background work: bootstrap DNS, mesh links, the certificate watch
 	https     *http.Server
 	http80    *http.Server
@@ -258,6 +259,7 @@ func (s *Server) Start() (err error) {
 	mux.HandleFunc("/derp/latency-check", derpserver.ProbeHandler)
 	mux.HandleFunc("/generate_204", derpserver.ServeNoContent)
 	mux.Handle("/bootstrap-dns", s.bootstrap)
+	mux.Handle(DERPMapPath, &s.derpMap)
 	mux.HandleFunc("/robots.txt", robotsTxt)
 	mux.Handle("/", home)
 
