@@ -188,6 +188,9 @@ type Verifier struct {
 	held        expvar.Int   // clients held, in all
 	heldOver    expvar.Int   // clients not held: MaxHeld were
 
+	urlMu     sync.Mutex
+	urlHealth URLHealth
+
 	sweepMu    sync.Mutex
 	suspicious map[key.NodePublic]bool // inadmissible at the last sweep
 }
@@ -267,6 +270,7 @@ func (v *Verifier) Admit(ctx context.Context, clientKey key.NodePublic, src neti
 	}
 	if v.URL != "" {
 		allow, err := v.askURL(ctx, clientKey, src)
+		v.noteURL(err)
 		switch {
 		case err != nil && (v.FailOpen || v.URLFailOpen):
 			v.admitFailOpen(clientKey, src, "admission URL unreachable", err)
@@ -578,6 +582,43 @@ func (v *Verifier) askURL(ctx context.Context, clientKey key.NodePublic, src net
 		return false, fmt.Errorf("verify: admission URL: bad answer: %w", err)
 	}
 	return ar.Allow, nil
+}
+
+// URLHealth is what the last calls to the admission URL showed: whether
+// it answered (any HTTP answer counts; a refusal is an answer), since
+// when, and the last failure. The URL is asked only when a client
+// connects, so this is as fresh as the last connect (At).
+type URLHealth struct {
+	Asked     bool      // the URL was asked at least once
+	Reachable bool      // the last call got an answer
+	Since     time.Time // when Reachable last changed (or the first call)
+	At        time.Time // the last call
+	Err       string    // the last failure, when not Reachable
+}
+
+// URLHealth reports the admission URL's health as the last calls showed
+// it; the zero value when there is no URL or it was never asked.
+func (v *Verifier) URLHealth() URLHealth {
+	v.urlMu.Lock()
+	defer v.urlMu.Unlock()
+	return v.urlHealth
+}
+
+// noteURL records the outcome of a call to the admission URL.
+func (v *Verifier) noteURL(err error) {
+	now := time.Now()
+	v.urlMu.Lock()
+	defer v.urlMu.Unlock()
+	h := &v.urlHealth
+	reachable := err == nil
+	if !h.Asked || h.Reachable != reachable {
+		h.Since = now
+	}
+	h.Asked, h.Reachable, h.At = true, reachable, now
+	h.Err = ""
+	if err != nil {
+		h.Err = err.Error()
+	}
 }
 
 func (v *Verifier) refuse(k key.NodePublic, src netip.Addr, reason string, err error) {

@@ -319,3 +319,41 @@ func TestSweep(t *testing.T) {
 		t.Errorf("fail-closed sweeps with no answers closed %d, want 1 (no_answer)", n)
 	}
 }
+
+func TestURLHealth(t *testing.T) {
+	in := key.NewNode().Public()
+	allowIn, _ := admissionServer(t, map[key.NodePublic]bool{in: true}, 200)
+	err500, _ := admissionServer(t, nil, 500)
+	down := httptest.NewServer(http.NotFoundHandler())
+	downURL := down.URL
+	down.Close()
+
+	v := &Verifier{URL: downURL}
+	if h := v.URLHealth(); h.Asked {
+		t.Fatalf("before any call: %+v, want not asked", h)
+	}
+	v.Admit(context.Background(), in, src)
+	h := v.URLHealth()
+	if !h.Asked || h.Reachable || h.Err == "" || h.Since.IsZero() {
+		t.Fatalf("after a call to a closed port: %+v, want asked, unreachable, with the error", h)
+	}
+	firstDown := h.Since
+	v.Admit(context.Background(), in, src)
+	if h := v.URLHealth(); h.Since != firstDown || h.At.Before(firstDown) {
+		t.Fatalf("a second failure moved Since: %+v (first %v)", h, firstDown)
+	}
+
+	// A refusal (non-200) is an answer: the URL is reachable.
+	v.URL = err500.URL
+	v.Admit(context.Background(), in, src)
+	if h := v.URLHealth(); !h.Reachable || h.Err != "" || h.Since.Before(firstDown) {
+		t.Fatalf("after a 500: %+v, want reachable", h)
+	}
+	v.URL = allowIn.URL
+	if !v.Admit(context.Background(), in, src) {
+		t.Fatal("member refused by an allowing URL")
+	}
+	if h := v.URLHealth(); !h.Reachable {
+		t.Fatalf("after an allowing answer: %+v", h)
+	}
+}
