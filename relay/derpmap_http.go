@@ -3,6 +3,7 @@ package relay
 import (
 	"crypto/sha256"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"strconv"
@@ -10,6 +11,7 @@ import (
 	"time"
 
 	"tailscale.com/tailcfg"
+	"tailscale.com/types/key"
 )
 
 // DERPMapPath is where the relay publishes its own region on the HTTPS
@@ -18,12 +20,18 @@ import (
 const DERPMapPath = "/derpmap.json"
 
 // derpMapDoc is the published region: the JSON body, made once per
-// change, and its ETag, so a poller costs a header compare.
+// change, and its ETag, so a poller costs a header compare. In a fleet it
+// also holds the peers' nodes heard of (fleet.go).
 type derpMapDoc struct {
 	mu       sync.RWMutex
-	body     []byte // nil until the first Publish
+	own      *tailcfg.DERPRegion  // PublishRegion's; nil until then
+	peers    map[string]heardNode // by nodeID; zero time: listed statically
+	ttl      time.Duration        // how long a peer's node is kept
+	meshKey  key.DERPMesh         // signs and checks fleet nodes; zero: no fleet
+	body     []byte               // nil until the first Publish
 	etag     string
 	modified time.Time
+	logf     func(msg string, args ...any)
 }
 
 // DERPMapOf is the derpMap that holds region r alone: the object
@@ -32,22 +40,102 @@ func DERPMapOf(r *tailcfg.DERPRegion) *tailcfg.DERPMap {
 	return &tailcfg.DERPMap{Regions: map[int]*tailcfg.DERPRegion{r.RegionID: r}}
 }
 
-// publish replaces the document; an unchanged region keeps its ETag and
-// modification time, so pollers see no change.
+// publish sets this relay's own region and remakes the document.
 func (d *derpMapDoc) publish(r *tailcfg.DERPRegion) error {
+	if r == nil || len(r.Nodes) == 0 {
+		return errors.New("relay: derpMap: a region with no node")
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.own = r
+	return d.remakeLocked(time.Now())
+}
+
+// remakeLocked renders the region (with the peers heard of) as the
+// document; an unchanged region keeps its ETag and modification time, so
+// pollers see no change.
+func (d *derpMapDoc) remakeLocked(now time.Time) error {
+	if d.own == nil {
+		return nil
+	}
+	r := d.own
+	if !d.meshKey.IsZero() {
+		r = fleetRegion(d.own, d.peers, now, d.ttl)
+	}
 	b, err := json.MarshalIndent(DERPMapOf(r), "", "  ")
 	if err != nil {
 		return fmt.Errorf("relay: derpMap: %w", err)
 	}
 	b = append(b, '\n')
 	etag := fmt.Sprintf(`"%x"`, sha256.Sum256(b))
-	d.mu.Lock()
-	defer d.mu.Unlock()
 	if etag == d.etag {
 		return nil
 	}
-	d.body, d.etag, d.modified = b, etag, time.Now().UTC().Truncate(time.Second)
+	d.body, d.etag, d.modified = b, etag, now.UTC().Truncate(time.Second)
 	return nil
+}
+
+// configure sets what a fleet needs, at Start: the mesh key (zero: no
+// fleet), how long peers are kept, where joins and leaves are said.
+func (d *derpMapDoc) configure(mk key.DERPMesh, ttl time.Duration, logf func(msg string, args ...any)) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.meshKey, d.ttl, d.logf = mk, ttl, logf
+	d.remakeLocked(time.Now())
+}
+
+// ownNode is this relay's node (the first of its own region), nil before
+// PublishRegion.
+func (d *derpMapDoc) ownNode() *tailcfg.DERPNode {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	if d.own == nil {
+		return nil
+	}
+	n := *d.own.Nodes[0]
+	return &n
+}
+
+// heard records a peer's node, heard of at (zero: listed statically, for
+// good), and remakes the document when it changed.
+func (d *derpMapDoc) heard(n *tailcfg.DERPNode, at time.Time) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	id := nodeID(n)
+	if d.own != nil {
+		for _, o := range d.own.Nodes {
+			if nodeID(o) == id {
+				return // this relay itself, reached under its own name
+			}
+		}
+	}
+	if d.peers == nil {
+		d.peers = map[string]heardNode{}
+	}
+	if _, had := d.peers[id]; !had && d.logf != nil {
+		d.logf("relay: fleet: a relay joined the region", "node", id)
+	}
+	d.peers[id] = heardNode{node: n, at: at}
+	d.remakeLocked(time.Now())
+}
+
+// expire drops the peers not heard of within the TTL.
+func (d *derpMapDoc) expire(now time.Time) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	changed := false
+	for id, h := range d.peers {
+		if !h.at.IsZero() && now.Sub(h.at) >= d.ttl {
+			delete(d.peers, id)
+			changed = true
+			if d.logf != nil {
+				d.logf("relay: fleet: a relay left the region (not heard of)", "node", id, "for", now.Sub(h.at).Round(time.Second).String())
+			}
+		}
+	}
+	if changed {
+		d.remakeLocked(now)
+	}
 }
 
 // ServeHTTP answers GET and HEAD with the current document; 503 before
@@ -57,6 +145,19 @@ func (d *derpMapDoc) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Allow", "GET, HEAD")
 		http.Error(w, "method not allowed", http.StatusMethodNotAllowed)
 		return
+	}
+	// A fleet peer's signed node: added to the region, and answered with
+	// this relay's own. Anything else about the header is ignored: the
+	// document is public.
+	if v := r.Header.Get(FleetNodeHeader); v != "" && !d.meshKey.IsZero() {
+		if own := d.ownNode(); own != nil {
+			if n, err := verifyNode(d.meshKey, v, own.RegionID, time.Now()); err == nil {
+				d.heard(n, time.Now())
+				if signed, err := signNode(d.meshKey, own, time.Now()); err == nil {
+					w.Header().Set(FleetNodeHeader, signed)
+				}
+			}
+		}
 	}
 	d.mu.RLock()
 	body, etag, modified := d.body, d.etag, d.modified
@@ -85,8 +186,9 @@ func (d *derpMapDoc) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	w.Write(body)
 }
 
-// PublishRegion sets the region the relay serves at DERPMapPath (the
-// caller builds it: this relay's node, or the whole fleet's). It may be
+// PublishRegion sets this relay's own region, served at DERPMapPath: its
+// node as the operator configured it (DERPRegion). With MeshWith the
+// relay adds the nodes of the fleet it hears of (fleet.go). It may be
 // called at any time, before or after Start; a region equal to the one
 // published changes nothing a poller sees.
 func (s *Server) PublishRegion(r *tailcfg.DERPRegion) error {

@@ -2,16 +2,21 @@ package relay_test
 
 import (
 	"bytes"
+	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
 	"io"
 	"net/http"
 	"reflect"
+	"slices"
 	"testing"
+	"time"
 
 	"tailscale.com/tailcfg"
+	"tailscale.com/types/key"
 
+	"github.com/tailderp/tailderp/internal/testutil"
 	"github.com/tailderp/tailderp/relay"
 )
 
@@ -115,5 +120,134 @@ func TestDERPMapPublished(t *testing.T) {
 	}
 	if got := decodeDERPMapStrictly(t, body); got.Regions[901].Nodes[0].CertName != "sha256-raw:11" {
 		t.Fatalf("after a pin change: %+v", got.Regions[901].Nodes[0])
+	}
+}
+
+// fleetMember starts a tailderp relay of a fleet test that exchanges
+// derpMap nodes every poll and forgets a peer after ttl, and publishes
+// its own region as package main does.
+func fleetMember(t *testing.T, ca *fleetCA, port int, mk key.DERPMesh, peers []relay.MeshPeer, poll, ttl time.Duration) *relay.Server {
+	t.Helper()
+	dir := t.TempDir()
+	ca.issue(t, dir, "127.0.0.1")
+	certs, err := relay.LoadManualCerts(dir, "127.0.0.1", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &relay.Server{
+		Addr: loopbackAddr(port), HTTPPort: -1, Certs: certs, PrivateKey: key.NewNode(),
+		MeshKey: mk, MeshWith: peers, MeshRootCAs: ca.pool, Logger: testLogger(),
+		FleetPollEvery: poll, FleetPeerTTL: ttl,
+	}
+	if err := s.PublishRegion(relay.DERPRegion(relay.RegionConfig{RegionID: 900, RegionCode: "fleet", RegionName: "fleet"},
+		relay.NodeInfo{HostName: "127.0.0.1", DERPPort: port, STUNPort: -1})); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close(context.Background()) })
+	return s
+}
+
+// regionPorts are the DERP ports of the nodes s publishes, in order.
+func regionPorts(t *testing.T, s *relay.Server, pool *x509.CertPool) []int {
+	t.Helper()
+	res, body := getDERPMap(t, s, pool, http.MethodGet, nil)
+	if res.StatusCode != http.StatusOK {
+		t.Fatalf("%s: %s", relay.DERPMapPath, res.Status)
+	}
+	m := decodeDERPMapStrictly(t, body)
+	var ports []int
+	names := map[string]bool{}
+	for _, n := range m.Regions[900].Nodes {
+		if names[n.Name] {
+			t.Fatalf("node name %q twice in %s", n.Name, body)
+		}
+		names[n.Name] = true
+		ports = append(ports, n.DERPPort)
+	}
+	return ports
+}
+
+// awaitRegion polls every relay's region until each lists exactly want
+// (sorted ports), within a bound; it returns how long that took.
+func awaitRegion(t *testing.T, pool *x509.CertPool, within time.Duration, want []int, relays ...*relay.Server) time.Duration {
+	t.Helper()
+	start := time.Now()
+	for {
+		ok := true
+		var got [][]int
+		for _, s := range relays {
+			p := regionPorts(t, s, pool)
+			slices.Sort(p)
+			got = append(got, p)
+			ok = ok && slices.Equal(p, want)
+		}
+		if ok {
+			return time.Since(start)
+		}
+		if time.Since(start) > within {
+			t.Fatalf("after %v the regions list %v, want %v each", within, got, want)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// TestFleetRegionAssembles: two meshed relays list each other; a third,
+// started later with the first two in its -mesh-with (theirs unchanged),
+// appears in both; stopped, it leaves all of them after the TTL.
+func TestFleetRegionAssembles(t *testing.T) {
+	ca := newFleetCA(t)
+	mk, _ := newMeshKey(t)
+	pa, pb, pc := testutil.FreePort(t, "tcp"), testutil.FreePort(t, "tcp"), testutil.FreePort(t, "tcp")
+	const poll, ttl = 200 * time.Millisecond, 2 * time.Second
+	a := fleetMember(t, ca, pa, mk, meshPeers(t, pb), poll, ttl)
+	b := fleetMember(t, ca, pb, mk, meshPeers(t, pa), poll, ttl)
+	two := []int{pa, pb}
+	slices.Sort(two)
+	t.Logf("two relays list each other after %v", awaitRegion(t, ca.pool, 30*time.Second, two, a, b))
+
+	c := fleetMember(t, ca, pc, mk, meshPeers(t, pa, pb), poll, ttl)
+	three := []int{pa, pb, pc}
+	slices.Sort(three)
+	t.Logf("a third relay appears in all after %v", awaitRegion(t, ca.pool, 30*time.Second, three, a, b, c))
+
+	// Every relay publishes the same region: same nodes, same names.
+	ra, rb := regionBody(t, a, ca.pool), regionBody(t, b, ca.pool)
+	if !bytes.Equal(ra, rb) {
+		t.Fatalf("relays publish different regions:\n%s\n%s", ra, rb)
+	}
+
+	c.Close(context.Background())
+	left := awaitRegion(t, ca.pool, ttl+30*time.Second, two, a, b)
+	t.Logf("the stopped relay left after %v (TTL %v)", left, ttl)
+	if left < ttl/2 {
+		t.Fatalf("the stopped relay left after %v, before its TTL %v could pass", left, ttl)
+	}
+}
+
+func regionBody(t *testing.T, s *relay.Server, pool *x509.CertPool) []byte {
+	t.Helper()
+	_, b := getDERPMap(t, s, pool, http.MethodGet, nil)
+	return b
+}
+
+// TestFleetNodeNeedsMeshKey: a relay with another mesh key cannot add a
+// node to the region, and gets no node back.
+func TestFleetNodeNeedsMeshKey(t *testing.T) {
+	ca := newFleetCA(t)
+	mk, _ := newMeshKey(t)
+	other, _ := newMeshKey(t)
+	pa, pb := testutil.FreePort(t, "tcp"), testutil.FreePort(t, "tcp")
+	const poll, ttl = 100 * time.Millisecond, 2 * time.Second
+	a := fleetMember(t, ca, pa, mk, meshPeers(t, pb), poll, ttl)
+	b := fleetMember(t, ca, pb, other, meshPeers(t, pa), poll, ttl)
+	time.Sleep(10 * poll) // many exchanges' worth: none may succeed
+	if got := regionPorts(t, a, ca.pool); !slices.Equal(got, []int{pa}) {
+		t.Fatalf("relay A lists %v, want only itself (%d)", got, pa)
+	}
+	if got := regionPorts(t, b, ca.pool); !slices.Equal(got, []int{pb}) {
+		t.Fatalf("relay B lists %v, want only itself (%d)", got, pb)
 	}
 }

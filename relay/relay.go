@@ -155,6 +155,13 @@ type Server struct {
 	// it.
 	OnCertChange func(CertStatus)
 
+	// FleetPollEvery is how often a relay of a fleet (MeshWith) exchanges
+	// derpMap nodes with each peer, and FleetPeerTTL how long a peer's
+	// node stays in the published region after it was last heard of.
+	// DefaultFleetPollEvery and DefaultFleetPeerTTL if zero.
+	FleetPollEvery time.Duration
+	FleetPeerTTL   time.Duration
+
 	// certCheckEvery overrides certCheckEvery, for tests.
 	certCheckEvery time.Duration
 
@@ -241,6 +248,7 @@ func (s *Server) Start() (err error) {
 	if len(s.MeshWith) > 0 && s.MeshKey.IsZero() {
 		return errors.New("relay: mesh peers need a mesh key")
 	}
+	s.derpMap.configure(s.MeshKey, orDefault(s.FleetPeerTTL, DefaultFleetPeerTTL), s.Logger.Info)
 	if s.bootstrap, err = newBootstrapDNS(s); err != nil {
 		return err
 	}
@@ -329,6 +337,9 @@ func (s *Server) Start() (err error) {
 	s.wg.Go(func() { s.bootstrap.run(bg) })
 	// Dial the peers once serving, so a peer that dials back finds us.
 	s.startMesh(bg)
+	for _, p := range s.MeshWith {
+		s.wg.Go(func() { s.runFleet(bg, p) })
+	}
 	// A certificate problem is said at start, beside the line above.
 	w := &certWatch{s: s}
 	w.check(time.Now())
