@@ -138,13 +138,19 @@ func cacheUntil(lastLive time.Time, maxAge time.Duration) time.Time {
 	return lastLive.Add(maxAge)
 }
 
+// cacheAnswers applies cacheUntil: whether a map last live at lastLive
+// may answer at now.
+func cacheAnswers(lastLive time.Time, maxAge time.Duration, now time.Time) bool {
+	return maxAge > 0 && now.Before(cacheUntil(lastLive, maxAge))
+}
+
 // answering reports whether the set can answer now.
 func (s *keySet) answeringLocked(now time.Time) bool {
 	switch s.source {
 	case SourceLive:
 		return true
 	case SourceCache:
-		return now.Before(cacheUntil(s.received, s.maxAge))
+		return cacheAnswers(s.received, s.maxAge, now)
 	}
 	return false
 }
@@ -277,7 +283,7 @@ func usableCache(c *cacheFile, self key.NodePublic, maxAge time.Duration, now ti
 		// Its age cannot be told, and a time in the future would keep
 		// it answering past maxAge.
 		return errCacheFuture
-	case !now.Before(cacheUntil(c.Received, maxAge)):
+	case !cacheAnswers(c.Received, maxAge, now):
 		return errCacheTooOld
 	}
 	return nil
