@@ -75,7 +75,10 @@ type Node struct {
 
 	// AuthKey is a Tailscale auth key ("tskey-auth-…"), or an OAuth
 	// client secret ("tskey-client-…", which needs AdvertiseTags). Used
-	// only for the first login; never logged.
+	// for the first login, and to log in again as a new node when the
+	// control server no longer knows this one (deleted): keep it set even
+	// when Dir holds a login. A single-use key cannot do the second; a
+	// reusable one can. Never logged.
 	AuthKey string
 
 	// ControlURL is the coordination server; empty means Tailscale's.
@@ -94,10 +97,13 @@ type Node struct {
 	Ephemeral bool
 
 	// CacheMaxAge is how long the keys of the last network map may go on
-	// answering without a live one: after a restart while the control
-	// server is unreachable (they are kept in Dir, file KnownPeersFile),
-	// and after the node is logged out. Zero turns that off: no file is
-	// read or written, and without a live map every key is "not ready".
+	// answering once the map is no longer live, counted from the moment
+	// it last was: after a restart while the control server is
+	// unreachable (they are kept in Dir, file KnownPeersFile), after the
+	// node is logged out, and while the control server refuses the node
+	// or has not held its map poll for ControlWarnAfter (see Readiness).
+	// Zero turns that off: no file is read or written, and without a live
+	// map every key is "not ready".
 	CacheMaxAge time.Duration
 
 	// CacheWriteEvery bounds how often the cache file is written: a burst
@@ -106,7 +112,11 @@ type Node struct {
 
 	// ControlWarnAfter is how long the control server may stay
 	// unreachable before a warning (repeated, each time twice as late, up
-	// to every 30 minutes). DefaultControlWarnAfter if zero.
+	// to every 30 minutes), and how long the map poll may be lost before
+	// the map stops being live. A node with nothing to admit from (no
+	// known peers, never a map) warns at the first failure instead; a
+	// control server that refuses the node is said at once.
+	// DefaultControlWarnAfter if zero.
 	ControlWarnAfter time.Duration
 
 	// OnDrop, if set, is called with the keys that stopped being
