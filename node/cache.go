@@ -2,9 +2,12 @@ package node
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
+	"syscall"
 	"time"
 
 	"tailscale.com/tailcfg"
@@ -35,13 +38,49 @@ type cacheNode struct {
 	KeyExpiry time.Time      `json:"key_expiry,omitzero"`
 }
 
+// maxCacheSize bounds what readCache reads: a tailnet of 100,000 nodes
+// takes about 15 MB.
+const maxCacheSize = 64 << 20
+
+// errCacheSymlink: KnownPeersFile is a symbolic link. The node writes a
+// plain file there; a link was put there by someone else.
+var errCacheSymlink = errors.New("is a symbolic link, not the file this node writes; not followed")
+
 // readCache reads and checks a cache file. Anything but a complete file of
-// this layout is an error: a corrupt cache must not admit anyone.
-func readCache(path string) (*cacheFile, error) {
-	b, err := os.ReadFile(path)
+// this layout is an error: a corrupt cache must not admit anyone. A
+// symbolic link is not followed (an error); a file that group or others
+// may read or write is read, and reported in loose, for a warning: the
+// node writes it 0600, so someone changed it.
+func readCache(path string) (c *cacheFile, loose os.FileMode, err error) {
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
 	if err != nil {
-		return nil, err
+		if errors.Is(err, syscall.ELOOP) {
+			return nil, 0, fmt.Errorf("%s %w", path, errCacheSymlink)
+		}
+		return nil, 0, err
 	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, 0, err
+	}
+	if !fi.Mode().IsRegular() {
+		return nil, 0, fmt.Errorf("%s: not a regular file (%v)", path, fi.Mode().Type())
+	}
+	loose = fi.Mode().Perm() & 0o077
+	b, err := io.ReadAll(io.LimitReader(f, maxCacheSize+1))
+	if err != nil {
+		return nil, loose, err
+	}
+	if len(b) > maxCacheSize {
+		return nil, loose, fmt.Errorf("%s: larger than %d bytes", path, maxCacheSize)
+	}
+	c, err = parseCache(path, b)
+	return c, loose, err
+}
+
+// parseCache checks the contents of a cache file.
+func parseCache(path string, b []byte) (*cacheFile, error) {
 	var c cacheFile
 	if err := json.Unmarshal(b, &c); err != nil {
 		return nil, fmt.Errorf("%s: %w", path, err)
@@ -128,14 +167,14 @@ type cacheWriter struct {
 	written  uint64 // change count of the last write
 }
 
-// writeIfChanged writes the set if it changed since the last write and is
-// live.
-func (w *cacheWriter) writeIfChanged() error {
-	if w.keys.changeCount() == w.written {
+// writeIfChanged writes the set if it is live and changed since the last
+// write, or (force) even unchanged.
+func (w *cacheWriter) writeIfChanged(force bool) error {
+	if !force && w.keys.changeCount() == w.written {
 		return nil // no snapshot of the whole set to find that out
 	}
 	c, changes, ok := w.keys.snapshot()
-	if !ok || changes == w.written {
+	if !ok || (!force && changes == w.written) {
 		return nil
 	}
 	b, err := json.MarshalIndent(c, "", " ")

@@ -29,7 +29,7 @@ func FuzzReadCache(f *testing.F) {
 		if err := os.WriteFile(path, b, 0o600); err != nil {
 			t.Fatal(err)
 		}
-		c, err := readCache(path)
+		c, _, err := readCache(path)
 		if err != nil {
 			if c != nil {
 				t.Fatalf("readCache returned a cache and an error: %v", err)
@@ -65,10 +65,10 @@ func FuzzReadCache(f *testing.F) {
 		s.mu.Unlock()
 		w := &cacheWriter{path: path, keys: s, rename: os.Rename}
 		w.written = s.changeCount() + 1 // force a write
-		if err := w.writeIfChanged(); err != nil {
+		if err := w.writeIfChanged(false); err != nil {
 			t.Fatalf("writing it back: %v", err)
 		}
-		again, err := readCache(path)
+		again, _, err := readCache(path)
 		if err != nil {
 			t.Fatalf("the file written back does not read: %v", err)
 		}

@@ -31,7 +31,7 @@ func TestCacheRoundTrip(t *testing.T) {
 	expired.Expired = true
 	path := filepath.Join(t.TempDir(), KnownPeersFile)
 	w := &cacheWriter{path: path, keys: liveSet(p1, p2, expired), rename: os.Rename}
-	if err := w.writeIfChanged(); err != nil {
+	if err := w.writeIfChanged(false); err != nil {
 		t.Fatal(err)
 	}
 	fi, err := os.Stat(path)
@@ -43,14 +43,14 @@ func TestCacheRoundTrip(t *testing.T) {
 	}
 	mod := fi.ModTime()
 	// Unchanged: no second write.
-	if err := w.writeIfChanged(); err != nil {
+	if err := w.writeIfChanged(false); err != nil {
 		t.Fatal(err)
 	}
 	if fi2, _ := os.Stat(path); !fi2.ModTime().Equal(mod) {
 		t.Error("unchanged set written again")
 	}
 
-	c, err := readCache(path)
+	c, _, err := readCache(path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -84,7 +84,7 @@ func TestCacheCorruptFiles(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			path := filepath.Join(t.TempDir(), KnownPeersFile)
 			os.WriteFile(path, b, 0o600)
-			if c, err := readCache(path); err == nil {
+			if c, _, err := readCache(path); err == nil {
 				t.Errorf("readCache accepted it: %+v", c)
 			}
 		})
@@ -129,7 +129,7 @@ func writeTestCache(t testing.TB, peers ...*tailcfg.Node) string {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), KnownPeersFile)
 	w := &cacheWriter{path: path, keys: liveSet(peers...), rename: os.Rename}
-	if err := w.writeIfChanged(); err != nil {
+	if err := w.writeIfChanged(false); err != nil {
 		t.Fatal(err)
 	}
 	return path
@@ -149,7 +149,7 @@ func TestCacheCrashBeforeRename(t *testing.T) {
 			os.Exit(7) // no deferred cleanup runs, as in a crash
 			return nil
 		}}
-		w.writeIfChanged()
+		w.writeIfChanged(false)
 		os.Exit(1) // not reached
 	}
 

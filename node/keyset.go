@@ -1,6 +1,7 @@
 package node
 
 import (
+	"errors"
 	"sync"
 	"time"
 
@@ -65,9 +66,12 @@ type keySet struct {
 	maxAge time.Duration    // how long the cache may answer; 0: never
 	now    func() time.Time // time.Now; tests move it
 
-	mu       sync.RWMutex
-	source   Source
-	received time.Time // when the map behind the entries arrived
+	mu     sync.RWMutex
+	source Source
+	// received is, while the set is live, when its current full map
+	// arrived; once it is not, when the map was last live: the cache's
+	// age counts from then (see cacheUntil).
+	received time.Time
 	byKey    map[key.NodePublic]tailcfg.NodeID
 	byID     map[tailcfg.NodeID]entry
 	self     entry
@@ -123,15 +127,43 @@ func (s *keySet) setSourceLocked(src Source) {
 	s.source = src
 }
 
+// cacheUntil is the known-peers rule, the one place it is decided: the
+// keys of a map that is no longer live (kept in memory, or read from
+// KnownPeersFile after a restart) are admitted until maxAge after the map
+// was last live, then nobody is; with maxAge 0, nobody at once.
+func cacheUntil(lastLive time.Time, maxAge time.Duration) time.Time {
+	if maxAge <= 0 {
+		return lastLive
+	}
+	return lastLive.Add(maxAge)
+}
+
+// cacheAnswers applies cacheUntil: whether a map last live at lastLive
+// may answer at now.
+func cacheAnswers(lastLive time.Time, maxAge time.Duration, now time.Time) bool {
+	return maxAge > 0 && now.Before(cacheUntil(lastLive, maxAge))
+}
+
 // answering reports whether the set can answer now.
 func (s *keySet) answeringLocked(now time.Time) bool {
 	switch s.source {
 	case SourceLive:
 		return true
 	case SourceCache:
-		return s.maxAge > 0 && now.Sub(s.received) < s.maxAge
+		return cacheAnswers(s.received, s.maxAge, now)
 	}
 	return false
+}
+
+// until returns when the answers from a map that is not live stop: zero
+// while the set is live or has nothing to answer from.
+func (s *keySet) until() time.Time {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if s.source != SourceCache {
+		return time.Time{}
+	}
+	return cacheUntil(s.received, s.maxAge)
 }
 
 // contains reports whether k is an admissible node of the tailnet, and
@@ -201,22 +233,69 @@ func (s *keySet) status() (src Source, received time.Time) {
 	return s.source, s.received
 }
 
-// loggedOut is called when the node is logged out or stopped: the last
-// map goes on answering as the cache while it is young enough; with the
-// cache off, every key is dropped.
-func (s *keySet) loggedOut() []Drop {
+// loggedOut is called when the node is logged out or stopped: the map
+// stops being live now (see notLive).
+func (s *keySet) loggedOut() []Drop { return s.notLive(s.now()) }
+
+// notLive is called when the map stops being live (the node was logged
+// out, or the control server stopped answering its map poll) at the
+// moment it last was: the last map goes on answering as the cache until
+// cacheUntil; with the cache off, every key is dropped.
+func (s *keySet) notLive(lastLive time.Time) []Drop {
+	now := s.now()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.source != SourceLive {
 		return nil
 	}
+	if lastLive.After(now) {
+		lastLive = now
+	}
 	if s.maxAge > 0 {
 		s.setSourceLocked(SourceCache)
+		s.received = lastLive
 		return nil
 	}
-	drops := s.allLocked(s.now(), DropNoAnswer)
+	drops := s.allLocked(now, DropNoAnswer)
 	s.clearLocked()
 	return drops
+}
+
+// Why a known-peers cache file is not used (see usableCache).
+var (
+	errCacheTooOld   = errors.New("older than its maximum age")
+	errCacheFuture   = errors.New("written in the future (did the clock go back?)")
+	errCacheNotOurs  = errors.New("written for another node (its self key is not this node's)")
+	errCacheDisabled = errors.New("the cache is off")
+)
+
+// usableCache says whether a cache file may answer now: its map was live
+// less than maxAge ago (cacheUntil, the rule the set also answers by), not
+// in the future beyond clock corrections, and it is this node's (self,
+// when known).
+func usableCache(c *cacheFile, self key.NodePublic, maxAge time.Duration, now time.Time) error {
+	switch {
+	case maxAge <= 0:
+		return errCacheDisabled
+	case !self.IsZero() && c.Self.Key != self:
+		return errCacheNotOurs
+	case c.Received.Sub(now) > maxClockSkew:
+		// Its age cannot be told, and a time in the future would keep
+		// it answering past maxAge.
+		return errCacheFuture
+	case !cacheAnswers(c.Received, maxAge, now):
+		return errCacheTooOld
+	}
+	return nil
+}
+
+// loadUsableCache starts the set from c if usableCache allows it now.
+func (s *keySet) loadUsableCache(c *cacheFile, self key.NodePublic) error {
+	if err := usableCache(c, self, s.maxAge, s.now()); err != nil {
+		return err
+	}
+	s.loadCache(c)
+	return nil
 }
 
 // loadCache starts the set from a persisted map, unless the node already
@@ -248,8 +327,9 @@ func (s *keySet) snapshot() (c *cacheFile, changes uint64, ok bool) {
 	}
 	now := s.now()
 	c = &cacheFile{
-		Version:  cacheVersion,
-		Received: s.received,
+		Version: cacheVersion,
+		// The map is live now: its age after a restart counts from here.
+		Received: now,
 		Self:     cacheNode{Key: s.self.key, Name: s.self.name, ID: s.self.id},
 	}
 	for _, e := range s.byID {

@@ -22,6 +22,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -74,7 +75,10 @@ type Node struct {
 
 	// AuthKey is a Tailscale auth key ("tskey-auth-…"), or an OAuth
 	// client secret ("tskey-client-…", which needs AdvertiseTags). Used
-	// only for the first login; never logged.
+	// for the first login, and to log in again as a new node when the
+	// control server no longer knows this one (deleted): keep it set even
+	// when Dir holds a login. A single-use key cannot do the second; a
+	// reusable one can. Never logged.
 	AuthKey string
 
 	// ControlURL is the coordination server; empty means Tailscale's.
@@ -93,10 +97,13 @@ type Node struct {
 	Ephemeral bool
 
 	// CacheMaxAge is how long the keys of the last network map may go on
-	// answering without a live one: after a restart while the control
-	// server is unreachable (they are kept in Dir, file KnownPeersFile),
-	// and after the node is logged out. Zero turns that off: no file is
-	// read or written, and without a live map every key is "not ready".
+	// answering once the map is no longer live, counted from the moment
+	// it last was: after a restart while the control server is
+	// unreachable (they are kept in Dir, file KnownPeersFile), after the
+	// node is logged out, and while the control server refuses the node
+	// or has not held its map poll for ControlWarnAfter (see Readiness).
+	// Zero turns that off: no file is read or written, and without a live
+	// map every key is "not ready".
 	CacheMaxAge time.Duration
 
 	// CacheWriteEvery bounds how often the cache file is written: a burst
@@ -105,7 +112,11 @@ type Node struct {
 
 	// ControlWarnAfter is how long the control server may stay
 	// unreachable before a warning (repeated, each time twice as late, up
-	// to every 30 minutes). DefaultControlWarnAfter if zero.
+	// to every 30 minutes), and how long the map poll may be lost before
+	// the map stops being live. A node with nothing to admit from (no
+	// known peers, never a map) warns at the first failure instead; a
+	// control server that refuses the node is said at once.
+	// DefaultControlWarnAfter if zero.
 	ControlWarnAfter time.Duration
 
 	// OnDrop, if set, is called with the keys that stopped being
@@ -142,6 +153,12 @@ type Node struct {
 	control     controlWatch
 	drops       metrics.LabelMap
 	sourceGauge metrics.LabelMap // 1 for the current Source
+
+	loginProblem atomic.Value       // Problem: the login's, "" when none
+	reloginCh    chan struct{}      // a re-login is asked for (see requestRelogin)
+	watchCancel  context.CancelFunc // ends the current watch; under mu
+	readyMu      sync.Mutex
+	ready        Readiness // the last one computed, for Since
 }
 
 // Problem names a condition that keeps the node from admitting clients,
@@ -157,8 +174,27 @@ const (
 	ProblemLoggedOut Problem = "logged-out"
 	// ProblemNeedsApproval: the tailnet requires device approval.
 	ProblemNeedsApproval Problem = "needs-approval"
-	// ProblemControlUnreachable: the control server does not answer.
+	// ProblemControlUnreachable: the control server does not answer (the
+	// map poll has not been held for ControlWarnAfter, or the node never
+	// reached it).
 	ProblemControlUnreachable Problem = "control-unreachable"
+	// ProblemNodeRemoved: the control server answers the node's map
+	// requests with "node not found" (or a machine key it does not
+	// know): the node was deleted there. With an auth key the node logs
+	// in again as a new node; without one, it cannot.
+	ProblemNodeRemoved Problem = "node-removed"
+	// ProblemControlRefused: the control server answers the node's map
+	// requests with 401 or 403. Handled as ProblemNodeRemoved.
+	ProblemControlRefused Problem = "control-refused"
+	// ProblemReloginFailed: after the control server forgot the node, the
+	// auth key did not log it in again (a single-use key already used,
+	// say); a reusable auth key lets it recover.
+	ProblemReloginFailed Problem = "relogin-failed"
+	// ProblemStarting: the node has not had a network map yet and has met
+	// no problem so far.
+	ProblemStarting Problem = "starting"
+	// ProblemStopped: the node was closed.
+	ProblemStopped Problem = "stopped"
 )
 
 // LoginError is sent on Fatal when the control server rejected the login.
@@ -206,6 +242,9 @@ func (n *Node) Load() error {
 	n.keys = keys
 	n.updateSourceGauge()
 	n.state.Store(StateStarting)
+	n.loginProblem.Store(Problem(""))
+	n.reloginCh = make(chan struct{}, 1)
+	n.Readiness()
 	return nil
 }
 
@@ -233,12 +272,16 @@ const maxClockSkew = time.Minute
 func (n *Node) cachePath() string { return filepath.Join(n.Dir, KnownPeersFile) }
 
 // loadCache starts the key set from the cache file, if there is a usable
-// one. A missing file is normal (first start); an unreadable or corrupt
-// one is one warning and a start without it (everyone is refused until
-// the node has a live map), never fatal.
+// one (the rule: usableCache). A missing file is normal (first start); an
+// unreadable, corrupt or foreign one is one warning and a start without
+// it (everyone is refused until the node has a live map), never fatal.
 func (n *Node) loadCache(keys *keySet) {
 	removeStaleTemps(n.cachePath())
-	c, err := readCache(n.cachePath())
+	c, loose, err := readCache(n.cachePath())
+	if loose != 0 {
+		n.Logger.Warn("node: the known-peers cache may be read or written by others than this program's user; the node writes it 0600, so someone changed it",
+			"path", n.cachePath(), "mode", fmt.Sprintf("%#o", loose|0o600))
+	}
 	switch {
 	case errors.Is(err, os.ErrNotExist):
 		return
@@ -246,24 +289,42 @@ func (n *Node) loadCache(keys *keySet) {
 		n.Logger.Warn("node: ignoring the known-peers cache: clients are refused until the node has a network map", "err", err)
 		return
 	}
-	age := time.Since(c.Received)
-	if age < -maxClockSkew {
-		// The clock went back since the file was written (or it is not
-		// ours): its age cannot be told, and a time in the future would
-		// keep it answering past CacheMaxAge.
-		n.Logger.Warn("node: ignoring the known-peers cache: it was written in the future (did the clock go back?); clients are refused until the node has a network map",
-			"netmap_received", c.Received.UTC().Format(time.RFC3339))
-		return
-	}
-	if age >= n.CacheMaxAge {
+	self, _ := stateNodeKey(n.Dir)
+	switch err := keys.loadUsableCache(c, self); {
+	case errors.Is(err, errCacheTooOld):
 		n.Logger.Info("node: the known-peers cache is older than its maximum age; not used",
 			"netmap_received", c.Received.UTC().Format(time.RFC3339), "max_age", n.CacheMaxAge)
 		return
+	case err != nil:
+		n.Logger.Warn("node: ignoring the known-peers cache: clients are refused until the node has a network map",
+			"path", n.cachePath(), "err", err, "netmap_received", c.Received.UTC().Format(time.RFC3339))
+		return
 	}
-	keys.loadCache(c)
 	n.Logger.Info("node: admitting from the known-peers cache until the node has a fresh network map",
 		"peers", len(c.Nodes), "netmap_received", c.Received.UTC().Format(time.RFC3339),
-		"until", c.Received.Add(n.CacheMaxAge).UTC().Format(time.RFC3339))
+		"until", keys.until().UTC().Format(time.RFC3339))
+}
+
+// stateNodeKey returns the node key of the login kept in dir (tsnet's
+// state: the current profile's prefs), if there is one.
+func stateNodeKey(dir string) (key.NodePublic, bool) {
+	b, err := os.ReadFile(filepath.Join(dir, StateFile))
+	if err != nil {
+		return key.NodePublic{}, false
+	}
+	var state map[string][]byte
+	if json.Unmarshal(b, &state) != nil {
+		return key.NodePublic{}, false
+	}
+	cur := string(state[string(ipn.CurrentProfileStateKey)])
+	if cur == "" {
+		return key.NodePublic{}, false
+	}
+	var prefs ipn.Prefs
+	if json.Unmarshal(state[cur], &prefs) != nil || prefs.Persist == nil || prefs.Persist.PrivateNodeKey.IsZero() {
+		return key.NodePublic{}, false
+	}
+	return prefs.Persist.PrivateNodeKey.Public(), true
 }
 
 // HasLogin reports whether dir holds a node login from an earlier start,
@@ -397,8 +458,22 @@ func (n *Node) newTsnet() *tsnet.Server {
 		AdvertiseTags: n.AdvertiseTags,
 		Ephemeral:     n.Ephemeral,
 		Port:          n.Port,
-		Logf:          logs.Logf(n.Logger.With("component", "tsnet"), slog.LevelDebug, secrets...),
-		UserLogf:      logs.Logf(n.Logger.With("component", "tsnet"), slog.LevelDebug, secrets...),
+		Logf:          n.tsnetLogf(logs.Logf(n.Logger.With("component", "tsnet"), slog.LevelDebug, secrets...)),
+		UserLogf:      n.tsnetLogf(logs.Logf(n.Logger.With("component", "tsnet"), slog.LevelDebug, secrets...)),
+	}
+}
+
+// tsnetLogf passes tsnet's log lines to logf and to noteTsnetLog.
+func (n *Node) tsnetLogf(logf func(string, ...any)) func(string, ...any) {
+	return func(format string, args ...any) {
+		logf(format, args...)
+		// controlclient logs the refusal as an error argument: look at
+		// those only, not at every line tsnet writes.
+		for _, a := range args {
+			if err, ok := a.(error); ok && err != nil {
+				n.noteTsnetLog(err.Error())
+			}
+		}
 	}
 }
 
@@ -440,6 +515,9 @@ func (n *Node) follow() {
 			n.stop(fmt.Errorf("node: start: %s", msg))
 			return
 		}
+		n.control.mu.Lock()
+		n.control.startFailed = true
+		n.control.mu.Unlock()
 		n.Logger.Debug("node: start failed; retrying", "err", msg, "in", backoff)
 		select {
 		case <-n.ctx.Done():
@@ -454,7 +532,23 @@ func (n *Node) follow() {
 		if n.ctx.Err() != nil {
 			break
 		}
-		if _, ok := errors.AsType[*LoginError](err); ok {
+		select {
+		case <-n.reloginCh:
+			n.relogin()
+			continue
+		default:
+		}
+		if le, ok := errors.AsType[*LoginError](err); ok {
+			if n.reloggingIn() {
+				// Not fatal: the last map goes on answering until its
+				// maximum age (checkControl says so, with backoff).
+				n.control.mu.Lock()
+				n.control.reloginFail = le.Msg
+				n.control.mu.Unlock()
+				n.checkControl()
+				continue
+			}
+			n.loginProblem.Store(ProblemLoginRejected)
 			n.stop(err)
 			return
 		}
@@ -467,13 +561,23 @@ func (n *Node) follow() {
 	n.setState(StateStopped)
 }
 
-// watch follows the IPN bus, keeping state and the key set current.
+// watch follows the IPN bus, keeping state and the key set current,
+// until the node closes or a re-login is asked for.
 func (n *Node) watch() error {
-	lc, err := n.ts.LocalClient()
+	ctx, cancel := context.WithCancel(n.ctx)
+	defer cancel()
+	n.mu.Lock()
+	ts := n.ts
+	n.watchCancel = cancel
+	n.mu.Unlock()
+	if len(n.reloginCh) > 0 {
+		return errors.New("node: re-login asked for")
+	}
+	lc, err := ts.LocalClient()
 	if err != nil {
 		return err
 	}
-	w, err := lc.WatchIPNBus(n.ctx, ipn.NotifyInitialState|ipn.NotifyInitialNetMap|ipn.NotifyPeerChanges)
+	w, err := lc.WatchIPNBus(ctx, ipn.NotifyInitialState|ipn.NotifyInitialNetMap|ipn.NotifyPeerChanges)
 	if err != nil {
 		return err
 	}
@@ -488,6 +592,7 @@ func (n *Node) watch() error {
 		}
 		if note.LoginFinished != nil {
 			n.Logger.Info("node: logged in")
+			n.loginProblem.Store(Problem(""))
 		}
 		if note.State != nil {
 			switch *note.State {
@@ -497,6 +602,7 @@ func (n *Node) watch() error {
 				wasRunning := n.State() == StateRunning
 				n.dropped(n.keys.loggedOut())
 				if wasRunning {
+					n.loginProblem.Store(ProblemLoggedOut)
 					// Said once the set has turned to the cache (or
 					// been cleared), so the effect is what happens now.
 					n.Logger.Error("node: logged out by the control server (node key expired, or the device was removed)",
@@ -504,6 +610,7 @@ func (n *Node) watch() error {
 				}
 				n.setState(StateNeedsLogin)
 				if *note.State == ipn.NeedsMachineAuth {
+					n.loginProblem.Store(ProblemNeedsApproval)
 					n.Logger.Warn("node: the tailnet requires device approval", "fix", n.advice(ProblemNeedsApproval))
 				}
 			case ipn.Stopped:
@@ -523,6 +630,11 @@ func (n *Node) watch() error {
 			}
 		}
 		n.dropped(n.keys.apply(&note))
+		if since, refused := n.control.refusalActive(time.Now()); refused {
+			// A map on a stream the control server still holds open
+			// does not make a node it refuses live again.
+			n.dropped(n.keys.notLive(since))
+		}
 		n.updateSourceGauge()
 		if n.cache != nil {
 			n.cacheDirty.Store(true)
@@ -578,17 +690,25 @@ func (n *Node) housekeeping() {
 			lastWrite = time.Now()
 		}
 		n.checkControl()
+		n.Readiness()
 	}
 }
 
-func (n *Node) writeCache() {
+func (n *Node) writeCache() { n.writeCacheForce(false) }
+
+// writeCacheFinal writes the cache a last time, even unchanged while the
+// map is live: the file then says the map was live until now, and its age
+// after a restart counts from here.
+func (n *Node) writeCacheFinal() { n.writeCacheForce(true) }
+
+func (n *Node) writeCacheForce(force bool) {
 	if n.cache == nil {
 		return
 	}
 	n.cacheMu.Lock()
 	defer n.cacheMu.Unlock()
 	n.cacheDirty.Store(false)
-	if err := n.cache.writeIfChanged(); err != nil {
+	if err := n.cache.writeIfChanged(force); err != nil {
 		n.Logger.Warn("node: cannot write the known-peers cache; a restart while the control server is unreachable would refuse every client", "err", err)
 	}
 }
@@ -660,7 +780,10 @@ func (n *Node) Listen(ctx context.Context, network, addr string) (net.Listener, 
 	case <-n.done:
 		return nil, errors.New("node: stopped")
 	}
-	ln, err := n.ts.Listen(network, addr)
+	n.mu.Lock()
+	ts := n.ts
+	n.mu.Unlock()
+	ln, err := ts.Listen(network, addr)
 	if err != nil {
 		return nil, fmt.Errorf("node: listen on tailnet %s: %w", addr, err)
 	}
@@ -710,7 +833,7 @@ func (n *Node) Shutdown(ctx context.Context) error {
 		// at most the cache read at Start, which is never written back.
 		return fmt.Errorf("node: shut down while starting: %w", ctx.Err())
 	}
-	n.writeCache()
+	n.writeCacheFinal()
 	return nil
 }
 
@@ -719,4 +842,192 @@ func orDefault(d, def time.Duration) time.Duration {
 		return def
 	}
 	return d
+}
+
+// requestRelogin asks follow to log in again as a new node, without
+// blocking: the current watch ends, and follow sees the request.
+func (n *Node) requestRelogin() {
+	select {
+	case n.reloginCh <- struct{}{}:
+	default:
+		return
+	}
+	n.mu.Lock()
+	cancel := n.watchCancel
+	n.mu.Unlock()
+	if cancel != nil {
+		cancel()
+	}
+}
+
+// reloggingIn reports whether the node has logged in again as a new node
+// since it started.
+func (n *Node) reloggingIn() bool {
+	n.control.mu.Lock()
+	defer n.control.mu.Unlock()
+	return n.control.relogins > 0
+}
+
+// keepOldStates is how many moved-aside states (see relogin) Dir keeps.
+const keepOldStates = 2
+
+// relogin replaces the node the control server forgot with a new one: it
+// closes tsnet, moves its state aside (kept, not deleted: the old
+// identity is still there for an operator who wants it back) and starts
+// tsnet again with the auth key. It runs in follow, which owns tsnet.
+func (n *Node) relogin() {
+	n.mu.Lock()
+	old := n.ts
+	n.mu.Unlock()
+	n.Logger.Warn("node: logging in again as a new node: the control server no longer knows this one",
+		"url", n.controlURL(), "effect", n.effectWithoutLiveMap()+" until the new node has a network map")
+	old.Close()
+	moved, err := moveStateAside(n.Dir, time.Now())
+	n.control.mu.Lock()
+	n.control.relogins++
+	n.control.mu.Unlock()
+	n.control.resetRefusals()
+	if err != nil {
+		n.control.mu.Lock()
+		n.control.reloginFail = fmt.Sprintf("cannot move the old state aside: %v", err)
+		n.control.mu.Unlock()
+	} else if moved != "" {
+		n.Logger.Info("node: the old node's state was kept aside", "path", moved)
+	}
+	for backoff := time.Second; ; backoff = min(2*backoff, 30*time.Second) {
+		ts := n.newTsnet()
+		err := ts.Start()
+		if err == nil {
+			n.mu.Lock()
+			n.ts = ts
+			n.mu.Unlock()
+			return
+		}
+		// Start fails only before tsnet contacts control (an OAuth
+		// exchange, say): retried like follow's first start; no Close.
+		n.control.mu.Lock()
+		n.control.reloginFail = n.redact(err.Error())
+		n.control.mu.Unlock()
+		select {
+		case <-n.ctx.Done():
+			return
+		case <-time.After(backoff):
+		}
+	}
+}
+
+// moveStateAside renames dir's StateFile to StateFile.old-<UTC time> and
+// removes all but the newest keepOldStates such files. It returns the new
+// name ("" when there was no state).
+func moveStateAside(dir string, now time.Time) (string, error) {
+	from := filepath.Join(dir, StateFile)
+	to := from + ".old-" + now.UTC().Format("20060102T150405.000Z")
+	if err := os.Rename(from, to); err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return "", nil
+		}
+		return "", fmt.Errorf("node: move the old state aside: %w", err)
+	}
+	olds, _ := filepath.Glob(from + ".old-*")
+	slices.Sort(olds) // the time sorts as text
+	for len(olds) > keepOldStates {
+		os.Remove(olds[0])
+		olds = olds[1:]
+	}
+	return to, nil
+}
+
+// Admits says whom admission lets in now.
+type Admits string
+
+// What a node admits.
+const (
+	// AdmitsMembers: the tailnet's nodes, from a live network map.
+	AdmitsMembers Admits = "members"
+	// AdmitsFromCache: the nodes of the last map, which is no longer live
+	// (the cache on disk after a restart, or in memory), until Until.
+	AdmitsFromCache Admits = "cache"
+	// AdmitsNobody: every key of this tailnet is refused.
+	AdmitsNobody Admits = "nobody"
+)
+
+// Readiness is what the node admits now and why: a plain value for the
+// status pages, the health check and the logs.
+type Readiness struct {
+	Admits  Admits
+	Problem Problem   // "" when Admits is AdmitsMembers
+	Since   time.Time // when this Admits and Problem began
+	// Netmap is when the map behind the answers arrived (live) or was
+	// last live (from the cache); zero: never.
+	Netmap time.Time
+	// Until is, for AdmitsFromCache, when the cache stops admitting.
+	Until time.Time
+}
+
+// String is the readiness on one line, for logs.
+func (r Readiness) String() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "admits=%s", r.Admits)
+	if r.Problem != "" {
+		fmt.Fprintf(&b, " problem=%s", r.Problem)
+	}
+	if !r.Since.IsZero() {
+		fmt.Fprintf(&b, " since=%s", r.Since.UTC().Format(time.RFC3339))
+	}
+	if !r.Netmap.IsZero() {
+		fmt.Fprintf(&b, " netmap=%s", r.Netmap.UTC().Format(time.RFC3339))
+	}
+	if !r.Until.IsZero() {
+		fmt.Fprintf(&b, " until=%s", r.Until.UTC().Format(time.RFC3339))
+	}
+	return b.String()
+}
+
+// Readiness returns what the node admits now. It is cheap and safe to
+// call concurrently, and usable from Load on (before Start: from the
+// cache, or nobody).
+func (n *Node) Readiness() Readiness {
+	if n.keys == nil {
+		return Readiness{Admits: AdmitsNobody, Problem: ProblemStarting}
+	}
+	src, netmap := n.keys.status()
+	r := Readiness{Netmap: netmap}
+	switch src {
+	case SourceLive:
+		r.Admits = AdmitsMembers
+	case SourceCache:
+		r.Admits, r.Until = AdmitsFromCache, n.keys.until()
+	default:
+		r.Admits = AdmitsNobody
+	}
+	if r.Admits != AdmitsMembers {
+		r.Problem = n.problem()
+	}
+	now := time.Now()
+	n.readyMu.Lock()
+	defer n.readyMu.Unlock()
+	if n.ready.Since.IsZero() || n.ready.Admits != r.Admits || n.ready.Problem != r.Problem {
+		r.Since = now
+		if !n.ready.Since.IsZero() {
+			n.Logger.Info("node: readiness", "from", n.ready.String(), "to", r.String())
+		}
+	} else {
+		r.Since = n.ready.Since
+	}
+	n.ready = r
+	return r
+}
+
+// problem says why the node does not admit from a live map.
+func (n *Node) problem() Problem {
+	if p := n.control.currentProblem(); p != "" {
+		return p
+	}
+	if p, _ := n.loginProblem.Load().(Problem); p != "" {
+		return p
+	}
+	if n.State() == StateStopped && n.cancel != nil && n.ctx.Err() != nil {
+		return ProblemStopped
+	}
+	return ProblemStarting
 }

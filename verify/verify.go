@@ -25,6 +25,7 @@ import (
 	"net/netip"
 	"reflect"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -638,20 +639,37 @@ func (v *Verifier) refuse(k key.NodePublic, src netip.Addr, reason string, err e
 	}
 }
 
-// hintFewPeers warns (rarely) when a stranger is refused while a tailnet's
-// node sees almost no peers: a policy that hides clients from the relay's
-// node makes them look like strangers.
+// hintFewPeers warns (rarely) when a stranger is refused while the
+// relay's tailnet nodes see almost no peers (≤ 1): a policy that hides
+// clients from the relay's node makes them look like strangers.
+//
+// A refused key belongs to no tailnet the relay knows, so which tailnet it
+// "would" belong to cannot be told. With one tailnet the hint is said only
+// when that tailnet's node really sees ≤ 1 peer; with several, only when
+// every one of them does (then every tailnet is named): a single small
+// tailnet beside a healthy one says nothing about a stranger, most likely
+// a real one.
 func (v *Verifier) hintFewPeers() {
+	if len(v.Tailnets) == 0 {
+		return
+	}
+	var names []string
+	peers := 0
 	for _, t := range v.Tailnets {
 		pc, ok := t.Keys.(PeerCounter)
-		if !ok || pc.PeerCount() > 1 {
-			continue
+		if !ok {
+			return
 		}
-		if ok, _ := v.hintLimit.Allow(time.Now()); ok {
-			v.Logger.Warn("verify: the relay's tailnet node sees almost no peers; if your tailnet policy hides clients from it, they are refused as strangers (see docs: the relay node must be able to see every client)",
-				"tailnet", t.Name, "peers_seen", pc.PeerCount())
+		c := pc.PeerCount()
+		if c > 1 {
+			return
 		}
-		return
+		names = append(names, t.Name)
+		peers += c
+	}
+	if ok, _ := v.hintLimit.Allow(time.Now()); ok {
+		v.Logger.Warn("verify: the relay's tailnet node sees almost no peers; if your tailnet policy hides clients from it, they are refused as strangers (see docs: the relay node must be able to see every client)",
+			"tailnet", strings.Join(names, ","), "peers_seen", peers)
 	}
 }
 

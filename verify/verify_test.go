@@ -357,3 +357,40 @@ func TestURLHealth(t *testing.T) {
 		t.Fatalf("after an allowing answer: %+v", h)
 	}
 }
+
+// TestFewPeersHintOnlyWhenTrue: the hint about a node that sees almost no
+// peers is said only when it is true: with one tailnet, when its node sees
+// ≤ 1 peer; with several, only when every one does.
+func TestFewPeersHintOnlyWhenTrue(t *testing.T) {
+	keys := func(n int) *members {
+		m := &members{keys: map[key.NodePublic]bool{}}
+		for range n {
+			m.keys[key.NewNode().Public()] = true
+		}
+		return m
+	}
+	for _, tt := range []struct {
+		name     string
+		tailnets []Tailnet
+		want     string // the tailnet named, "" for no hint
+	}{
+		{"one healthy", []Tailnet{{Name: "a", Keys: keys(5)}}, ""},
+		{"one small", []Tailnet{{Name: "a", Keys: keys(1)}}, "tailnet=a "},
+		{"one small beside a healthy one", []Tailnet{{Name: "a", Keys: keys(5)}, {Name: "b", Keys: keys(0)}}, ""},
+		{"all small", []Tailnet{{Name: "a", Keys: keys(1)}, {Name: "b", Keys: keys(0)}}, "tailnet=a,b "},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			var buf testutil.Buffer
+			v := &Verifier{Tailnets: tt.tailnets, Logger: slog.New(slog.NewTextHandler(&buf, nil))}
+			v.Admit(context.Background(), key.NewNode().Public(), src)
+			out := buf.String()
+			hint := testutil.Lines(out, "sees almost no peers")
+			switch {
+			case tt.want == "" && len(hint) > 0:
+				t.Errorf("hint said: %v", hint)
+			case tt.want != "" && (len(hint) != 1 || !strings.Contains(hint[0], tt.want)):
+				t.Errorf("hint %v, want one naming %q; log:\n%s", hint, tt.want, out)
+			}
+		})
+	}
+}

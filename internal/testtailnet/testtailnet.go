@@ -536,3 +536,51 @@ func testLogf(t testing.TB) logger.Logf {
 		}
 	}
 }
+
+// ForgetNode makes the control server stop knowing the node that holds
+// node key k, the way a node deleted in Headscale finds it: every map
+// request of that node is refused from now on, with testcontrol's 400
+// "node doesn't match machine key" (Headscale answers 404 "node not
+// found"; both fail controlclient's map request with "initial fetch
+// failed"), while the other nodes go on.
+//
+// testcontrol has no call to delete a node, and it keeps answering a map
+// poll that is already open. So ForgetNode gives the node's entry another
+// machine key (UpdateNode; k's owner cannot prove it), then drops every
+// open connection (Stop, Resume): the other nodes reconnect as after a
+// control restart, the forgotten one is refused at each retry. The entry
+// stays in the other nodes' maps; remove it from them with
+// AddRawMapResponse (PeersRemoved) when a test needs that too.
+func (c *Control) ForgetNode(t testing.TB, k key.NodePublic) {
+	t.Helper()
+	n := c.Server.Node(k)
+	if n == nil {
+		t.Fatalf("testtailnet: ForgetNode: control does not know %v", k.ShortString())
+	}
+	n.Machine = key.NewMachine().Public()
+	c.Server.UpdateNode(n)
+	c.Stop()
+	c.Resume(t)
+}
+
+// RemoveNode ends the membership of the node holding k, as deleting it in
+// the control server does for the others: every node connected now is sent
+// a map with PeersRemoved, and since testcontrol cannot delete a node, its
+// entry stays with its key expired, so that a node that logs in (or polls
+// again) later does not admit it either. To refuse the node's own map
+// requests as well, see ForgetNode.
+func (c *Control) RemoveNode(t testing.TB, k key.NodePublic) {
+	t.Helper()
+	n := c.Server.Node(k)
+	if n == nil {
+		t.Fatalf("testtailnet: RemoveNode: control does not know %v", k.ShortString())
+	}
+	for _, other := range c.Server.AllNodes() {
+		if other.Key != k {
+			c.Server.AddRawMapResponse(other.Key, &tailcfg.MapResponse{PeersRemoved: []tailcfg.NodeID{n.ID}})
+		}
+	}
+	n.KeyExpiry = time.Now().Add(-time.Minute)
+	n.Expired = true
+	c.Server.UpdateNode(n)
+}
