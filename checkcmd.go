@@ -327,18 +327,18 @@ func checkTarget(o *checkOpts, cfg *config, target string, stderr io.Writer) (ch
 		}
 		t.RootCAs = pool
 	}
-	meshFile := o.meshKeyFile
+	meshFile, meshSetting := o.meshKeyFile, "-mesh-key-file"
 	if target == "" && meshFile == "" {
-		meshFile = cfg.MeshPSKFile
+		meshFile, meshSetting = cfg.MeshPSKFile, settingName("mesh-psk-file")
 	}
 	if meshFile != "" {
 		b, err := os.ReadFile(meshFile)
 		if err != nil {
-			return t, fmt.Errorf("-mesh-key-file: %w", err)
+			return t, fmt.Errorf("%s: %w", meshSetting, err)
 		}
 		k, err := relayrules.ParseMeshKey(string(b))
 		if err != nil {
-			return t, fmt.Errorf("-mesh-key-file %s: %v", meshFile, err)
+			return t, fmt.Errorf("%s %s: %v", meshSetting, meshFile, err)
 		}
 		t.MeshKey = k
 	}
@@ -559,7 +559,7 @@ packets), latency, stun.
 What it proves. A relay has two jobs: refuse strangers, admit the members
 of its tailnet. Without a member key it proves the first only (and that
 the relay answers, its certificate is right, STUN works): a relay whose
-tailnet node cannot log in refuses everyone, members too, and passes that.
+tailnet node cannot log in refuses everyone, members too, and still passes.
 The last line then says members were not tested, never "all good".
 With a URL and an auth key of the tailnet, read as the server reads it
 (TAILSCALE_AUTH_KEY, else -auth-key-file; -control-url for Headscale), the

@@ -85,10 +85,12 @@ func TestJoinEphemeral(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	var rec testutil.LogRecorder
+	t0 := time.Now()
 	m, err := node.JoinEphemeral(ctx, node.Join{ControlURL: ctl.URL, AuthKey: ctl.AuthKey, Hostname: "checker", Logger: slog.New(&rec)})
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Logf("joined in %v", time.Since(t0)) // for the record, not asserted
 	pub := m.NodeKey().Public()
 	// The key is the node's: control registered it, ephemeral, and the
 	// tailnet's other nodes learn it from their maps.
@@ -107,9 +109,11 @@ func TestJoinEphemeral(t *testing.T) {
 	}
 
 	before := registers.Load()
+	t0 = time.Now()
 	if err := m.Close(ctx); err != nil {
 		t.Fatal(err)
 	}
+	t.Logf("closed (logged out) in %v", time.Since(t0))
 	// The logout is a registration request (with an expiry in the past),
 	// which only Close sends: testcontrol keeps ephemeral nodes, so the
 	// request itself is what shows the node logged out.
