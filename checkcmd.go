@@ -8,14 +8,20 @@ import (
 	"io"
 	"net"
 	"os"
+	"os/signal"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
+	"tailscale.com/envknob"
+	"tailscale.com/ipn"
 	"tailscale.com/tailcfg"
-	"tailscale.com/types/key"
 
 	"github.com/tailderp/tailderp/check"
+	"github.com/tailderp/tailderp/internal/logs"
+	"github.com/tailderp/tailderp/internal/relayrules"
+	"github.com/tailderp/tailderp/node"
 )
 
 // checkOpts are the flags of `tailderp check` itself; the server's
@@ -127,7 +133,26 @@ func parseCheckArgs(args []string, getenv func(string) string, stderr io.Writer)
 		return nil, nil, "", err
 	}
 	fs.Visit(func(f *flag.Flag) { o.timeoutGiven = o.timeoutGiven || f.Name == "timeout" })
+	if err := flagSwallowedFlag(fs); err != nil {
+		return nil, nil, "", err
+	}
 	return o, cfg, target, nil
+}
+
+// flagSwallowedFlag finds a flag whose value is one of the flags: a flag
+// that takes a value takes the next argument whatever it is, so
+// `-cert-name -expect-open URL` would check with the CertName
+// "-expect-open" and without -expect-open.
+func flagSwallowedFlag(fs *flag.FlagSet) error {
+	var err error
+	fs.Visit(func(f *flag.Flag) {
+		v := f.Value.String()
+		name, _, _ := strings.Cut(strings.TrimPrefix(strings.TrimPrefix(v, "-"), "-"), "=")
+		if err == nil && strings.HasPrefix(v, "-") && name != "" && fs.Lookup(name) != nil {
+			err = fmt.Errorf("-%s %q: that is the flag -%s, not a value; -%s needs its value right after it (see tailderp check -h)", f.Name, v, name, f.Name)
+		}
+	})
+	return err
 }
 
 // runCheck is `tailderp check`.
@@ -159,15 +184,42 @@ func runCheck(args []string, getenv func(string) string, stdout, stderr io.Write
 	if o.load {
 		return runLoad(o, t, stdout, stderr)
 	}
+	if target != "" {
+		// Ctrl-C or SIGTERM ends the check, not the process, so a member
+		// that joined is still logged out.
+		var stop context.CancelFunc
+		ctx, stop = signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
+		defer stop()
+		member, code := joinCheckMember(ctx, cfg, stderr)
+		if code != 0 {
+			return code
+		}
+		if member != nil {
+			defer func() {
+				// Also after a timeout or a failed check: the node leaves
+				// the tailnet now rather than when control notices.
+				cctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				defer cancel()
+				if err := member.Close(cctx); err != nil {
+					fmt.Fprintf(stderr, "tailderp check: %v (the control server removes the ephemeral node by itself once it is offline)\n", err)
+				}
+			}()
+			t.MemberKey = member.NodeKey()
+		}
+	}
 	report := check.Run(ctx, t)
 	if o.json {
 		report.WriteJSON(stdout)
 	} else {
 		fmt.Fprintf(stdout, "checking %s\n", describeTarget(t))
 		report.WriteText(stdout)
-		if report.OK() {
+		switch {
+		case report.AllGood():
 			fmt.Fprintln(stdout, "all good")
-		} else {
+		case report.OK():
+			fmt.Fprintf(stdout, "passed, but members of the tailnet were not tested; to test them, check the URL with an auth key of the tailnet: %s or %s, and %s for Headscale\n",
+				settingName("TAILSCALE_AUTH_KEY"), settingName("auth-key-file"), settingName("control-url"))
+		default:
 			fmt.Fprintf(stdout, "%d problem(s): see the lines marked ✗ or ⚠\n", len(report.Failed()))
 		}
 	}
@@ -175,6 +227,49 @@ func runCheck(args []string, getenv func(string) string, stdout, stderr io.Write
 		return 1
 	}
 	return 0
+}
+
+// joinCheckMember joins the tailnet as a throwaway member when the check
+// has an auth key, read as the server reads it (TAILSCALE_AUTH_KEY, else
+// -auth-key-file; -control-url), so the check can prove the relay admits
+// the tailnet's members. No key: nil and 0. A failure is said on stderr
+// and returns the exit code: 2 for a key that is wrong, 1 otherwise.
+func joinCheckMember(ctx context.Context, cfg *config, stderr io.Writer) (*node.Member, int) {
+	if err := cfg.readAuthKeyFile(); err != nil {
+		fmt.Fprintf(stderr, "tailderp check: %v\n", err)
+		return nil, 2
+	}
+	if cfg.AuthKey == "" {
+		return nil, 0
+	}
+	if err := checkAuthKey(cfg.AuthKey); err != nil {
+		fmt.Fprintf(stderr, "tailderp check: %v\n", err)
+		return nil, 2
+	}
+	// Process-wide, before the node starts: a node that lives for the
+	// check's seconds has no use for Tailscale's log service.
+	if os.Getenv("TS_NO_LOGS_NO_SUPPORT") != "true" {
+		envknob.SetNoLogsNoSupport()
+	}
+	m, err := node.JoinEphemeral(ctx, node.Join{ControlURL: cfg.ControlURL, AuthKey: cfg.AuthKey, Logger: logs.Discard()})
+	if err != nil {
+		fmt.Fprintf(stderr, "tailderp check: joining the tailnet as a member, to test that the relay admits members: %v\n", err)
+		if errors.Is(err, node.ErrAuthKeyRejected) {
+			fmt.Fprintf(stderr, "tailderp check: give an auth key of the relay's tailnet (%s or %s), reusable or ephemeral, and for Headscale its URL (%s)\n",
+				settingName("TAILSCALE_AUTH_KEY"), settingName("auth-key-file"), settingName("control-url"))
+			return nil, 2
+		}
+		fmt.Fprintf(stderr, "tailderp check: is %s the tailnet's control server? (%s)\n", orDefaultControl(cfg.ControlURL), settingName("control-url"))
+		return nil, 1
+	}
+	return m, 0
+}
+
+func orDefaultControl(u string) string {
+	if u == "" {
+		return ipn.DefaultControlURL
+	}
+	return u
 }
 
 // runLocalCheck is -local, the Docker HEALTHCHECK: it checks what the
@@ -232,18 +327,18 @@ func checkTarget(o *checkOpts, cfg *config, target string, stderr io.Writer) (ch
 		}
 		t.RootCAs = pool
 	}
-	meshFile := o.meshKeyFile
+	meshFile, meshSetting := o.meshKeyFile, "-mesh-key-file"
 	if target == "" && meshFile == "" {
-		meshFile = cfg.MeshPSKFile
+		meshFile, meshSetting = cfg.MeshPSKFile, settingName("mesh-psk-file")
 	}
 	if meshFile != "" {
 		b, err := os.ReadFile(meshFile)
 		if err != nil {
-			return t, fmt.Errorf("-mesh-key-file: %w", err)
+			return t, fmt.Errorf("%s: %w", meshSetting, err)
 		}
-		k, err := key.ParseDERPMesh(strings.TrimSpace(string(b)))
+		k, err := relayrules.ParseMeshKey(string(b))
 		if err != nil {
-			return t, fmt.Errorf("-mesh-key-file %s: %v", meshFile, err)
+			return t, fmt.Errorf("%s %s: %v", meshSetting, meshFile, err)
 		}
 		t.MeshKey = k
 	}
@@ -254,12 +349,20 @@ func checkTarget(o *checkOpts, cfg *config, target string, stderr io.Writer) (ch
 			return t, err
 		}
 		// Only flags describe another server; the environment is this
-		// server's.
-		if cfg.src.byFlag("ipv4") {
+		// server's. An address given is where the relay is: the other
+		// family is not looked up either.
+		v4, v6 := cfg.src.byFlag("ipv4"), cfg.src.byFlag("ipv6")
+		if v4 {
 			n.IPv4 = cfg.IPv4
 		}
-		if cfg.src.byFlag("ipv6") {
+		if v6 {
 			n.IPv6 = cfg.IPv6
+		}
+		if v4 && !v6 {
+			n.IPv6 = "none"
+		}
+		if v6 && !v4 {
+			n.IPv4 = "none"
 		}
 		if cfg.src.byFlag("stun-port") {
 			n.STUNPort = cfg.STUNPort
@@ -331,6 +434,9 @@ func describeTarget(t check.Target) string {
 	}
 	if !t.MeshKey.IsZero() {
 		extra = append(extra, "with the mesh key")
+	}
+	if !t.MemberKey.IsZero() {
+		extra = append(extra, "member "+t.MemberKey.Public().ShortString())
 	}
 	return s + " (" + strings.Join(extra, ", ") + ")"
 }
@@ -443,14 +549,32 @@ Without a URL it checks this server's public address, from the same flags
 and environment as the server (-hostname, -a, -stun-port, -certmode,
 -certdir, -verify-clients, -mesh-psk-file, -ipv4, ...). With a URL, only
 flags describe the target: -stun-port, -stun=false, -ipv4/-ipv6 (dial that
-address instead of resolving the host), -cert-name.
+address, resolving nothing), -cert-name.
 
 One line per check, ✓ passed, ✗ failed, ⚠ warning, – skipped: dns, tls,
 certificate, generate_204, admission (a stranger refused, or relayed for),
-relay (two clients exchange packets), latency, stun. Exit status 0 only
-when everything is as it should be: 1 on any ✗ or ⚠ (e.g. a certificate
-expiring within 30 days, or a third of its lifetime, whichever is less: the
-relay's log warns from then too), 2 on bad flags.
+member (a member of the tailnet admitted), relay (two clients exchange
+packets), latency, stun.
+
+What it proves. A relay has two jobs: refuse strangers, admit the members
+of its tailnet. Without a member key it proves the first only (and that
+the relay answers, its certificate is right, STUN works): a relay whose
+tailnet node cannot log in refuses everyone, members too, and still passes.
+The last line then says members were not tested, never "all good".
+With a URL and an auth key of the tailnet, read as the server reads it
+(TAILSCALE_AUTH_KEY, else -auth-key-file; -control-url for Headscale), the
+check joins the tailnet as an ephemeral node (state in memory, logged out
+at the end), connects to the relay with that node's key, and retries a
+refusal for 10 s (the relay's node learns of a new node from its next
+network map): "all good" means a stranger was refused (or admitted with
+-expect-open) and a member was admitted. An open relay admits any key, so
+with -expect-open members need no key. -json gives the same as "member"
+(admitted, refused, not-tested) and "all_good".
+
+Exit status 0 when every check passed (members untested included): 1 on
+any ✗ or ⚠ (e.g. a member refused, or a certificate expiring within 30
+days, or a third of its lifetime, whichever is less: the relay's log warns
+from then too), 2 on bad flags or an auth key the control server rejects.
 
 Check flags:
 `)

@@ -5,7 +5,8 @@
 //   - Run is the full check of a relay by its derpMap node: DNS, TLS and
 //     certificate (CA-signed name or CertName pin, days to expiry),
 //     /generate_204, admission (a stranger is refused, or two fresh clients
-//     exchange packets through it), latency, STUN.
+//     exchange packets through it), member (given the node key of a member
+//     of the relay's tailnet, that member is admitted), latency, STUN.
 //   - Load puts bounded load on a relay you own and measures it:
 //     throughput, connects, idle memory, STUN (see load.go).
 package check
@@ -96,12 +97,58 @@ func (r Report) WriteText(w io.Writer) {
 	}
 }
 
-// WriteJSON writes the report as JSON.
+// MemberOutcome is what a report learnt about the members of the relay's
+// tailnet: whether the relay admits them.
+type MemberOutcome string
+
+// The outcomes of the member test.
+const (
+	// MemberAdmitted: a member's key was admitted, or the relay admits
+	// any key (it admitted a stranger).
+	MemberAdmitted MemberOutcome = "admitted"
+	// MemberRefused: a member's key was refused (or could not connect).
+	MemberRefused MemberOutcome = "refused"
+	// MemberNotTested: no member key was given, or an earlier step
+	// failed so no client could connect.
+	MemberNotTested MemberOutcome = "not-tested"
+)
+
+// Member returns the outcome of the report's member test; "" for a report
+// that has none (Local).
+func (r Report) Member() MemberOutcome {
+	for _, res := range r {
+		if res.Name != NameMember {
+			continue
+		}
+		switch {
+		case res.Skipped:
+			return MemberNotTested
+		case res.OK:
+			return MemberAdmitted
+		}
+		return MemberRefused
+	}
+	return ""
+}
+
+// AllGood reports whether the report proves the relay does its whole job:
+// every check passed (so a stranger was refused, or admitted by a relay
+// meant to be open) and a member of the tailnet was admitted. A report
+// can be OK without being AllGood: when members were not tested.
+func (r Report) AllGood() bool {
+	return r.OK() && r.Member() == MemberAdmitted
+}
+
+// WriteJSON writes the report as JSON: "ok" (every check passed: the exit
+// status), "member" (Member, omitted when the report has no member test),
+// "all_good" (AllGood) and "results".
 func (r Report) WriteJSON(w io.Writer) error {
 	return json.NewEncoder(w).Encode(struct {
-		OK      bool     `json:"ok"`
-		Results []Result `json:"results"`
-	}{r.OK(), r})
+		OK      bool          `json:"ok"`
+		Member  MemberOutcome `json:"member,omitempty"`
+		AllGood bool          `json:"all_good"`
+		Results []Result      `json:"results"`
+	}{r.OK(), r.Member(), r.AllGood(), r})
 }
 
 // LocalTarget is where a relay on this machine listens.

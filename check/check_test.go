@@ -12,6 +12,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -144,7 +145,7 @@ func TestRunOpenRelayPinned(t *testing.T) {
 	if !r.OK() {
 		t.Fatalf("report failed: %+v", r.Failed())
 	}
-	names := []string{check.NameDNS, check.NameTLS, check.NameCertificate, check.NameGenerate204, check.NameAdmission, check.NameRelay, check.NameLatency, check.NameSTUN}
+	names := []string{check.NameDNS, check.NameTLS, check.NameCertificate, check.NameGenerate204, check.NameAdmission, check.NameMember, check.NameRelay, check.NameLatency, check.NameSTUN}
 	if len(r) != len(names) {
 		t.Fatalf("%d results, want %d", len(r), len(names))
 	}
@@ -159,15 +160,21 @@ func TestRunOpenRelayPinned(t *testing.T) {
 	if v := result(t, r, check.NameAdmission).Value; !strings.Contains(v, "open relay") {
 		t.Errorf("admission value %q", v)
 	}
+	// An open relay admits any key: members too, without a member key.
+	if m := result(t, r, check.NameMember); !strings.Contains(m.Value, "admits any key") || r.Member() != check.MemberAdmitted || !r.AllGood() {
+		t.Errorf("member = %+v, outcome %q, AllGood %v; want admitted (an open relay)", m, r.Member(), r.AllGood())
+	}
 	var js bytes.Buffer
 	if err := r.WriteJSON(&js); err != nil {
 		t.Fatal(err)
 	}
 	var decoded struct {
 		OK      bool
+		Member  string
+		AllGood bool `json:"all_good"`
 		Results []check.Result
 	}
-	if err := json.Unmarshal(js.Bytes(), &decoded); err != nil || !decoded.OK || len(decoded.Results) != len(names) {
+	if err := json.Unmarshal(js.Bytes(), &decoded); err != nil || !decoded.OK || decoded.Member != "admitted" || !decoded.AllGood || len(decoded.Results) != len(names) {
 		t.Fatalf("JSON %s: %v", js.String(), err)
 	}
 }
@@ -184,6 +191,101 @@ func TestRunRefusesStrangers(t *testing.T) {
 	}
 	if rel := result(t, r, check.NameRelay); !rel.Skipped || !rel.OK || !strings.Contains(rel.Value, "-mesh-key-file") {
 		t.Errorf("relay = %+v, want skipped (not applicable) with a hint", rel)
+	}
+	// No member key: the report passes, but does not claim members get in.
+	if m := result(t, r, check.NameMember); m.Mark() != "–" || !strings.Contains(m.Value, "not tested") {
+		t.Errorf("member = %+v, want skipped: not tested", m)
+	}
+	if r.Member() != check.MemberNotTested || r.AllGood() {
+		t.Errorf("outcome %q, AllGood %v; want not-tested, not all good", r.Member(), r.AllGood())
+	}
+}
+
+// admitKeys admits the keys in it, each only from its after-th connect
+// (counted per key) on: before that it refuses them, as a relay whose node
+// has not yet received the map with them does. Everyone else is refused.
+type admitKeys struct {
+	after int
+	mu    sync.Mutex
+	seen  map[key.NodePublic]int
+	keys  map[key.NodePublic]bool
+}
+
+func newAdmitKeys(after int, ks ...key.NodePublic) *admitKeys {
+	a := &admitKeys{after: after, seen: map[key.NodePublic]int{}, keys: map[key.NodePublic]bool{}}
+	for _, k := range ks {
+		a.keys[k] = true
+	}
+	return a
+}
+
+func (a *admitKeys) Admit(_ context.Context, k key.NodePublic, _ netip.Addr) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.seen[k]++
+	return a.keys[k] && a.seen[k] >= a.after
+}
+
+func (a *admitKeys) connects(k key.NodePublic) int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.seen[k]
+}
+
+func TestRunMemberAdmitted(t *testing.T) {
+	member := key.NewNode()
+	tr := startRelay(t, relayOpts{admit: newAdmitKeys(1, member.Public())})
+	r := run(t, check.Target{Node: tr.node, Expect: check.ExpectRefused, MemberKey: member, Pings: 3})
+	if !r.OK() || !r.AllGood() || r.Member() != check.MemberAdmitted {
+		t.Fatalf("OK %v, AllGood %v, member %q; want all good: %+v", r.OK(), r.AllGood(), r.Member(), r.Failed())
+	}
+	want := "a member of the tailnet is admitted (node " + member.Public().ShortString() + ")"
+	if m := result(t, r, check.NameMember); m.Mark() != "✓" || m.Value != want {
+		t.Errorf("member = %+v, want ✓ %q", m, want)
+	}
+	var buf bytes.Buffer
+	r.WriteText(&buf)
+	if !strings.Contains(buf.String(), "✓ member: "+want) {
+		t.Errorf("text report:\n%s", buf.String())
+	}
+}
+
+// TestRunMemberLearntLate: a member refused at first (the relay's node has
+// not yet got the map that has it) is retried, and admitted.
+func TestRunMemberLearntLate(t *testing.T) {
+	member := key.NewNode()
+	adm := newAdmitKeys(3, member.Public())
+	tr := startRelay(t, relayOpts{admit: adm})
+	r := run(t, check.Target{Node: tr.node, MemberKey: member, Pings: 3})
+	if !r.AllGood() {
+		t.Fatalf("report not all good: %+v", r.Failed())
+	}
+	if m := result(t, r, check.NameMember); !strings.Contains(m.Value, "after 2 refusals") {
+		t.Errorf("member = %+v, want it to say it was admitted after 2 refusals", m)
+	}
+	if n := adm.connects(member.Public()); n != 3 {
+		t.Errorf("the member connected %d times, want 3", n)
+	}
+}
+
+func TestRunMemberRefused(t *testing.T) {
+	member := key.NewNode()
+	adm := newAdmitKeys(1) // knows no key: a relay whose node has no map
+	tr := startRelay(t, relayOpts{admit: adm})
+	r := run(t, check.Target{Node: tr.node, MemberKey: member, MemberWait: 600 * time.Millisecond, Pings: 3})
+	wantOnlyFailure(t, r, check.NameMember, "✗", "a member of the tailnet is refused (node "+member.Public().ShortString())
+	m := result(t, r, check.NameMember)
+	for _, cause := range []string{"not logged in or cannot reach its control server", "tailderp check -local", "another tailnet", "policy hides this member"} {
+		if !strings.Contains(m.Err, cause) {
+			t.Errorf("member error %q does not name the cause %q", m.Err, cause)
+		}
+	}
+	if r.Member() != check.MemberRefused || r.AllGood() {
+		t.Errorf("outcome %q, AllGood %v", r.Member(), r.AllGood())
+	}
+	// Retried within MemberWait (every 250 ms), not given up at once.
+	if n := adm.connects(member.Public()); n < 2 {
+		t.Errorf("the member connected %d times, want retries", n)
 	}
 }
 
@@ -347,7 +449,7 @@ func TestRunStopped(t *testing.T) {
 	if tl := result(t, r, check.NameTLS); tl.Mark() != "✗" || !strings.Contains(tl.Err, "connection refused") {
 		t.Errorf("tls = %+v", tl)
 	}
-	for _, name := range []string{check.NameCertificate, check.NameGenerate204, check.NameAdmission, check.NameRelay, check.NameLatency} {
+	for _, name := range []string{check.NameCertificate, check.NameGenerate204, check.NameAdmission, check.NameMember, check.NameRelay, check.NameLatency} {
 		if res := result(t, r, name); !res.Skipped || res.OK {
 			t.Errorf("%s = %+v, want skipped", name, res)
 		}

@@ -2,7 +2,6 @@ package check
 
 import (
 	"context"
-	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/hex"
@@ -74,6 +73,17 @@ type Target struct {
 	// so relaying is proven even on a relay that refuses strangers.
 	MeshKey key.DERPMesh
 
+	// MemberKey, if set, is the node key of a member of the relay's
+	// tailnet (e.g. a node that joined for the check, see node.JoinEphemeral):
+	// the member test connects with it and must be admitted. Zero: members
+	// are not tested, and the report says so (Report.Member).
+	MemberKey key.NodePrivate
+
+	// MemberWait is how long a refused member is retried before it counts
+	// as refused (DefaultMemberWait if zero): the relay's node learns of a
+	// node that has just joined from its next network map.
+	MemberWait time.Duration
+
 	// Pings is the number of round trips the latency figures are taken
 	// over (default 20).
 	Pings int
@@ -130,14 +140,15 @@ const (
 	NameCertificate = "certificate"
 	NameGenerate204 = "generate_204"
 	NameAdmission   = "admission"
+	NameMember      = "member"
 	NameRelay       = "relay"
 	NameLatency     = "latency"
 	NameSTUN        = "stun"
 )
 
 // Run checks the relay from here, one result per property, in this
-// order: dns, tls, certificate, generate_204, admission, relay, latency,
-// stun. When a step fails, the steps that need it are reported as
+// order: dns, tls, certificate, generate_204, admission (a stranger),
+// member (a node of the tailnet), relay, latency, stun. When a step fails, the steps that need it are reported as
 // skipped, so the first ✗ is the one to fix. Every step is bounded; ctx
 // bounds the whole.
 func Run(ctx context.Context, t Target) Report {
@@ -159,14 +170,14 @@ func Run(ctx context.Context, t Target) Report {
 	dnsRes := c.resolve(ctx)
 	r = append(r, dnsRes)
 	if !dnsRes.OK {
-		skipAll("skipped: no address to reach the relay at", NameTLS, NameCertificate, NameGenerate204, NameAdmission, NameRelay, NameLatency, NameSTUN)
+		skipAll("skipped: no address to reach the relay at", NameTLS, NameCertificate, NameGenerate204, NameAdmission, NameMember, NameRelay, NameLatency, NameSTUN)
 		return r
 	}
 
 	tlsRes := c.handshake(ctx)
 	r = append(r, tlsRes)
 	if !tlsRes.OK {
-		skipAll("skipped: no TLS connection", NameCertificate, NameGenerate204, NameAdmission, NameRelay, NameLatency)
+		skipAll("skipped: no TLS connection", NameCertificate, NameGenerate204, NameAdmission, NameMember, NameRelay, NameLatency)
 		r = append(r, c.stun(ctx))
 		return r
 	}
@@ -176,6 +187,7 @@ func Run(ctx context.Context, t Target) Report {
 	if certRes.OK || certRes.Warn {
 		adm, admitted := c.admission(ctx)
 		r = append(r, adm)
+		r = append(r, c.member(ctx, adm, admitted))
 		switch {
 		case admitted:
 			// Strangers get in (wanted or not): relay with two of them.
@@ -189,7 +201,7 @@ func Run(ctx context.Context, t Target) Report {
 			skipAll("skipped: no DERP client could connect", NameRelay)
 		}
 	} else {
-		skipAll("skipped: Tailscale clients refuse this certificate, so no client can connect", NameAdmission, NameRelay)
+		skipAll("skipped: Tailscale clients refuse this certificate, so no client can connect", NameAdmission, NameMember, NameRelay)
 	}
 	r = append(r, c.latency(ctx))
 	r = append(r, c.stun(ctx))
@@ -207,6 +219,8 @@ type checker struct {
 	certOK  bool
 	httpTr  *http.Transport
 	lastRTT []time.Duration
+
+	strangerRefused bool // the relay disconnected the stranger after its handshake
 }
 
 func (c *checker) host() string { return c.t.Node.HostName }
@@ -412,12 +426,6 @@ func derpKeyOf(certs []*x509.Certificate) (key.NodePublic, bool) {
 	return key.NodePublic{}, false
 }
 
-// CertName returns the pin of a certificate as a derpMap CertName:
-// "sha256-raw:" and the hex SHA-256 of its DER bytes.
-func CertName(der []byte) string {
-	return fmt.Sprintf("sha256-raw:%x", sha256.Sum256(der))
-}
-
 // certificate judges the certificate the relay presented the way a
 // Tailscale client's TLS dialer (tlsdial) does, and says why it fails.
 func (c *checker) certificate() Result {
@@ -433,7 +441,7 @@ func (c *checker) certificate() Result {
 		return res
 	}
 	leaf := chain[0]
-	c.pin = CertName(leaf.Raw)
+	c.pin = relayrules.CertName(leaf.Raw)
 	now := time.Now()
 	host := c.host()
 	certName := c.t.Node.CertName
@@ -698,6 +706,7 @@ func (c *checker) admission(ctx context.Context) (res Result, admitted bool) {
 	t0 := time.Now()
 	err := ConnectDERP(actx, dc)
 	d := time.Since(t0)
+	c.strangerRefused = errors.Is(err, ErrRefused)
 	switch {
 	case errors.Is(err, ErrRefused) && c.t.Expect == ExpectOpen:
 		res.Err = fmt.Sprintf("refuses clients outside the tailnet (a fresh key was disconnected right after the handshake, in %v), but the relay was expected to be open (-expect-open)", roundDur(d))
@@ -716,6 +725,77 @@ func (c *checker) admission(ctx context.Context) (res Result, admitted bool) {
 	res.OK = true
 	res.Value = fmt.Sprintf("admits any client: an open relay, as expected (a fresh key was admitted in %v)", roundDur(d))
 	return res, true
+}
+
+// DefaultMemberWait is Target.MemberWait's default. A relay's node
+// usually learns of a new node within 100 ms; 10 s leaves room for a slow
+// control server's map, and is short of the time a client waits.
+const DefaultMemberWait = 10 * time.Second
+
+// memberRetryEvery is the pause between a member's refused connects.
+const memberRetryEvery = 250 * time.Millisecond
+
+// member connects with the member's key, retrying a refusal for
+// MemberWait, and says whether the relay admits it. Without a key it says
+// members were not tested, unless the relay admitted a stranger: then it
+// admits any key, members included.
+func (c *checker) member(ctx context.Context, adm Result, strangerAdmitted bool) Result {
+	res := Result{Name: NameMember}
+	switch {
+	case !adm.OK && !strangerAdmitted && !c.strangerRefused:
+		res.Skipped = true
+		res.Err = "skipped: no DERP client could connect"
+		return res
+	case c.t.MemberKey.IsZero() && strangerAdmitted:
+		res.OK = true
+		res.Value = "admitted: the relay admits any key (a stranger was admitted), members of a tailnet too"
+		return res
+	case c.t.MemberKey.IsZero():
+		res.OK, res.Skipped = true, true
+		res.Value = "not tested: no member key (a node key of the relay's tailnet), so whether the relay admits its tailnet's members is unknown"
+		return res
+	}
+	pub := c.t.MemberKey.Public()
+	wait := c.t.MemberWait
+	if wait <= 0 {
+		wait = DefaultMemberWait
+	}
+	t0 := time.Now()
+	deadline := t0.Add(wait)
+	var err error
+	for attempt := 1; ; attempt++ {
+		dc := c.newClient(c.t.MemberKey, false)
+		actx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		err = ConnectDERP(actx, dc)
+		cancel()
+		dc.Close()
+		if err == nil {
+			res.OK = true
+			res.Value = fmt.Sprintf("a member of the tailnet is admitted (node %s", pub.ShortString())
+			if attempt > 1 {
+				res.Value += fmt.Sprintf(", after %d refusals in %v: the relay's node learnt of it from its network map", attempt-1, roundDur(time.Since(t0)))
+			}
+			res.Value += ")"
+			return res
+		}
+		if !errors.Is(err, ErrRefused) {
+			res.Err = fmt.Sprintf("a DERP client with the member's key (node %s) cannot connect: %v", pub.ShortString(), err)
+			return res
+		}
+		if !time.Now().Before(deadline) || ctx.Err() != nil {
+			break
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(memberRetryEvery):
+		}
+	}
+	res.Err = fmt.Sprintf("a member of the tailnet is refused (node %s, disconnected right after the handshake, retried for %v). "+
+		"Likely causes: the relay's tailnet node is not logged in or cannot reach its control server (`tailderp check -local` on the relay says which); "+
+		"the relay serves another tailnet than this member's (another control server, or another account); "+
+		"or the tailnet policy hides this member from the relay's node (the least-privilege rule in the README: let clients reach the relay's tag)",
+		pub.ShortString(), roundDur(time.Since(t0)))
+	return res
 }
 
 // relay connects two clients (fresh keys, or mesh clients) and bounces
@@ -923,7 +1003,7 @@ func LearnPin(ctx context.Context, n tailcfg.DERPNode) (string, error) {
 	}
 	for _, cert := range c.state.PeerCertificates {
 		if !isMetaCert(cert) {
-			return CertName(cert.Raw), nil
+			return relayrules.CertName(cert.Raw), nil
 		}
 	}
 	return "", errors.New("the relay presented no certificate")
