@@ -55,7 +55,9 @@ func regionsOf(t *testing.T, file []byte) map[string]*tailcfg.DERPRegion {
 		t.Fatalf("the file is not HuJSON: %v\n%s", err, file)
 	}
 	var p struct {
-		DERPMap struct{ Regions map[string]*tailcfg.DERPRegion } `json:"derpMap"`
+		DERPMap struct {
+			Regions map[string]*tailcfg.DERPRegion
+		} `json:"derpMap"`
 	}
 	if err := json.Unmarshal(b, &p); err != nil {
 		t.Fatal(err)
