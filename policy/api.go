@@ -85,6 +85,7 @@ type Client struct {
 	// write refused because someone else wrote first (412); default 5.
 	MaxAttempts int
 
+	fetchMu     sync.Mutex // held while an OAuth token is fetched
 	mu          sync.Mutex
 	token       string // the OAuth access token; never in an error
 	tokenExpiry time.Time
@@ -284,10 +285,13 @@ func (c *Client) do(ctx context.Context, op, method, path string, body []byte, h
 	if res.StatusCode == http.StatusPreconditionFailed {
 		return nil, nil, fmt.Errorf("policy: %s: %w", op, ErrConflict)
 	}
+	e := &APIError{Op: op, Status: res.StatusCode, Message: c.apiMessage(b), Tailnet: c.tailnet()}
 	if res.StatusCode == http.StatusUnauthorized && c.Credentials.APIKey == "" {
-		c.forgetToken() // it may have been revoked: the next call fetches another
+		// The token may have been revoked: the next call fetches another
+		// (after the message above was cleaned of it).
+		c.forgetToken()
 	}
-	return nil, nil, &APIError{Op: op, Status: res.StatusCode, Message: c.apiMessage(b), Tailnet: c.tailnet()}
+	return nil, nil, e
 }
 
 func (c *Client) roundTrip(req *http.Request) (*http.Response, []byte, error) {
@@ -336,10 +340,15 @@ func (c *Client) authorize(ctx context.Context, req *http.Request) error {
 // oauthToken returns a cached access token, or fetches one with the client
 // credentials grant.
 func (c *Client) oauthToken(ctx context.Context) (string, error) {
+	// fetchMu makes concurrent callers wait for one fetch; mu guards the
+	// token alone, since building an error reads it (secrets).
+	c.fetchMu.Lock()
+	defer c.fetchMu.Unlock()
 	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.token != "" && time.Now().Before(c.tokenExpiry) {
-		return c.token, nil
+	tok, exp := c.token, c.tokenExpiry
+	c.mu.Unlock()
+	if tok != "" && time.Now().Before(exp) {
+		return tok, nil
 	}
 	base, err := c.baseURL()
 	if err != nil {
@@ -383,9 +392,11 @@ func (c *Client) oauthToken(ctx context.Context) (string, error) {
 	if life <= 0 {
 		life = time.Hour // Tailscale's tokens live an hour
 	}
+	c.mu.Lock()
 	c.token = t.AccessToken
 	c.tokenExpiry = time.Now().Add(life * 9 / 10) // renew before it runs out mid-request
-	return c.token, nil
+	c.mu.Unlock()
+	return t.AccessToken, nil
 }
 
 func (c *Client) forgetToken() {

@@ -67,8 +67,14 @@ func parseDoc(file []byte) (*doc, error) {
 
 // checkHuJSON says whether b is a HuJSON object, as a policy file must be.
 func checkHuJSON(b []byte) error {
-	_, err := parseDoc(b)
-	return err
+	v, err := hujson.Parse(b)
+	if err != nil {
+		return err
+	}
+	if _, ok := v.Value.(*hujson.Object); !ok {
+		return errors.New("not an object")
+	}
+	return nil
 }
 
 // lineIndent is the whitespace before off on its line, and whether off is
