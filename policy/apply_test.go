@@ -344,3 +344,21 @@ func TestApplyErrorsAreOneClearLine(t *testing.T) {
 		})
 	}
 }
+
+func TestApplyValidationWarningsAreNotRefusals(t *testing.T) {
+	for body, warnings := range map[string]int{
+		"\n": 0, // an empty answer is valid
+		`{}`: 0,
+		`{"message":"warning(s) found","data":[{"user":"group:unknown@example.com","warnings":["group is not syncing from SCIM"]}]}`: 1,
+	} {
+		api := newStandIn(t, policyFile)
+		api.validateRaw = body
+		res, err := api.client(apiKey).Apply(ctx(t), SetRegion(region900("relay.example", 0)), false)
+		if err != nil {
+			t.Fatalf("validate answering %q: %v", body, err)
+		}
+		if !res.Written || len(res.Warnings) != warnings {
+			t.Errorf("validate answering %q: %+v, want written with %d warnings", body, res, warnings)
+		}
+	}
+}
