@@ -3,6 +3,7 @@ package relay
 import (
 	"bufio"
 	"context"
+	"encoding/hex"
 	"errors"
 	"expvar"
 	"fmt"
@@ -310,8 +311,12 @@ func (g *connGate) check(c net.Conn, src netip.AddrPort, listed bool, release fu
 		return refuse(slog.LevelWarn, fmt.Errorf("%w within %v", errNoHeader, timeout))
 	case errors.Is(err, proxyproto.ErrNoProxyProtocol):
 		g.badHeaders.Add(1)
-		first, _ := br.Peek(min(br.Buffered(), excerptBytes))
-		return refuse(slog.LevelWarn, errNoHeader, "start", logs.Excerpt(string(first), excerptBytes))
+		first, _ := br.Peek(min(br.Buffered(), 16))
+		why := errNoHeader
+		if first[0] == 0x16 { // a TLS record of type handshake
+			why = fmt.Errorf("%w: the connection starts with a TLS handshake", errNoHeader)
+		}
+		return refuse(slog.LevelWarn, why, "start_hex", hex.EncodeToString(first))
 	case err != nil:
 		g.badHeaders.Add(1)
 		return refuse(slog.LevelWarn, fmt.Errorf("malformed PROXY header: %w", err))
