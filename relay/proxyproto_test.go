@@ -260,7 +260,6 @@ func TestProxyProtocol(t *testing.T) {
 				t.Errorf("want one warning naming 198.51.100.7, got %q", w)
 			}
 
-
 			// An unlisted source sending a header: closed before TLS.
 			err := handshakeFrom(t, s, pool, secondLoopback, proxyHeader(t, version, netip.MustParseAddrPort("203.0.113.9:1234"), s.LocalAddr()))
 			if err == nil {
