@@ -193,7 +193,7 @@ func (g *connGate) Accept() (net.Conn, error) {
 			if err != nil {
 				return nil, err
 			}
-			if gc := g.admit(c, remoteAddr(c), nil, nil); gc != nil {
+			if gc := g.admit(c, remoteAddr(c)); gc != nil {
 				return gc, nil
 			}
 		}
@@ -398,7 +398,7 @@ func (g *connGate) Close() error {
 
 // admit applies the cap to a connection whose address is known at Accept
 // and wraps it; nil if refused (c is closed).
-func (g *connGate) admit(c net.Conn, src netip.AddrPort, r *bufio.Reader, remote net.Addr) net.Conn {
+func (g *connGate) admit(c net.Conn, src netip.AddrPort) net.Conn {
 	var release func()
 	if g.caps != nil {
 		var ok bool
@@ -407,7 +407,7 @@ func (g *connGate) admit(c net.Conn, src netip.AddrPort, r *bufio.Reader, remote
 			return nil
 		}
 	}
-	return &gatedConn{Conn: c, r: r, remote: remote, release: release}
+	return &gatedConn{Conn: c, release: release}
 }
 
 // publish adds the gate's counters to the listener's metrics; a nil gate
