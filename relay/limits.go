@@ -92,6 +92,19 @@ type guardedListener struct {
 
 	refusedWarn *warnEvery
 	fdWarn      *warnEvery
+
+	// gate, if set, is what serves on top of this listener: the PROXY
+	// protocol and the caps per address (proxyproto.go, caps.go).
+	gate *connGate
+}
+
+// serving is the listener to serve TLS on: the gate if there is one.
+func (ln *guardedListener) serving() net.Listener {
+	if ln.gate == nil {
+		return ln
+	}
+	ln.gate.Listener = ln
+	return ln.gate
 }
 
 func (ln *guardedListener) Accept() (net.Conn, error) {
@@ -137,6 +150,7 @@ func (ln *guardedListener) expVar() expvar.Var {
 	m.Set("counter_accepted_connections", &ln.accepted)
 	m.Set("counter_rejected_connections", &ln.refused)
 	m.Set("counter_accept_fd_exhausted", &ln.fdErrors)
+	ln.gate.publish(m)
 	return m
 }
 

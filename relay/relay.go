@@ -31,6 +31,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"strconv"
 	"sync"
 	"time"
@@ -140,6 +141,24 @@ type Server struct {
 	AcceptConnectionLimit float64
 	AcceptConnectionBurst int
 
+	// ProxyProtocolFrom lists the sources (a TCP proxy sharing the port,
+	// routing by SNI) whose HTTPS connections must start with a PROXY
+	// protocol v1 or v2 header; its source address is then the client's
+	// everywhere. A header from any other source, or none from a listed
+	// one within ProxyHeaderTimeout (0: DefaultProxyHeaderTimeout),
+	// closes the connection before TLS. Empty: no PROXY protocol. See
+	// proxyproto.go.
+	ProxyProtocolFrom  []netip.Prefix
+	ProxyHeaderTimeout time.Duration
+
+	// MaxConnsPerIP caps the HTTPS connections open at once from one
+	// client address (0: no cap), IPv6 addresses grouped by a prefix of
+	// MaxConnsPerIPv6Prefix bits (0: DefaultMaxConnsPerIPv6Prefix, /64).
+	// Connections over it are refused before TLS; MeshWith peers'
+	// addresses are exempt. See caps.go and ConnsBySource.
+	MaxConnsPerIP         int
+	MaxConnsPerIPv6Prefix int
+
 	// Logger receives the relay's logs; nil discards them.
 	Logger *slog.Logger
 
@@ -225,6 +244,10 @@ func (s *Server) Start() (err error) {
 	if err != nil {
 		return err
 	}
+	gate, err := s.newConnGate()
+	if err != nil {
+		return err
+	}
 
 	s.logs = newRelayLogs(s.Logger)
 	s.derp = derpserver.New(s.PrivateKey, derpLogf(s.Logger, s.logs.conn))
@@ -303,6 +326,7 @@ func (s *Server) Start() (err error) {
 		return &ListenError{Listener: "https", Addr: addr, Err: err}
 	}
 	s.lnHTTPS = s.guard(lnHTTPS, acceptLimit)
+	s.lnHTTPS.gate = gate
 	s.serveErr = make(chan error, 2)
 	if s.HTTPPort >= 0 {
 		addr80 := net.JoinHostPort(listenHost, strconv.Itoa(s.HTTPPort))
@@ -329,7 +353,7 @@ func (s *Server) Start() (err error) {
 		s.limitHTTP(s.http80)
 		s.serve(func() error { return s.http80.Serve(s.ln80) })
 	}
-	s.serve(func() error { return s.https.ServeTLS(s.lnHTTPS, "", "") })
+	s.serve(func() error { return s.https.ServeTLS(s.lnHTTPS.serving(), "", "") })
 	s.Logger.Info("relay: serving DERP over HTTPS", "addr", s.lnHTTPS.Addr().String(), "http", s.HTTPAddr())
 
 	bg, cancel := context.WithCancel(context.Background())
