@@ -8,7 +8,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export TS_NO_LOGS_NO_SUPPORT=true
-go test -race -count=1 -timeout 20m ./...
+# -p 4, twice the default on two cores: the slowest packages (e2e, the
+# binary's, relay) mostly wait on timers and the network, and with the
+# default the two of them that run hold both slots while the other
+# packages' test binaries wait to be linked.
+go test -race -count=1 -p 4 -timeout 20m ./...
 # Only the packages that have benchmarks: with -run '^$' every other
 # package would still be built and run its TestMain (packaging and e2e
 # build the binary there).
