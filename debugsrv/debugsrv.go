@@ -4,9 +4,11 @@
 // consistency and traffic checks, the list of admitted clients, and the
 // mesh peers.
 //
-// It is only ever served on a listener of the embedded tailnet node (see
+// It is served on a listener of the embedded tailnet node (see
 // node.Node.Listen), never on the public relay: being on the tailnet is
-// the access control.
+// the access control. A relay without a tailnet (an open relay) can serve
+// it on a loopback address instead (ListenLoopback): being on the host is
+// the access control then.
 package debugsrv
 
 import (
@@ -16,6 +18,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"time"
 
 	"tailscale.com/derp/derpserver"
@@ -172,6 +175,27 @@ func writeMeshTable(w io.Writer, peers []relay.MeshPeerStatus, now time.Time) {
 			html.EscapeString(peerKey), p.Clients, html.EscapeString(lastErr))
 	}
 	io.WriteString(w, "</table>\n")
+}
+
+// ListenLoopback listens on addr, which must be a loopback IP address and
+// a port ("127.0.0.1:9090", "[::1]:9090"; port 0 picks one), for serving
+// the debug handler to the host only. Any other address is refused, names
+// included (a name may resolve elsewhere) and the unspecified address
+// (0.0.0.0, ::, or no host: every interface), so a mistyped address can
+// never publish /debug.
+func ListenLoopback(addr string) (net.Listener, error) {
+	ap, err := netip.ParseAddrPort(addr)
+	if err != nil {
+		return nil, fmt.Errorf("debugsrv: debug listen address %q: want a loopback IP address and port, such as 127.0.0.1:9090 or [::1]:9090", addr)
+	}
+	if !ap.Addr().Unmap().IsLoopback() {
+		return nil, fmt.Errorf("debugsrv: debug listen address %q is not a loopback address: /debug is served to this host only (127.0.0.1 or ::1)", addr)
+	}
+	ln, err := net.Listen("tcp", ap.String())
+	if err != nil {
+		return nil, fmt.Errorf("debugsrv: debug listener: %w", err)
+	}
+	return ln, nil
 }
 
 // Serve serves h on ln until ln is closed.

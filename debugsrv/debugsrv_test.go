@@ -90,3 +90,42 @@ func TestMeshPage(t *testing.T) {
 		t.Errorf("/debug/ does not link /debug/mesh:\n%s", body)
 	}
 }
+
+// TestListenLoopback: the debug handler served on a loopback listener
+// answers there (IPv4 and IPv6); every address that is not a loopback IP
+// address is refused with an error naming it.
+func TestListenLoopback(t *testing.T) {
+	h := Handler(Config{Status: func() Status { return Status{} }})
+	for _, addr := range []string{"127.0.0.1:0", "[::1]:0"} {
+		ln, err := ListenLoopback(addr)
+		if err != nil {
+			t.Fatalf("ListenLoopback(%q): %v", addr, err)
+		}
+		go Serve(ln, h)
+		t.Cleanup(func() { ln.Close() })
+		if ip := ln.Addr().(*net.TCPAddr).IP; !ip.IsLoopback() {
+			t.Errorf("ListenLoopback(%q) bound %v", addr, ln.Addr())
+		}
+		c := &http.Client{Timeout: 10 * time.Second}
+		res, err := c.Get("http://" + ln.Addr().String() + "/metrics")
+		if err != nil {
+			t.Fatalf("GET /metrics on %v: %v", ln.Addr(), err)
+		}
+		body, _ := io.ReadAll(res.Body)
+		res.Body.Close()
+		if res.StatusCode != http.StatusOK || !strings.Contains(string(body), "memstats") {
+			t.Errorf("GET /metrics on %v: status %d, body %.200q", ln.Addr(), res.StatusCode, body)
+		}
+	}
+	for _, addr := range []string{":9090", "0.0.0.0:9090", "[::]:9090", "192.0.2.1:9090", "[2001:db8::1]:9090", "localhost:9090", "example.com:9090", "127.0.0.1", "", "[fe80::1%lo]:9090"} {
+		ln, err := ListenLoopback(addr)
+		if err == nil {
+			ln.Close()
+			t.Errorf("ListenLoopback(%q) succeeded, bound %v", addr, ln.Addr())
+			continue
+		}
+		if !strings.Contains(err.Error(), "loopback") || !strings.Contains(err.Error(), `"`+addr+`"`) {
+			t.Errorf("ListenLoopback(%q): error %q should name the address and say it must be loopback", addr, err)
+		}
+	}
+}

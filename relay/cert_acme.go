@@ -87,6 +87,7 @@ func retryDelay(n int, lo, hi time.Duration) time.Duration {
 // last certificate obtained, if still valid, keeps serving.
 type ACMECerts struct {
 	hostname string
+	dir      string // the CA's directory URL, for the failure's hint
 	newMgr   func() *autocert.Manager
 	retryMin time.Duration
 	retryMax time.Duration
@@ -142,6 +143,7 @@ func NewACME(cfg ACMEConfig) (*ACMECerts, error) {
 	}
 	a := &ACMECerts{
 		hostname: cfg.Hostname,
+		dir:      cfg.DirectoryURL,
 		retryMin: orDefault(cfg.RetryMin, DefaultACMERetryMin),
 		retryMax: orDefault(cfg.RetryMax, DefaultACMERetryMax),
 		logger:   logger,
@@ -268,11 +270,12 @@ func (a *ACMECerts) noteFailure(m *autocert.Manager, err error) {
 	isNew := msg != a.lastFail
 	a.lastFail = msg
 	failures := a.failures
+	http01 := a.fallback != nil
 	a.mu.Unlock()
 	if ok, suppressed := a.failLog.Allow(now); ok || isNew {
 		a.logger.Warn("relay: ACME certificate not available; handshakes for the hostname fail until it is",
 			"hostname", a.hostname, "err", msg, "failures_in_a_row", failures, "next_attempt_in", delay.String(),
-			"hint", "the CA must resolve "+a.hostname+" to this server and reach it on port 443 (TLS-ALPN-01) or port 80 (HTTP-01)",
+			"hint", acmeFailure{name: a.hostname, directory: a.dir, http01: http01}.hint(err),
 			"failures_not_logged", suppressed)
 	}
 }

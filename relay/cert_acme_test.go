@@ -177,6 +177,11 @@ func TestACMEUnreachableCA(t *testing.T) {
 		if s := r.log.String(); !strings.Contains(s, caAddr) || !strings.Contains(s, acmeTestHost) {
 			t.Errorf("relay log should name the hostname and the CA address %s:\n%s", caAddr, s)
 		}
+		// The hint blames the CA's reachability, not DNS or the firewall
+		// in front of the relay.
+		if s := r.log.String(); !strings.Contains(s, "the CA (https://"+caAddr+"/dir) unreachable from this server") || strings.Contains(s, "DNS records") {
+			t.Errorf("the hint should say the CA is unreachable, and only that:\n%s", s)
+		}
 
 		// autocert does not retry for a minute after a failure: the next
 		// handshake fails at once too.
@@ -295,8 +300,12 @@ func TestACMEBackoff(t *testing.T) {
 	if logged == 0 || logged > attempts {
 		t.Errorf("%d warnings for %d failed attempts", logged, attempts)
 	}
-	if !strings.Contains(r.log.String(), "port 443 (TLS-ALPN-01)") {
-		t.Errorf("the warning does not say what to check:\n%s", r.log)
+	// A validation that fails: DNS or the firewall, on port 443 only
+	// since the relay has no HTTP port.
+	for _, want := range []string{"could not validate " + acmeTestHost, "DNS records (A/AAAA) must point to this server", "port 443 (TLS-ALPN-01) (a firewall"} {
+		if !strings.Contains(r.log.String(), want) {
+			t.Errorf("the warning does not say %q:\n%s", want, r.log)
+		}
 	}
 }
 

@@ -351,7 +351,7 @@ func (a *ACMEIPCerts) finish(c *tls.Certificate, err error) {
 		a.logger.Warn("relay: ACME certificate for the IP address not issued",
 			"ip", a.ip.String(), "err", err, "failures_in_a_row", failures,
 			"next_attempt_in", delay.String(), "serving", serving,
-			"hint", "the CA must reach "+a.ip.String()+" on port 80 (HTTP-01) or on the HTTPS port as 443 (TLS-ALPN-01), and offer IP address certificates")
+			"hint", acmeFailure{name: a.ip.String(), isIP: true, directory: a.client.DirectoryURL, http01: a.tryHTTP01.Load()}.hint(err))
 	}
 }
 

@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"tailscale.com/derp"
@@ -234,6 +235,11 @@ const (
 	// meshWarnEvery how often the warning is repeated while it lasts.
 	meshWarnAfter = 30 * time.Second
 	meshWarnEvery = 10 * time.Minute
+	// An unpinned self-signed peer is a configuration error, not a peer
+	// still starting: it is a warning at the first failure, repeated
+	// after meshPinWarnFirst, then twice as long each time up to
+	// meshWarnEvery, while it lasts.
+	meshPinWarnFirst = time.Minute
 )
 
 // meshRetryWait is the whole wait before the next dial after the n-th
@@ -254,6 +260,13 @@ type meshLink struct {
 	listed   bool                    // the current connection has listed clients
 	failures int                     // failures since the link was last up
 	warnedAt time.Time               // last warning of this outage
+	// unpinned is the refusal of the last handshake, if the peer's
+	// certificate was self-signed and not pinned; failed takes it.
+	unpinned atomic.Pointer[unpinnedSelfSignedError]
+	// The warning about a missing pin: when it was last said, and the
+	// wait before it is said again (0: not said in this outage).
+	pinWarnedAt time.Time
+	pinWarnGap  time.Duration
 }
 
 func newMeshLink(s *Server, p MeshPeer) *meshLink {
@@ -282,7 +295,7 @@ func newMeshLink(s *Server, p MeshPeer) *meshLink {
 	m.client = derphttp.NewRegionClient(s.derp.PrivateKey(), logf, netmon.NewStatic(), func() *tailcfg.DERPRegion { return region })
 	m.client.MeshKey = s.derp.MeshKey()
 	m.client.WatchConnectionChanges = true
-	m.client.TLSConfig = meshTLSConfig(p, s.MeshRootCAs)
+	m.client.TLSConfig = meshTLSConfig(p, s.MeshRootCAs, m.unpinned.Store)
 	return m
 }
 
@@ -293,7 +306,15 @@ func newMeshLink(s *Server, p MeshPeer) *meshLink {
 // A peer dialed by IP without a pin would then pass with any certificate
 // a trusted CA issued for anything, and whoever presented one would learn
 // the mesh key: so without a pin the leaf must also be for p.Host.
-func meshTLSConfig(p MeshPeer, roots *x509.CertPool) *tls.Config {
+//
+// An unpinned peer presenting a self-signed certificate that no root
+// trusts is refused with an *unpinnedSelfSignedError, which carries the
+// pin the operator would add (a fleet of self-signed relays needs one per
+// peer); tlsdial would refuse it too, with a generic x509 error.
+//
+// onUnpinned, if set, is told of each such refusal: derphttp keeps only
+// the error's text.
+func meshTLSConfig(p MeshPeer, roots *x509.CertPool, onUnpinned func(*unpinnedSelfSignedError)) *tls.Config {
 	conf := &tls.Config{RootCAs: roots}
 	if p.CertName != "" {
 		return conf // pinned: the exact certificate, or the name CertName says
@@ -306,9 +327,50 @@ func meshTLSConfig(p MeshPeer, roots *x509.CertPool) *tls.Config {
 		if err != nil {
 			return err
 		}
+		if info := CertInfoOf(leaf); info.SelfSigned && !trustedLeaf(leaf, roots) {
+			err := &unpinnedSelfSignedError{peer: p, certName: info.CertName}
+			if onUnpinned != nil {
+				onUnpinned(err)
+			}
+			return err
+		}
 		return leaf.VerifyHostname(p.Host)
 	}
 	return conf
+}
+
+// trustedLeaf reports whether leaf chains to the system roots or to roots
+// (a self-signed certificate the operator made a root of).
+func trustedLeaf(leaf *x509.Certificate, roots *x509.CertPool) bool {
+	if _, err := leaf.Verify(x509.VerifyOptions{}); err == nil {
+		return true
+	}
+	if roots == nil {
+		return false
+	}
+	_, err := leaf.Verify(x509.VerifyOptions{Roots: roots})
+	return err == nil
+}
+
+// unpinnedSelfSignedError: a peer without a CertName pin presented a
+// self-signed certificate that no root trusts.
+type unpinnedSelfSignedError struct {
+	peer     MeshPeer
+	certName string // the certificate's pin, "sha256-raw:<hex>"
+}
+
+func (e *unpinnedSelfSignedError) Error() string {
+	return fmt.Sprintf("the peer's certificate is self-signed and not pinned (its pin: %s)", e.certName)
+}
+
+// pinnedEntry is the peer as a MeshWith entry with the pin: the form
+// ParseMeshPeer reads, "sha256-raw:<hex>@host[:port][/dialip]".
+func (e *unpinnedSelfSignedError) pinnedEntry() string {
+	s := e.certName + "@" + e.peer.String()
+	if e.peer.DialIP.IsValid() {
+		s += "/" + e.peer.DialIP.String()
+	}
+	return s
 }
 
 // run keeps the link up until ctx ends or the peer turns out to be this
@@ -337,6 +399,7 @@ func (m *meshLink) add(pm derp.PeerPresentMessage) {
 		// The peer lists at least our own connection at once, so the
 		// first listing is the sign that the connection works.
 		m.listed, m.failures, m.warnedAt = true, 0, time.Time{}
+		m.pinWarnedAt, m.pinWarnGap = time.Time{}, 0
 		m.status.State, m.status.Since = MeshConnected, time.Now()
 		m.status.ServerKey = m.client.ServerPublicKey()
 	}
@@ -381,13 +444,27 @@ func (m *meshLink) failed(ctx context.Context, err error) {
 	}
 	m.status.LastError, m.status.LastErrorAt = err.Error(), now
 	down := now.Sub(m.status.Since)
-	warn := !wasUp && down >= meshWarnAfter && (m.warnedAt.IsZero() || now.Sub(m.warnedAt) >= meshWarnEvery)
+	// The handshake's refusal, taken whether or not it caused this
+	// failure, so a stale one never explains a later one.
+	unpinned := m.unpinned.Swap(nil)
+	if unpinned != nil && !strings.Contains(err.Error(), unpinned.Error()) {
+		unpinned = nil
+	}
+	pinWarn := false
+	if unpinned != nil {
+		// The generic warning below would only say less, later.
+		pinWarn = m.pinWarnDue(now)
+	}
+	warn := unpinned == nil && !wasUp && down >= meshWarnAfter && (m.warnedAt.IsZero() || now.Sub(m.warnedAt) >= meshWarnEvery)
 	if warn {
 		m.warnedAt = now
 	}
 	m.mu.Unlock()
 
 	switch {
+	case pinWarn:
+		m.logger.Warn("relay: mesh peer's certificate is self-signed and not pinned: the link is refused and packets for its clients are not relayed; if pin is the CertName the peer itself reports (its derpMap node), list the peer as pinned_peer",
+			"pin", unpinned.certName, "pinned_peer", unpinned.pinnedEntry(), "down_for", down.Round(time.Second).String())
 	case wasUp:
 		m.logger.Info("relay: mesh peer disconnected; reconnecting", "err", err)
 	case warn:
@@ -408,6 +485,18 @@ func (m *meshLink) failed(ctx context.Context, err error) {
 	case <-ctx.Done():
 	case <-t.C:
 	}
+}
+
+// pinWarnDue reports whether the missing pin is to be said at now, and if
+// so records it: at the first failure, then meshPinWarnFirst later, then
+// twice as long each time, at most meshWarnEvery apart. m.mu is held.
+func (m *meshLink) pinWarnDue(now time.Time) bool {
+	if m.pinWarnGap != 0 && now.Sub(m.pinWarnedAt) < m.pinWarnGap {
+		return false
+	}
+	m.pinWarnedAt = now
+	m.pinWarnGap = min(max(2*m.pinWarnGap, meshPinWarnFirst), meshWarnEvery)
+	return true
 }
 
 // snapshot is the link's status now.

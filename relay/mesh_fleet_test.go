@@ -128,35 +128,11 @@ func startTailderp(t *testing.T, ca *fleetCA, port int, priv key.NodePrivate, mk
 	return &fleetRelay{Server: s, port: port, priv: priv}
 }
 
-// derperBinary builds upstream derper (go.mod's tool dependency, the
-// version tailderp builds on) once per test process.
-var derperBuild struct {
-	once sync.Once
-	path string
-	err  error
-}
-
-func derperBinary(t *testing.T) string {
-	t.Helper()
-	derperBuild.once.Do(func() {
-		path := filepath.Join(relay.TestToolDir, "derper")
-		out, err := exec.Command("go", "build", "-o", path, "tailscale.com/cmd/derper").CombinedOutput()
-		if err != nil {
-			derperBuild.err = fmt.Errorf("go build tailscale.com/cmd/derper: %v\n%s", err, out)
-		}
-		derperBuild.path = path
-	})
-	if derperBuild.err != nil {
-		t.Fatal(derperBuild.err)
-	}
-	return derperBuild.path
-}
-
 // startDerper runs upstream derper on port with the fleet's mesh key
 // file, meshed with meshWith (its -mesh-with), trusting the fleet CA.
 func startDerper(t *testing.T, ca *fleetCA, port int, meshKeyFile, meshWith string) {
 	t.Helper()
-	bin := derperBinary(t)
+	bin := relay.DerperBinary(t)
 	dir := t.TempDir()
 	ca.issue(t, dir, "127.0.0.1")
 	cmd := exec.Command(bin,
@@ -275,6 +251,7 @@ func waitMeshUp(t *testing.T, name string, s *relay.Server, want int, within tim
 // of the others; a relay with another key cannot forward to the fleet; a
 // restarted relay rejoins without the others being touched.
 func TestMeshFleet(t *testing.T) {
+	t.Parallel()
 	ca := newFleetCA(t)
 	mk, mkFile := newMeshKey(t)
 	pA, pB, pD := testutil.FreePort(t, "tcp"), testutil.FreePort(t, "tcp"), testutil.FreePort(t, "tcp")
@@ -456,6 +433,7 @@ func newFleetClientKeyRaw(ca *fleetCA, port int, priv key.NodePrivate) *derphttp
 // other by the mesh key alone (the Admitter is never asked about a relay);
 // a stranger is refused on each.
 func TestMeshFleetAdmission(t *testing.T) {
+	t.Parallel()
 	ca := newFleetCA(t)
 	mk, _ := newMeshKey(t)
 	pA, pB := testutil.FreePort(t, "tcp"), testutil.FreePort(t, "tcp")

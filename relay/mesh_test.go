@@ -3,6 +3,7 @@ package relay
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/netip"
 	"strings"
@@ -14,6 +15,8 @@ import (
 	"tailscale.com/net/netmon"
 	"tailscale.com/tailcfg"
 	"tailscale.com/types/key"
+
+	"github.com/tailderp/tailderp/internal/testutil"
 )
 
 // refuseAll is an Admitter that refuses everyone and counts the calls.
@@ -203,6 +206,86 @@ func TestMeshPinnedPeer(t *testing.T) {
 	}
 	if !strings.Contains(s.ExpVar().String(), `"gauge_mesh_peers_connected": 1`) {
 		t.Errorf("metrics: %s", s.ExpVar())
+	}
+}
+
+// TestMeshUnpinnedSelfSignedPeer: a peer without a pin that presents a
+// self-signed certificate is a warning at the first failed dial (not the
+// generic one after 30 s), naming the pin and the peer entry with it, which
+// ParseMeshPeer reads back as the pinned peer.
+func TestMeshUnpinnedSelfSignedPeer(t *testing.T) {
+	meshKey, err := key.ParseDERPMesh("0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef")
+	if err != nil {
+		t.Fatal(err)
+	}
+	peerCerts, err := NewSelfSigned("127.0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	peer := &Server{Addr: "127.0.0.1:0", HTTPPort: -1, Certs: peerCerts, PrivateKey: key.NewNode(), MeshKey: meshKey}
+	if err := peer.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { peer.Close(context.Background()) })
+	port := peer.LocalAddr().(*net.TCPAddr).Port
+	info, _ := peerCerts.Current()
+
+	rec := &testutil.LogRecorder{}
+	mine, _ := NewSelfSigned("127.0.0.1")
+	unpinned := MeshPeer{Host: "127.0.0.1", Port: port, DialIP: netip.MustParseAddr("127.0.0.1")}
+	s := &Server{Addr: "127.0.0.1:0", HTTPPort: -1, Certs: mine, PrivateKey: key.NewNode(), MeshKey: meshKey,
+		MeshWith: []MeshPeer{unpinned}, Logger: slog.New(rec)}
+	if err := s.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close(context.Background()) })
+
+	// The generic warning comes only after meshWarnAfter (30 s): a warning
+	// before it can only be the pin's.
+	const msg = "self-signed and not pinned"
+	deadline := time.Now().Add(10 * time.Second)
+	for rec.Count(slog.LevelWarn, msg) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("no warning about the missing pin within 10 s:\n%s", strings.Join(rec.Take(), "\n"))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	var line string
+	for _, l := range rec.Take() {
+		if strings.HasPrefix(l, "WARN ") && strings.Contains(l, msg) {
+			line = l
+		}
+	}
+	wantEntry := fmt.Sprintf("%s@127.0.0.1:%d/127.0.0.1", info.CertName, port)
+	if !strings.Contains(line, "pin="+info.CertName) || !strings.Contains(line, "pinned_peer="+wantEntry) {
+		t.Errorf("warning %q should name the pin %s and the entry %s", line, info.CertName, wantEntry)
+	}
+	pinned, err := ParseMeshPeer(wantEntry)
+	if err != nil {
+		t.Fatalf("the entry the warning suggests: %v", err)
+	}
+	if want := (MeshPeer{Host: "127.0.0.1", Port: port, DialIP: unpinned.DialIP, CertName: info.CertName}); pinned != want {
+		t.Errorf("the suggested entry parses as %+v, want %+v", pinned, want)
+	}
+	if st := s.MeshPeers()[0]; st.State == MeshConnected || !strings.Contains(st.LastError, info.CertName) {
+		t.Errorf("unpinned link: %+v, want not connected, its last error naming the pin", st)
+	}
+}
+
+// TestMeshPinWarnSchedule: the missing pin is said at the first failure,
+// then after 1, 2, 4 and 8 minutes, then every 10 minutes while it lasts.
+func TestMeshPinWarnSchedule(t *testing.T) {
+	m := &meshLink{}
+	t0 := time.Now()
+	var said []time.Duration
+	for d := time.Duration(0); d <= 45*time.Minute; d += 5 * time.Second {
+		if m.pinWarnDue(t0.Add(d)) {
+			said = append(said, d)
+		}
+	}
+	want := []time.Duration{0, time.Minute, 3 * time.Minute, 7 * time.Minute, 15 * time.Minute, 25 * time.Minute, 35 * time.Minute, 45 * time.Minute}
+	if fmt.Sprint(said) != fmt.Sprint(want) {
+		t.Errorf("said at %v, want %v", said, want)
 	}
 }
 

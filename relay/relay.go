@@ -33,6 +33,7 @@ import (
 	"net/http"
 	"net/netip"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -67,8 +68,15 @@ type Server struct {
 
 	// HTTPPort is the plain-HTTP port, on the same IP as Addr: it answers
 	// ACME HTTP-01 challenges and /generate_204, and redirects the rest to
-	// HTTPS. -1 disables it; 0 picks a free port.
+	// HTTPS (at Hostname). -1 disables it; 0 picks a free port.
 	HTTPPort int
+
+	// Hostname is the relay's public name, a DNS name or an IP address:
+	// where the plain-HTTP port redirects to. Empty means the IP address
+	// the request arrived on. Never the request's Host header, which the
+	// client chose: a redirect reflecting it sends visitors wherever a
+	// crafted link says.
+	Hostname string
 
 	// Certs supplies the TLS certificates. Required.
 	Certs Certificates
@@ -223,6 +231,9 @@ func (s *Server) Start() (err error) {
 	}
 	if s.PrivateKey.IsZero() {
 		return errors.New("relay: no DERP private key")
+	}
+	if s.Hostname != "" && !validHostName(s.Hostname) {
+		return fmt.Errorf("relay: hostname %q is neither a DNS name nor an IP address", s.Hostname)
 	}
 	if s.Logger == nil {
 		s.Logger = logs.Discard()
@@ -383,19 +394,26 @@ func (s *Server) serve(f func() error) {
 // serving.
 func (s *Server) Err() <-chan error { return s.serveErr }
 
-// redirectToHTTPS sends plain-HTTP visitors to the HTTPS port.
+// redirectToHTTPS sends plain-HTTP visitors to the HTTPS port at
+// Hostname (or the address they reached, without a Hostname).
 func (s *Server) redirectToHTTPS(w http.ResponseWriter, r *http.Request) {
-	host := r.Host
-	if h, _, err := net.SplitHostPort(host); err == nil {
-		host = h
-	}
+	host := s.Hostname
 	if host == "" {
-		http.NotFound(w, r)
-		return
+		la, ok := r.Context().Value(http.LocalAddrContextKey).(net.Addr)
+		if !ok {
+			http.NotFound(w, r)
+			return
+		}
+		h, _, err := net.SplitHostPort(la.String())
+		if err != nil {
+			http.NotFound(w, r)
+			return
+		}
+		host = h
 	}
 	if _, port, _ := net.SplitHostPort(s.lnHTTPS.Addr().String()); port != "443" {
 		host = net.JoinHostPort(host, port)
-	} else if ip := net.ParseIP(host); ip != nil && ip.To4() == nil {
+	} else if strings.Contains(host, ":") {
 		host = "[" + host + "]"
 	}
 	http.Redirect(w, r, "https://"+host+r.URL.RequestURI(), http.StatusFound)

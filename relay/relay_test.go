@@ -367,29 +367,58 @@ func TestProbesOnPlainHTTPPort(t *testing.T) {
 	}
 }
 
+// TestPlainHTTPRedirectsToHTTPS: port 80 redirects to the HTTPS port at the
+// configured hostname, whatever Host the request names (a redirect
+// reflecting it would send visitors wherever a crafted link says), or
+// without one at the address the request arrived on.
 func TestPlainHTTPRedirectsToHTTPS(t *testing.T) {
-	s, hc, bases := bothPorts(t)
-	httpsPort := strconv.Itoa(s.LocalAddr().(*net.TCPAddr).Port)
+	hosts := []string{"", "derp.example.com", "derp.example.com:80", "evil.example", "evil.example:8443", "[2001:db8::1]:80", "127.0.0.1"}
 	tests := []struct {
-		host, path string
-		want       string
+		hostname string // the relay's Hostname
+		wantHost string // in the Location, before the HTTPS port
 	}{
-		{s.HTTPAddr(), "/", "https://127.0.0.1:" + httpsPort + "/"},
-		{s.HTTPAddr(), "/some/page?x=1&y=2", "https://127.0.0.1:" + httpsPort + "/some/page?x=1&y=2"},
-		{"derp.example.com", "/derp", "https://derp.example.com:" + httpsPort + "/derp"},
-		{"derp.example.com:80", "/robots.txt", "https://derp.example.com:" + httpsPort + "/robots.txt"},
-		{"[2001:db8::1]:80", "/x", "https://[2001:db8::1]:" + httpsPort + "/x"},
+		{"", "127.0.0.1"},
+		{"derp.example.com", "derp.example.com"},
+		{"203.0.113.7", "203.0.113.7"},
+		{"2001:db8::2", "[2001:db8::2]"},
 	}
 	for _, tt := range tests {
-		t.Run(tt.host+tt.path, func(t *testing.T) {
-			res, _ := do(t, hc, "GET", bases["http"]+tt.path, http.Header{"Host": {tt.host}})
-			if res.StatusCode != http.StatusFound {
-				t.Errorf("status %d, want 302", res.StatusCode)
-			}
-			if got := res.Header.Get("Location"); got != tt.want {
-				t.Errorf("Location %q, want %q", got, tt.want)
+		t.Run("hostname="+tt.hostname, func(t *testing.T) {
+			s, hc, bases := bothPorts(t, func(s *relay.Server) { s.Hostname = tt.hostname })
+			httpsPort := strconv.Itoa(s.LocalAddr().(*net.TCPAddr).Port)
+			for _, host := range hosts {
+				for _, path := range []string{"/", "/some/page?x=1&y=2", "/derp"} {
+					var h http.Header
+					if host != "" {
+						h = http.Header{"Host": {host}}
+					}
+					res, _ := do(t, hc, "GET", bases["http"]+path, h)
+					if res.StatusCode != http.StatusFound {
+						t.Errorf("Host %q %s: status %d, want 302", host, path, res.StatusCode)
+					}
+					want := "https://" + tt.wantHost + ":" + httpsPort + path
+					if got := res.Header.Get("Location"); got != want {
+						t.Errorf("Host %q %s: Location %q, want %q", host, path, got, want)
+					}
+				}
 			}
 		})
+	}
+}
+
+func TestBadHostname(t *testing.T) {
+	certs, _ := selfSigned(t)
+	for _, h := range []string{"https://derp.example.com", "derp.example.com/x", "evil.example:8443", "a b"} {
+		s := &relay.Server{Addr: "127.0.0.1:0", HTTPPort: -1, Certs: certs, PrivateKey: key.NewNode(), Hostname: h}
+		err := s.Start()
+		if err == nil {
+			s.Close(context.Background())
+			t.Errorf("Start with Hostname %q succeeded, want an error", h)
+			continue
+		}
+		if !strings.Contains(err.Error(), "hostname") || !strings.Contains(err.Error(), h) {
+			t.Errorf("error %q should say it is the hostname and name the value %q", err, h)
+		}
 	}
 }
 
