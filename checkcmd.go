@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"os"
 	"strconv"
 	"strings"
 	"time"
@@ -16,6 +15,8 @@ import (
 	"tailscale.com/types/key"
 
 	"github.com/tailderp/tailderp/check"
+	"github.com/tailderp/tailderp/internal/config"
+	"github.com/tailderp/tailderp/internal/serving"
 )
 
 // checkOpts are the flags of `tailderp check` itself; the server's
@@ -90,10 +91,10 @@ func newCheckFlags() (*flag.FlagSet, *checkOpts) {
 // before, between or after the flags. cfg.src tells which settings the
 // command line gave: with a URL, only those describe the target (the
 // environment describes this server).
-func parseCheckArgs(args []string, getenv func(string) string, stderr io.Writer) (o *checkOpts, cfg *config, target string, err error) {
+func parseCheckArgs(args []string, env []string, stderr io.Writer) (o *checkOpts, cfg *config.Config, target string, err error) {
 	// Find the URL with a scratch parse, then parse the flags without it.
 	scratch, _ := newCheckFlags()
-	if _, err := parseConfig(scratch, nil, func(string) string { return "" }); err != nil {
+	if _, err := config.Load(config.Inspect, scratch, nil, nil); err != nil {
 		return nil, nil, "", err
 	}
 	var flags []string
@@ -119,7 +120,7 @@ func parseCheckArgs(args []string, getenv func(string) string, stderr io.Writer)
 		flags = args
 	}
 	fs, o := newCheckFlags()
-	cfg, err = parseConfig(fs, flags, getenv)
+	cfg, err = config.Load(config.Check, fs, flags, env)
 	if errors.Is(err, flag.ErrHelp) {
 		printCheckUsage(stderr, fs)
 	}
@@ -131,8 +132,8 @@ func parseCheckArgs(args []string, getenv func(string) string, stderr io.Writer)
 }
 
 // runCheck is `tailderp check`.
-func runCheck(args []string, getenv func(string) string, stdout, stderr io.Writer) int {
-	o, cfg, target, err := parseCheckArgs(args, getenv, stderr)
+func runCheck(args []string, env []string, stdout, stderr io.Writer) int {
+	o, cfg, target, err := parseCheckArgs(args, env, stderr)
 	if errors.Is(err, flag.ErrHelp) {
 		return 0
 	}
@@ -180,7 +181,7 @@ func runCheck(args []string, getenv func(string) string, stdout, stderr io.Write
 // runLocalCheck is -local, the Docker HEALTHCHECK: it checks what the
 // relay on this machine serves (see runningServer), whatever settings the
 // check itself was given.
-func runLocalCheck(ctx context.Context, o *checkOpts, own *config, stdout, stderr io.Writer) int {
+func runLocalCheck(ctx context.Context, o *checkOpts, own *config.Config, stdout, stderr io.Writer) int {
 	lt, from, err := localTarget(own)
 	if err != nil {
 		fmt.Fprintf(stderr, "tailderp check: %v\n", err)
@@ -202,8 +203,8 @@ func runLocalCheck(ctx context.Context, o *checkOpts, own *config, stdout, stder
 // localTarget is where the relay on this machine listens: as its
 // serving.json says, else as its settings say, else as own says; from
 // says which.
-func localTarget(own *config) (lt check.LocalTarget, from string, err error) {
-	s, cfg, from, err := runningServer(own)
+func localTarget(own *config.Config) (lt check.LocalTarget, from string, err error) {
+	s, cfg, from, err := serving.Running(own)
 	if err != nil {
 		return lt, "", err
 	}
@@ -214,19 +215,19 @@ func localTarget(own *config) (lt check.LocalTarget, from string, err error) {
 	if cfg == nil {
 		cfg, from = own, "this command's settings: no running server found"
 	}
-	return check.LocalTarget{HTTPSAddr: cfg.Addr, ServerName: cfg.Hostname, STUNAddr: cfg.stunAddr()}, from, nil
+	return check.LocalTarget{HTTPSAddr: cfg.Addr, ServerName: cfg.Hostname, STUNAddr: cfg.STUNAddr()}, from, nil
 }
 
 // checkTarget describes what to check: the URL and the check's flags, or,
 // without a URL, this server's public address, as `tailderp derpmap`
 // prints it.
-func checkTarget(o *checkOpts, cfg *config, target string, stderr io.Writer) (check.Target, error) {
+func checkTarget(o *checkOpts, cfg *config.Config, target string, stderr io.Writer) (check.Target, error) {
 	t := check.Target{Pings: o.pings}
 	if o.expectOpen {
 		t.Expect = check.ExpectOpen
 	}
 	if o.caFile != "" {
-		pool, err := loadCertPool(o.caFile)
+		pool, err := config.LoadCertPool(o.caFile)
 		if err != nil {
 			return t, fmt.Errorf("-ca-file: %w", err)
 		}
@@ -237,7 +238,7 @@ func checkTarget(o *checkOpts, cfg *config, target string, stderr io.Writer) (ch
 		meshFile = cfg.MeshPSKFile
 	}
 	if meshFile != "" {
-		b, err := os.ReadFile(meshFile)
+		b, err := config.ReadFileLimited(meshFile, 4<<10)
 		if err != nil {
 			return t, fmt.Errorf("-mesh-key-file: %w", err)
 		}
@@ -255,21 +256,21 @@ func checkTarget(o *checkOpts, cfg *config, target string, stderr io.Writer) (ch
 		}
 		// Only flags describe another server; the environment is this
 		// server's.
-		if cfg.src.byFlag("ipv4") {
+		if cfg.ByFlag("ipv4") {
 			n.IPv4 = cfg.IPv4
 		}
-		if cfg.src.byFlag("ipv6") {
+		if cfg.ByFlag("ipv6") {
 			n.IPv6 = cfg.IPv6
 		}
-		if cfg.src.byFlag("stun-port") {
+		if cfg.ByFlag("stun-port") {
 			n.STUNPort = cfg.STUNPort
 		}
-		if cfg.src.byFlag("stun") && !cfg.STUN {
+		if cfg.ByFlag("stun") && !cfg.STUN {
 			n.STUNPort = -1
 		}
 		n.CertName = o.certName
 		t.Node = n
-		t.TrustOnFirstUse = cfg.src.byFlag("dev") && cfg.Dev && o.certName == ""
+		t.TrustOnFirstUse = cfg.ByFlag("dev") && cfg.Dev && o.certName == ""
 		return t, nil
 	}
 
@@ -279,12 +280,12 @@ func checkTarget(o *checkOpts, cfg *config, target string, stderr io.Writer) (ch
 	}
 	region, note, err := derpMapRegion(cfg)
 	if err != nil {
-		if !errors.Is(err, errNoCertYet) {
+		if !errors.Is(err, config.ErrNoCertYet) {
 			return t, err
 		}
 		fmt.Fprintf(stderr, "tailderp check: cannot learn this server's pin (%v); checking without it\n", err)
-		httpsPort, stunPort := cfg.configuredPorts()
-		region = cfg.derpRegion(httpsPort, stunPort, "")
+		httpsPort, stunPort := cfg.ConfiguredPorts()
+		region = cfg.DERPRegion(httpsPort, stunPort, "")
 	} else if note != "" {
 		fmt.Fprintf(stderr, "tailderp check: %s\n", note)
 	}
@@ -455,7 +456,7 @@ relay's log warns from then too), 2 on bad flags.
 Check flags:
 `)
 	fs.VisitAll(func(f *flag.Flag) {
-		if isSetting(f.Name) {
+		if config.IsSetting(f.Name) {
 			return // the server's settings: see tailderp -help
 		}
 		def := ""

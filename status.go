@@ -14,6 +14,7 @@ import (
 	"tailscale.com/types/key"
 
 	"github.com/tailderp/tailderp/debugsrv"
+	"github.com/tailderp/tailderp/internal/config"
 	"github.com/tailderp/tailderp/node"
 	"github.com/tailderp/tailderp/relay"
 	"github.com/tailderp/tailderp/verify"
@@ -23,7 +24,7 @@ import (
 // gets /debug on its own address, showing the whole relay's numbers and
 // health but only its own clients (debugsrv.Status).
 type debugParts struct {
-	cfg      *config
+	cfg      *config.Config
 	tailnets []*tailnet
 	relay    *relay.Server
 	verifier *verify.Verifier
@@ -155,14 +156,14 @@ func (d *debugParts) tailnetStatus(t *tailnet, now time.Time) debugsrv.TailnetSt
 	}
 	var problems []string
 	if err := t.failed(); err != nil {
-		problems = append(problems, fmt.Sprintf("stopped: %v; %s", err, nodeAdvice(t.tailnetConfig, node.ProblemLoginRejected)))
+		problems = append(problems, fmt.Sprintf("stopped: %v; %s", err, t.Advice(node.ProblemLoginRejected)))
 	} else {
 		if !ns.Control && now.Sub(ns.ControlSince) > 30*time.Second {
 			problems = append(problems, fmt.Sprintf("control server %s not reachable for %s; %s", ns.ControlURL, now.Sub(ns.ControlSince).Round(time.Second),
-				nodeAdvice(t.tailnetConfig, node.ProblemControlUnreachable)))
+				t.Advice(node.ProblemControlUnreachable)))
 		}
 		if ns.State == node.StateNeedsLogin {
-			problems = append(problems, "not logged in; "+nodeAdvice(t.tailnetConfig, node.ProblemLoggedOut))
+			problems = append(problems, "not logged in; "+t.Advice(node.ProblemLoggedOut))
 		}
 	}
 	switch ns.Source {
