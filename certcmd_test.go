@@ -19,8 +19,8 @@ import (
 	"tailscale.com/types/key"
 	"tailscale.com/types/logger"
 
-	"github.com/tailderp/tailderp/internal/testutil"
 	"github.com/tailderp/tailderp/internal/config"
+	"github.com/tailderp/tailderp/internal/testutil"
 	"github.com/tailderp/tailderp/relay"
 )
 
