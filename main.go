@@ -33,6 +33,7 @@ import (
 	"github.com/tailderp/tailderp/internal/config"
 	"github.com/tailderp/tailderp/internal/logs"
 	"github.com/tailderp/tailderp/internal/serving"
+	"github.com/tailderp/tailderp/internal/tailnets"
 	"github.com/tailderp/tailderp/node"
 	"github.com/tailderp/tailderp/relay"
 	"github.com/tailderp/tailderp/stun"
@@ -174,13 +175,13 @@ func run(ctx context.Context, cfg *config.Config, logger *slog.Logger, out io.Wr
 		logger.Info("mesh: this relay's own entry in -mesh-with is skipped", "hostname", cfg.Hostname)
 	}
 
-	var tailnets []*tailnet
+	var tns []*tailnets.Tailnet
 	var verifier *verify.Verifier
 	if cfg.VerifyClients || cfg.VerifyClientURL != "" {
 		verifier = &verify.Verifier{URL: cfg.VerifyClientURL, FailOpen: cfg.VerifyClientsFailOpen, URLFailOpen: cfg.VerifyClientURLFailOpen, Logger: logger}
 		if cfg.VerifyClients {
 			setupTailnetEnv(cfg)
-			tailnets = newTailnets(cfg, verifier, logger)
+			tns = tailnets.New(cfg, verifier, logger)
 		}
 		if cfg.VerifyClientsFailOpen {
 			logger.Warn("admission fails open: clients are admitted unverified while a check cannot answer (-verify-clients-fail-open)")
@@ -225,8 +226,8 @@ func run(ctx context.Context, cfg *config.Config, logger *slog.Logger, out io.Wr
 	// restart's first clients are answered from it (or held until the
 	// node's map arrives); the nodes log in only once the ports are bound,
 	// so a port in use leaves no half-made login behind.
-	for _, t := range tailnets {
-		if err := t.node.Load(); err != nil {
+	for _, t := range tns {
+		if err := t.Node.Load(); err != nil {
 			return fmt.Errorf("%s %s: %w", settingName("state-dir"), cfg.StateDir, err)
 		}
 	}
@@ -239,7 +240,7 @@ func run(ctx context.Context, cfg *config.Config, logger *slog.Logger, out io.Wr
 	// Stopping the relay and the node (once started below) is the first
 	// thing done on SIGTERM (see the loop at the end), and on any error
 	// return, after the deferred calls below.
-	stopServing := sync.OnceFunc(func() { shutdown(rs, tailnets, logger) })
+	stopServing := sync.OnceFunc(func() { shutdown(rs, tns, logger) })
 	defer stopServing()
 	if ipc, ok := certs.(*relay.ACMEIPCerts); ok {
 		// The CA validates against the listeners: start once they are up.
@@ -280,17 +281,17 @@ func run(ctx context.Context, cfg *config.Config, logger *slog.Logger, out io.Wr
 	// must fix TAILSCALE_AUTH_KEY); another tailnet's is that tailnet's
 	// problem, said on every status page.
 	var fatal <-chan error
-	d := &debugParts{cfg: cfg, tailnets: tailnets, relay: rs, verifier: verifier, started: time.Now()}
-	for i, t := range tailnets {
-		if err := t.node.Start(); err != nil {
+	d := &tailnets.Debug{Port: cfg.DebugPort, Version: version, Tailnets: tns, Relay: rs, Verifier: verifier, Started: time.Now()}
+	for i, t := range tns {
+		if err := t.Node.Start(); err != nil {
 			return fmt.Errorf("%s %s: %w", settingName("state-dir"), cfg.StateDir, err)
 		}
 		if i == 0 {
-			fatal = t.node.Fatal()
+			fatal = t.Node.Fatal()
 		} else {
-			go t.watchFatal(ctx, logger)
+			go t.WatchFatal(ctx, logger)
 		}
-		go d.serve(ctx, t, logger)
+		go d.Serve(ctx, t, logger)
 	}
 
 	for {
@@ -303,7 +304,7 @@ func run(ctx context.Context, cfg *config.Config, logger *slog.Logger, out io.Wr
 			reloadOnHUP(cfg, certs, rates, logger)
 		case err := <-fatal:
 			if _, ok := errors.AsType[*node.LoginError](err); ok {
-				return fmt.Errorf("%w (%s)", err, tailnets[0].Advice(node.ProblemLoginRejected))
+				return fmt.Errorf("%w (%s)", err, tns[0].Advice(node.ProblemLoginRejected))
 			}
 			return err
 		case err := <-rs.Err():
@@ -415,15 +416,15 @@ const nodeShutdownTimeout = 2 * time.Second
 // (0.05–0.25 s) leaves nothing on disk. The nodes (none when the tailnet
 // check is off) shut down side by side; a node never started returns at
 // once.
-func shutdown(rs *relay.Server, tailnets []*tailnet, logger *slog.Logger) {
+func shutdown(rs *relay.Server, tns []*tailnets.Tailnet, logger *slog.Logger) {
 	start := time.Now()
 	rs.StopAccepting()
 	ctx, cancel := context.WithTimeout(context.Background(), nodeShutdownTimeout)
 	defer cancel()
 	var wg sync.WaitGroup
-	for _, t := range tailnets {
+	for _, t := range tns {
 		wg.Go(func() {
-			if err := t.node.Shutdown(ctx); err != nil {
+			if err := t.Node.Shutdown(ctx); err != nil {
 				logger.Warn("the known-peers cache may not hold the last network map", "tailnet", t.Name, "err", err)
 			}
 		})

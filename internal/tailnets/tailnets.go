@@ -1,4 +1,7 @@
-package main
+// Package tailnets runs the tailnets a relay serves: each one's embedded
+// node (New), what stopped it (Failed), and the /debug pages and status
+// page each tailnet gets on its own address (Debug).
+package tailnets
 
 import (
 	"context"
@@ -10,36 +13,36 @@ import (
 	"github.com/tailderp/tailderp/verify"
 )
 
-// tailnet is a tailnet the relay serves, running: its node, and what
+// Tailnet is a tailnet the relay serves, running: its node, and what
 // stopped it if it stopped.
-type tailnet struct {
+type Tailnet struct {
 	config.Tailnet
-	node *node.Node
+	Node *node.Node // the tailnet's embedded node
 
 	mu      sync.Mutex
 	failure error // the node stopped for good (login rejected)
 }
 
-// failed returns what stopped the tailnet's node, or nil.
-func (t *tailnet) failed() error {
+// Failed returns what stopped the tailnet's node, or nil.
+func (t *Tailnet) Failed() error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	return t.failure
 }
 
-// newTailnets makes the nodes of every tailnet cfg names, each reporting
+// New makes the nodes of every tailnet cfg names, each reporting
 // its drops to v for revocation. logger is tagged with the tailnet's name
 // when there are several.
-func newTailnets(cfg *config.Config, v *verify.Verifier, logger *slog.Logger) []*tailnet {
+func New(cfg *config.Config, v *verify.Verifier, logger *slog.Logger) []*Tailnet {
 	tcs := cfg.Tailnets()
-	var out []*tailnet
+	var out []*Tailnet
 	for _, tc := range tcs {
 		l := logger
 		if len(tcs) > 1 {
 			l = logger.With("tailnet", tc.Name)
 		}
-		t := &tailnet{Tailnet: tc}
-		t.node = &node.Node{
+		t := &Tailnet{Tailnet: tc}
+		t.Node = &node.Node{
 			Dir:           tc.Dir,
 			Hostname:      tc.Hostname,
 			AuthKey:       tc.AuthKey,
@@ -51,7 +54,7 @@ func newTailnets(cfg *config.Config, v *verify.Verifier, logger *slog.Logger) []
 			Advice:        func(p node.Problem) string { return tc.Advice(p) },
 			OnDrop:        revokeDropped(v, tc.Name),
 		}
-		v.Tailnets = append(v.Tailnets, verify.Tailnet{Name: tc.Name, Keys: t.node})
+		v.Tailnets = append(v.Tailnets, verify.Tailnet{Name: tc.Name, Keys: t.Node})
 		out = append(out, t)
 	}
 	return out
@@ -67,13 +70,13 @@ func revokeDropped(v *verify.Verifier, tailnet string) func([]node.Drop) {
 	}
 }
 
-// watchFatal waits for the tailnet's node to stop for good (its login
+// WatchFatal waits for the tailnet's node to stop for good (its login
 // rejected) and keeps the reason for the status pages; the relay and the
 // other tailnets go on.
-func (t *tailnet) watchFatal(ctx context.Context, logger *slog.Logger) {
+func (t *Tailnet) WatchFatal(ctx context.Context, logger *slog.Logger) {
 	select {
 	case <-ctx.Done():
-	case err := <-t.node.Fatal():
+	case err := <-t.Node.Fatal():
 		t.mu.Lock()
 		t.failure = err
 		t.mu.Unlock()
