@@ -922,7 +922,7 @@ func TestTailnetsFileErrors(t *testing.T) {
 	empty := filepath.Join(dir, "empty.key")
 	os.WriteFile(empty, nil, 0o600)
 	entry := func(name, extra string) string {
-		return fmt.Sprintf(`{"name": %q, "control_url": "http://127.0.0.1:1", "auth_key_file": %q%s}`, name, key, extra)
+		return fmt.Sprintf(`{"name": %q, "control_url": "http://127.0.0.1:2", "auth_key_file": %q%s}`, name, key, extra)
 	}
 	tests := []struct {
 		name, file string
