@@ -95,13 +95,20 @@ func realMain(args []string, env []string, stdout, stderr io.Writer) int {
 		logger.Warn(n)
 	}
 	if cfg.NeedsTempStateDir() {
+		// Without a temporary directory (an image's empty root has no
+		// /tmp), an open -dev relay runs with none: a new DERP key, no
+		// serving.json. The node needs one.
 		dir, err := os.MkdirTemp("", "tailderp-dev-")
-		if err != nil {
+		switch {
+		case err == nil:
+			defer os.RemoveAll(dir)
+			cfg.StateDir = dir
+		case cfg.VerifyClients:
 			fmt.Fprintf(stderr, "tailderp: -dev without -state-dir: a temporary state directory: %v (give -state-dir)\n", err)
-			return 1
+			return 2
+		default:
+			logger.Info("-dev without -state-dir and no temporary directory: running with no state", "err", err)
 		}
-		defer os.RemoveAll(dir)
-		cfg.StateDir = dir
 	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
@@ -154,7 +161,7 @@ func run(ctx context.Context, cfg *config.Config, logger *slog.Logger, out io.Wr
 	defer signal.Stop(hup)
 	logger.Info("tailderp starting", "version", version, "hostname", cfg.Hostname, "certmode", cfg.Mode().String(),
 		"addr", cfg.Addr, "state_dir", cfg.StateDir, "verify_clients", cfg.VerifyClients,
-		"control_url", cfg.ControlURL, "auth_key", cfg.AuthKeyState(), "dev", cfg.Dev)
+		"control_url", cfg.ControlURL, "auth_key", cfg.AuthKeyState(), "auth_key_from", cfg.AuthKeyFrom(), "dev", cfg.Dev)
 	stateWritable := checkWritableDir(cfg.StateDir)
 	if stateWritable != nil && (cfg.VerifyClients || !cfg.Dev) {
 		return stateWritable

@@ -227,24 +227,31 @@ func (c *Config) readAuthKey() error {
 	if fromEnv && c.authKeyFrom == "" {
 		c.authKeyFrom = c.src["TAILSCALE_AUTH_KEY"]
 	}
-	if err := CheckAuthKey(c.AuthKey); err != nil {
+	// The key matters only to the node: an open relay's shipped .env with
+	// a placeholder in it (tijjjy/Tailscale-DERP-Docker) still serves.
+	if err := CheckAuthKey(c.AuthKey); err != nil && c.VerifyClients {
 		return fmt.Errorf("TAILSCALE_AUTH_KEY (from %s) %w", c.authKeyFrom, err)
 	}
 	return nil
 }
 
-// AuthKeyState says whether an auth key was given and where from, never
-// what it is: "none", or "set (VAR)", "oauth-client-secret (file)".
+// AuthKeyState says whether an auth key was given, never what it is:
+// "none", "set" or "oauth-client-secret"; AuthKeyFrom says where from.
 func (c *Config) AuthKeyState() string {
 	switch {
 	case c.AuthKey == "":
 		return "none"
 	case strings.HasPrefix(c.AuthKey, "tskey-client-"):
-		return "oauth-client-secret (" + c.authKeyFrom + ")"
+		return "oauth-client-secret"
 	default:
-		return "set (" + c.authKeyFrom + ")"
+		return "set"
 	}
 }
+
+// AuthKeyFrom names where the auth key came from ("" for none): its
+// variable, or the key file's setting and path, by the rule readAuthKey
+// applies.
+func (c *Config) AuthKeyFrom() string { return c.authKeyFrom }
 
 // validateLogin checks that the node can log in: with a key, or with the
 // login an earlier start left in the state directory.
