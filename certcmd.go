@@ -12,6 +12,8 @@ import (
 
 	"tailscale.com/tailcfg"
 
+	"github.com/tailderp/tailderp/internal/config"
+	"github.com/tailderp/tailderp/internal/serving"
 	"github.com/tailderp/tailderp/relay"
 )
 
@@ -28,7 +30,7 @@ import (
 //   - `cert renew -activate` moves it into place: the running relay serves
 //     it from its next handshake. The operator saves the new derpMap right
 //     after, and each client reconnects with the new pin as it gets it.
-func runCert(args []string, getenv func(string) string, stdout, stderr io.Writer) int {
+func runCert(args []string, env []string, stdout, stderr io.Writer) int {
 	switch {
 	case len(args) > 0 && args[0] == "renew":
 	case len(args) > 0 && (args[0] == "-h" || args[0] == "-help" || args[0] == "--help"):
@@ -40,23 +42,18 @@ func runCert(args []string, getenv func(string) string, stdout, stderr io.Writer
 	}
 	fs := flag.NewFlagSet("tailderp cert renew", flag.ContinueOnError)
 	activate := fs.Bool("activate", false, "make the next certificate (written by `tailderp cert renew`) the one served")
-	cfg, err := parseConfig(fs, args[1:], getenv)
+	cfg, err := config.Load(config.CertRenew, fs, args[1:], env)
 	if errors.Is(err, flag.ErrHelp) {
 		printCertUsage(stderr)
 		return 0
 	}
-	if err == nil && fs.NArg() > 0 {
-		err = fmt.Errorf("unexpected argument %q (settings are flags: see tailderp cert renew -help)", fs.Arg(0))
-	}
 	if err == nil && cfg.Hostname == "" {
 		// Run with no settings beside a server (`sudo tailderp cert
 		// renew`): take the running server's.
-		if _, scfg, _, _ := runningServer(cfg); scfg != nil {
+		if _, scfg, _, _ := serving.Running(cfg); scfg != nil {
 			cfg = scfg
 		}
-	}
-	if err == nil {
-		err = cfg.validate()
+		err = cfg.Validate()
 	}
 	if err == nil {
 		err = renewableHere(cfg)
@@ -78,14 +75,14 @@ func runCert(args []string, getenv func(string) string, stdout, stderr io.Writer
 }
 
 // renewableHere says why cfg's certificate is not one `cert renew` makes.
-func renewableHere(cfg *config) error {
-	switch {
-	case cfg.ipMode():
+func renewableHere(cfg *config.Config) error {
+	switch cfg.Mode() {
+	case config.CertSelfSignedIP:
 		return nil
-	case cfg.Dev:
+	case config.CertDev:
 		return errors.New("-dev makes a new certificate at every start: there is nothing to renew")
-	case cfg.CertMode == "manual":
-		crt, key := relay.CertPaths(cfg.certDir(), cfg.Hostname)
+	case config.CertManualFiles:
+		crt, key := relay.CertPaths(cfg.CertsDir(), cfg.Hostname)
 		return fmt.Errorf("%s %s is a DNS name: its certificate comes from your own tooling (certbot, acme.sh); put the renewed certificate at %s and its key at %s, and the relay reloads them without a restart. `tailderp cert renew` is for the self-signed certificate of an IP-only server", settingName("hostname"), cfg.Hostname, crt, key)
 	}
 	return fmt.Errorf("-certmode %s renews its certificate by itself (a third of its lifetime, at most 30 days, before it expires); `tailderp cert renew` is for the self-signed certificate of an IP-only server (%s an IP address, -certmode manual)", cfg.CertMode, settingName("hostname"))
@@ -93,10 +90,10 @@ func renewableHere(cfg *config) error {
 
 // writeNext is `cert renew`: it writes the next pair (or keeps one
 // written before that is still good) and prints its derpMap.
-func writeNext(cfg *config, stdout, stderr io.Writer) error {
-	dir, ip := cfg.certDir(), cfg.Hostname
-	cur, err := cfg.currentIPCert()
-	if errors.Is(err, errNoCertYet) {
+func writeNext(cfg *config.Config, stdout, stderr io.Writer) error {
+	dir, ip := cfg.CertsDir(), cfg.Hostname
+	cur, err := cfg.CurrentIPCert()
+	if errors.Is(err, config.ErrNoCertYet) {
 		return err
 	}
 	if err != nil {
@@ -134,8 +131,8 @@ Switch to the new one with the shortest outage (docs/DEPLOY.md, "Renewing the IP
 }
 
 // activateNext is `cert renew -activate`.
-func activateNext(cfg *config, stdout, stderr io.Writer) error {
-	dir, ip := cfg.certDir(), cfg.Hostname
+func activateNext(cfg *config.Config, stdout, stderr io.Writer) error {
+	dir, ip := cfg.CertsDir(), cfg.Hostname
 	ncrt, _ := relay.NextCertPaths(dir, ip)
 	if _, err := os.Stat(ncrt); errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("no next certificate at %s: run `tailderp cert renew` first (with the same settings)", ncrt)
@@ -150,7 +147,7 @@ func activateNext(cfg *config, stdout, stderr io.Writer) error {
 	}
 	pcrt, pkey := relay.PrevCertPaths(dir, ip)
 	who := "tailderp serves it when it starts"
-	if s, _, _, _ := runningServer(cfg); s != nil {
+	if s, _, _, _ := serving.Running(cfg); s != nil {
 		who = fmt.Sprintf("the running relay (pid %d) serves it from its next TLS handshake; connected clients stay connected", s.PID)
 	}
 	fmt.Fprintf(stderr, `tailderp cert renew: %s is now the certificate (valid until %s): %s.
@@ -162,12 +159,12 @@ has it, its new connections are refused. The previous pair is kept as %s and %s.
 
 // regionWithPin is the region `tailderp derpmap` prints (the fleet's,
 // with -mesh-with) with this relay's node pinned by certName.
-func regionWithPin(cfg *config, certName string) (*tailcfg.DERPRegion, error) {
+func regionWithPin(cfg *config.Config, certName string) (*tailcfg.DERPRegion, error) {
 	region, _, err := derpMapRegion(cfg)
 	if err != nil {
 		return nil, err
 	}
-	return cfg.fleetRegion(withCertName(region, certName)), nil
+	return cfg.FleetRegion(withCertName(region, certName)), nil
 }
 
 func printCertUsage(w io.Writer) {
@@ -198,17 +195,17 @@ Exit status: 0 done, 1 failed (nothing to renew yet, files), 2 bad settings.
 // serving.json, so the log, `tailderp derpmap` and `tailderp check` show
 // the pin served now.
 type pinFollower struct {
-	cfg    *config
+	cfg    *config.Config
 	out    io.Writer
 	logger *slog.Logger
 
 	mu    sync.Mutex
-	sv    *serving // nil until the server serves
-	write bool     // serving.json is written
+	sv    *serving.Serving // nil until the server serves
+	write bool             // serving.json is written
 }
 
 // serving hands over what the server said it serves.
-func (f *pinFollower) serving(sv *serving, write bool) {
+func (f *pinFollower) serving(sv *serving.Serving, write bool) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.sv, f.write = sv, write
@@ -218,7 +215,7 @@ func (f *pinFollower) serving(sv *serving, write bool) {
 func (f *pinFollower) changed(st relay.CertStatus) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if f.sv == nil || !f.cfg.ipMode() || f.sv.Region.Nodes[0].CertName == st.CertName {
+	if f.sv == nil || f.cfg.Mode() != config.CertSelfSignedIP || f.sv.Region.Nodes[0].CertName == st.CertName {
 		return
 	}
 	sv := *f.sv
@@ -226,11 +223,11 @@ func (f *pinFollower) changed(st relay.CertStatus) {
 	f.sv = &sv
 	f.logger.Info("serving a new certificate, pinned by a new CertName: clients need the derpMap below", "cert_name", st.CertName,
 		"not_after", st.NotAfter.UTC().Format(time.RFC3339))
-	if err := writeSnippet(f.out, f.cfg.fleetRegion(sv.Region)); err != nil {
+	if err := writeSnippet(f.out, f.cfg.FleetRegion(sv.Region)); err != nil {
 		f.logger.Warn("cannot print the derpMap snippet", "err", err)
 	}
 	if f.write {
-		if err := writeServing(f.cfg.servingPath(), &sv); err != nil {
+		if err := serving.Write(f.cfg.ServingPath(), &sv); err != nil {
 			f.logger.Warn("cannot write serving.json: `tailderp derpmap` and `tailderp check -local` show the previous pin", "err", err)
 		}
 	}

@@ -19,6 +19,7 @@ import (
 	"tailscale.com/types/key"
 	"tailscale.com/types/logger"
 
+	"github.com/tailderp/tailderp/internal/config"
 	"github.com/tailderp/tailderp/internal/testutil"
 	"github.com/tailderp/tailderp/relay"
 )
@@ -291,12 +292,12 @@ func TestCertRenewRefuses(t *testing.T) {
 
 // Each mode's fix names what fixes it there.
 func TestCertAdvice(t *testing.T) {
-	ip := &config{Hostname: "203.0.113.7", CertMode: "manual", StateDir: t.TempDir(), HTTPPort: 80}
-	manual := &config{Hostname: "derp.example.com", CertMode: "manual", StateDir: "/s", HTTPPort: 80}
-	acme := &config{Hostname: "derp.example.com", CertMode: "letsencrypt", StateDir: "/s", HTTPPort: -1}
+	ip := &config.Config{Hostname: "203.0.113.7", CertMode: "manual", StateDir: t.TempDir(), HTTPPort: 80}
+	manual := &config.Config{Hostname: "derp.example.com", CertMode: "manual", StateDir: "/s", HTTPPort: 80}
+	acme := &config.Config{Hostname: "derp.example.com", CertMode: "letsencrypt", StateDir: "/s", HTTPPort: -1}
 	for _, tc := range []struct {
 		name string
-		cfg  *config
+		cfg  *config.Config
 		p    relay.CertProblem
 		want []string
 	}{
@@ -306,7 +307,7 @@ func TestCertAdvice(t *testing.T) {
 		{"ACME, expired", acme, relay.CertExpired, []string{"then restart", "ACME certificate not available"}},
 		{"any, not valid yet", manual, relay.CertNotYetValid, []string{"clock", "/s/certs/derp.example.com.crt"}},
 	} {
-		got := certAdvice(tc.cfg, tc.p)
+		got := tc.cfg.CertAdvice(tc.p)
 		for _, w := range tc.want {
 			if !strings.Contains(got, w) {
 				t.Errorf("%s: %q lacks %q", tc.name, got, w)
@@ -319,7 +320,7 @@ func TestCertAdvice(t *testing.T) {
 	if _, err := relay.WriteNextSelfSignedIPCert(certs, ip.Hostname); err != nil {
 		t.Fatal(err)
 	}
-	if got := certAdvice(ip, relay.CertExpiring); !strings.Contains(got, "next certificate is ready") || !strings.Contains(got, "-activate") {
+	if got := ip.CertAdvice(relay.CertExpiring); !strings.Contains(got, "next certificate is ready") || !strings.Contains(got, "-activate") {
 		t.Errorf("with a next pair waiting: %q", got)
 	}
 }

@@ -19,8 +19,10 @@ import (
 	"tailscale.com/tailcfg"
 
 	"github.com/tailderp/tailderp/check"
+	"github.com/tailderp/tailderp/internal/config"
 	"github.com/tailderp/tailderp/internal/logs"
 	"github.com/tailderp/tailderp/internal/relayrules"
+	"github.com/tailderp/tailderp/internal/serving"
 	"github.com/tailderp/tailderp/node"
 )
 
@@ -96,10 +98,10 @@ func newCheckFlags() (*flag.FlagSet, *checkOpts) {
 // before, between or after the flags. cfg.src tells which settings the
 // command line gave: with a URL, only those describe the target (the
 // environment describes this server).
-func parseCheckArgs(args []string, getenv func(string) string, stderr io.Writer) (o *checkOpts, cfg *config, target string, err error) {
+func parseCheckArgs(args []string, env []string, stderr io.Writer) (o *checkOpts, cfg *config.Config, target string, err error) {
 	// Find the URL with a scratch parse, then parse the flags without it.
 	scratch, _ := newCheckFlags()
-	if _, err := parseConfig(scratch, nil, func(string) string { return "" }); err != nil {
+	if _, err := config.Load(config.Inspect, scratch, nil, nil); err != nil {
 		return nil, nil, "", err
 	}
 	var flags []string
@@ -125,7 +127,7 @@ func parseCheckArgs(args []string, getenv func(string) string, stderr io.Writer)
 		flags = args
 	}
 	fs, o := newCheckFlags()
-	cfg, err = parseConfig(fs, flags, getenv)
+	cfg, err = config.Load(config.Check, fs, flags, env)
 	if errors.Is(err, flag.ErrHelp) {
 		printCheckUsage(stderr, fs)
 	}
@@ -156,8 +158,8 @@ func flagSwallowedFlag(fs *flag.FlagSet) error {
 }
 
 // runCheck is `tailderp check`.
-func runCheck(args []string, getenv func(string) string, stdout, stderr io.Writer) int {
-	o, cfg, target, err := parseCheckArgs(args, getenv, stderr)
+func runCheck(args []string, env []string, stdout, stderr io.Writer) int {
+	o, cfg, target, err := parseCheckArgs(args, env, stderr)
 	if errors.Is(err, flag.ErrHelp) {
 		return 0
 	}
@@ -234,15 +236,15 @@ func runCheck(args []string, getenv func(string) string, stdout, stderr io.Write
 // -auth-key-file; -control-url), so the check can prove the relay admits
 // the tailnet's members. No key: nil and 0. A failure is said on stderr
 // and returns the exit code: 2 for a key that is wrong, 1 otherwise.
-func joinCheckMember(ctx context.Context, cfg *config, stderr io.Writer) (*node.Member, int) {
-	if err := cfg.readAuthKeyFile(); err != nil {
+func joinCheckMember(ctx context.Context, cfg *config.Config, stderr io.Writer) (*node.Member, int) {
+	if err := cfg.ReadAuthKey(); err != nil {
 		fmt.Fprintf(stderr, "tailderp check: %v\n", err)
 		return nil, 2
 	}
 	if cfg.AuthKey == "" {
 		return nil, 0
 	}
-	if err := checkAuthKey(cfg.AuthKey); err != nil {
+	if err := config.CheckAuthKey(cfg.AuthKey); err != nil {
 		fmt.Fprintf(stderr, "tailderp check: %v\n", err)
 		return nil, 2
 	}
@@ -275,7 +277,7 @@ func orDefaultControl(u string) string {
 // runLocalCheck is -local, the Docker HEALTHCHECK: it checks what the
 // relay on this machine serves (see runningServer), whatever settings the
 // check itself was given.
-func runLocalCheck(ctx context.Context, o *checkOpts, own *config, stdout, stderr io.Writer) int {
+func runLocalCheck(ctx context.Context, o *checkOpts, own *config.Config, stdout, stderr io.Writer) int {
 	lt, from, err := localTarget(own)
 	if err != nil {
 		fmt.Fprintf(stderr, "tailderp check: %v\n", err)
@@ -297,8 +299,8 @@ func runLocalCheck(ctx context.Context, o *checkOpts, own *config, stdout, stder
 // localTarget is where the relay on this machine listens: as its
 // serving.json says, else as its settings say, else as own says; from
 // says which.
-func localTarget(own *config) (lt check.LocalTarget, from string, err error) {
-	s, cfg, from, err := runningServer(own)
+func localTarget(own *config.Config) (lt check.LocalTarget, from string, err error) {
+	s, cfg, from, err := serving.Running(own)
 	if err != nil {
 		return lt, "", err
 	}
@@ -309,19 +311,19 @@ func localTarget(own *config) (lt check.LocalTarget, from string, err error) {
 	if cfg == nil {
 		cfg, from = own, "this command's settings: no running server found"
 	}
-	return check.LocalTarget{HTTPSAddr: cfg.Addr, ServerName: cfg.Hostname, STUNAddr: cfg.stunAddr()}, from, nil
+	return check.LocalTarget{HTTPSAddr: cfg.Addr, ServerName: cfg.Hostname, STUNAddr: cfg.STUNAddr()}, from, nil
 }
 
 // checkTarget describes what to check: the URL and the check's flags, or,
 // without a URL, this server's public address, as `tailderp derpmap`
 // prints it.
-func checkTarget(o *checkOpts, cfg *config, target string, stderr io.Writer) (check.Target, error) {
+func checkTarget(o *checkOpts, cfg *config.Config, target string, stderr io.Writer) (check.Target, error) {
 	t := check.Target{Pings: o.pings}
 	if o.expectOpen {
 		t.Expect = check.ExpectOpen
 	}
 	if o.caFile != "" {
-		pool, err := loadCertPool(o.caFile)
+		pool, err := config.LoadCertPool(o.caFile)
 		if err != nil {
 			return t, fmt.Errorf("-ca-file: %w", err)
 		}
@@ -332,7 +334,7 @@ func checkTarget(o *checkOpts, cfg *config, target string, stderr io.Writer) (ch
 		meshFile, meshSetting = cfg.MeshPSKFile, settingName("mesh-psk-file")
 	}
 	if meshFile != "" {
-		b, err := os.ReadFile(meshFile)
+		b, err := config.ReadFileLimited(meshFile, 4<<10)
 		if err != nil {
 			return t, fmt.Errorf("%s: %w", meshSetting, err)
 		}
@@ -351,7 +353,7 @@ func checkTarget(o *checkOpts, cfg *config, target string, stderr io.Writer) (ch
 		// Only flags describe another server; the environment is this
 		// server's. An address given is where the relay is: the other
 		// family is not looked up either.
-		v4, v6 := cfg.src.byFlag("ipv4"), cfg.src.byFlag("ipv6")
+		v4, v6 := cfg.ByFlag("ipv4"), cfg.ByFlag("ipv6")
 		if v4 {
 			n.IPv4 = cfg.IPv4
 		}
@@ -364,15 +366,15 @@ func checkTarget(o *checkOpts, cfg *config, target string, stderr io.Writer) (ch
 		if v6 && !v4 {
 			n.IPv4 = "none"
 		}
-		if cfg.src.byFlag("stun-port") {
+		if cfg.ByFlag("stun-port") {
 			n.STUNPort = cfg.STUNPort
 		}
-		if cfg.src.byFlag("stun") && !cfg.STUN {
+		if cfg.ByFlag("stun") && !cfg.STUN {
 			n.STUNPort = -1
 		}
 		n.CertName = o.certName
 		t.Node = n
-		t.TrustOnFirstUse = cfg.src.byFlag("dev") && cfg.Dev && o.certName == ""
+		t.TrustOnFirstUse = cfg.ByFlag("dev") && cfg.Dev && o.certName == ""
 		return t, nil
 	}
 
@@ -382,12 +384,12 @@ func checkTarget(o *checkOpts, cfg *config, target string, stderr io.Writer) (ch
 	}
 	region, note, err := derpMapRegion(cfg)
 	if err != nil {
-		if !errors.Is(err, errNoCertYet) {
+		if !errors.Is(err, config.ErrNoCertYet) {
 			return t, err
 		}
 		fmt.Fprintf(stderr, "tailderp check: cannot learn this server's pin (%v); checking without it\n", err)
-		httpsPort, stunPort := cfg.configuredPorts()
-		region = cfg.derpRegion(httpsPort, stunPort, "")
+		httpsPort, stunPort := cfg.ConfiguredPorts()
+		region = cfg.DERPRegion(httpsPort, stunPort, "")
 	} else if note != "" {
 		fmt.Fprintf(stderr, "tailderp check: %s\n", note)
 	}
@@ -579,7 +581,7 @@ from then too), 2 on bad flags or an auth key the control server rejects.
 Check flags:
 `)
 	fs.VisitAll(func(f *flag.Flag) {
-		if isSetting(f.Name) {
+		if config.IsSetting(f.Name) {
 			return // the server's settings: see tailderp -help
 		}
 		def := ""

@@ -30,7 +30,7 @@ type ckServer struct {
 func ckServe(t *testing.T, args ...string) *ckServer {
 	t.Helper()
 	var stderr testutil.Buffer
-	cfg, err := loadConfig("tailderp", args, func(string) string { return "" }, &stderr)
+	cfg, err := loadConfig("tailderp", args, nil, &stderr)
 	if err != nil {
 		t.Fatalf("tailderp %s: %v\n%s", strings.Join(args, " "), err, stderr.String())
 	}
@@ -91,7 +91,7 @@ func ckIPMode(t *testing.T, extra ...string) (*ckServer, string) {
 func ckCheck(t *testing.T, env map[string]string, args ...string) (int, string, string) {
 	t.Helper()
 	var stdout, stderr testutil.Buffer
-	code := runCheck(args, func(k string) string { return env[k] }, &stdout, &stderr)
+	code := runCheck(args, envFrom(env), &stdout, &stderr)
 	t.Logf("tailderp check %s → exit %d\n%s%s", strings.Join(args, " "), code, stdout.String(), stderr.String())
 	return code, stdout.String(), stderr.String()
 }
@@ -456,7 +456,7 @@ func TestCheckFixedAddressNotResolved(t *testing.T) {
 		{nil, "", ""},
 	} {
 		var stderr testutil.Buffer
-		o, cfg, target, err := parseCheckArgs(append([]string{"https://relay.test"}, tt.args...), func(string) string { return "" }, &stderr)
+		o, cfg, target, err := parseCheckArgs(append([]string{"https://relay.test"}, tt.args...), nil, &stderr)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -57,6 +57,20 @@ var depRules = []depRule{
 			module + "/node":      "check is a client of the public side",
 			module + "/relay":     "check judges a relay by the rules it shares with it (internal/relayrules), not by the relay's code",
 		}},
+	{pkg: "/internal/config",
+		deps: map[string]string{
+			// tsnet is reached only through node (node.HasLogin, node.Problem):
+			// config never starts a node.
+			module + "/verify":           "config decides the settings; admission is wired by main",
+			module + "/check":            "config is read by check's command, not the other way",
+			module + "/debugsrv":         "config knows nothing of the status pages",
+			module + "/internal/serving": "serving reads config (a running server's settings), not the other way",
+		}},
+	{pkg: "/internal/serving",
+		deps: map[string]string{
+			module + "/verify":   "serving.json says what is served, not how admission decides",
+			module + "/debugsrv": "serving.json is read by local commands, not the status pages",
+		}},
 	{pkg: "/internal/relayrules",
 		deps: map[string]string{
 			module + "/...": "relayrules is a leaf: relay and check both import it",

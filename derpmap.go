@@ -9,6 +9,8 @@ import (
 
 	"tailscale.com/tailcfg"
 
+	"github.com/tailderp/tailderp/internal/config"
+	"github.com/tailderp/tailderp/internal/serving"
 	"github.com/tailderp/tailderp/relay"
 )
 
@@ -45,21 +47,18 @@ func withCertName(r *tailcfg.DERPRegion, certName string) *tailcfg.DERPRegion {
 
 // runDERPMap is `tailderp derpmap`: print the snippet as JSON on stdout
 // (notes go to stderr), without serving.
-func runDERPMap(args []string, getenv func(string) string, stdout, stderr io.Writer) int {
+func runDERPMap(args []string, env []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("tailderp derpmap", flag.ContinueOnError)
-	cfg, err := parseConfig(fs, args, getenv)
+	cfg, err := config.Load(config.DERPMap, fs, args, env)
 	if errors.Is(err, flag.ErrHelp) {
 		printDERPMapUsage(stderr)
 		return 0
-	}
-	if err == nil && fs.NArg() > 0 {
-		err = fmt.Errorf("unexpected argument %q (settings are flags: see tailderp derpmap -help)", fs.Arg(0))
 	}
 	if err != nil {
 		fmt.Fprintf(stderr, "tailderp derpmap: %v\n", err)
 		return 2
 	}
-	for _, n := range cfg.notes {
+	for _, n := range cfg.Notes {
 		fmt.Fprintf(stderr, "tailderp derpmap: %s\n", n)
 	}
 	region, note, err := derpMapRegion(cfg)
@@ -74,7 +73,7 @@ func runDERPMap(args []string, getenv func(string) string, stdout, stderr io.Wri
 	if note != "" {
 		fmt.Fprintf(stderr, "tailderp derpmap: %s\n", note)
 	}
-	if fleet := cfg.fleetRegion(region); len(fleet.Nodes) > 1 {
+	if fleet := cfg.FleetRegion(region); len(fleet.Nodes) > 1 {
 		fmt.Fprintf(stderr, "tailderp derpmap: the fleet's region: this relay and %d peers of %s, in its order (clients use the first node they reach); peers are assumed to serve STUN like this relay\n", len(fleet.Nodes)-1, settingName("mesh-with"))
 		region = fleet
 	}
@@ -92,27 +91,27 @@ type settingsError struct{ error }
 // this machine serves it (its serving.json) when one is found for the same
 // -hostname (or cfg names none), else as cfg describes it. note says
 // which, or what the snippet cannot know.
-func derpMapRegion(cfg *config) (r *tailcfg.DERPRegion, note string, err error) {
-	if s, _, from, _ := runningServer(cfg); s != nil && (cfg.Hostname == "" || strings.EqualFold(cfg.Hostname, s.ServerName)) {
+func derpMapRegion(cfg *config.Config) (r *tailcfg.DERPRegion, note string, err error) {
+	if s, _, from, _ := serving.Running(cfg); s != nil && (cfg.Hostname == "" || strings.EqualFold(cfg.Hostname, s.ServerName)) {
 		return s.Region, fmt.Sprintf("as the running server (pid %d) serves it (%s)", s.PID, from), nil
 	}
 	// The node is not started: no auth key is needed to print.
-	if err := cfg.validate(); err != nil {
+	if err := cfg.Validate(); err != nil {
 		return nil, "", settingsError{err}
 	}
-	httpsPort, stunPort := cfg.configuredPorts()
+	httpsPort, stunPort := cfg.ConfiguredPorts()
 	certName := ""
-	switch {
-	case cfg.ipMode():
-		cur, err := cfg.currentIPCert()
+	switch cfg.Mode() {
+	case config.CertSelfSignedIP:
+		cur, err := cfg.CurrentIPCert()
 		if err != nil {
 			return nil, "", err
 		}
 		certName = cur.CertName
-	case cfg.Dev:
+	case config.CertDev:
 		note = "-dev makes a new certificate at every start and no server is running: its CertName is in the server's output (or run this while it runs)"
 	}
-	return cfg.derpRegion(httpsPort, stunPort, certName), note, nil
+	return cfg.DERPRegion(httpsPort, stunPort, certName), note, nil
 }
 
 func printDERPMapUsage(w io.Writer) {

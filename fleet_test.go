@@ -121,7 +121,7 @@ func TestMeshSelfSkipped(t *testing.T) {
 			t.Fatalf("%s: %v", tc.hostname, err)
 		}
 		var got []string
-		for _, p := range cfg.meshPeers() {
+		for _, p := range cfg.MeshPeers() {
 			got = append(got, p.String())
 		}
 		if !slices.Equal(got, tc.want) {
@@ -152,7 +152,7 @@ func TestUnpublishedBootstrapDefault(t *testing.T) {
 		if err != nil {
 			t.Fatalf("%s: %v", tc.name, err)
 		}
-		if got := cfg.unpublishedBootstrapNames(); !slices.Equal(got, tc.want) {
+		if got := cfg.UnpublishedBootstrapNames(); !slices.Equal(got, tc.want) {
 			t.Errorf("%s: %q, want %q", tc.name, got, tc.want)
 		}
 	}

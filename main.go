@@ -3,9 +3,9 @@
 // node (tsnet) to admit only that tailnet's clients and to serve /debug on
 // the tailnet alone. See README.md.
 //
-// This file wires the packages together; config.go turns flags and
-// environment into one config; the work is done in relay, stun, node,
-// verify and debugsrv.
+// This file wires the packages together; internal/config turns flags,
+// environment and files into one Config; the work is done in relay, stun,
+// node, verify and debugsrv.
 package main
 
 import (
@@ -22,7 +22,6 @@ import (
 	"os"
 	"os/signal"
 	"strconv"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -31,7 +30,10 @@ import (
 	"tailscale.com/ipn"
 	"tailscale.com/types/key"
 
+	"github.com/tailderp/tailderp/internal/config"
 	"github.com/tailderp/tailderp/internal/logs"
+	"github.com/tailderp/tailderp/internal/serving"
+	"github.com/tailderp/tailderp/internal/tailnets"
 	"github.com/tailderp/tailderp/node"
 	"github.com/tailderp/tailderp/relay"
 	"github.com/tailderp/tailderp/stun"
@@ -42,29 +44,37 @@ import (
 var version = "dev"
 
 func main() {
-	os.Exit(realMain(os.Args[1:], os.Getenv, os.Stdout, os.Stderr))
+	os.Exit(realMain(os.Args[1:], os.Environ(), os.Stdout, os.Stderr))
 }
 
-// subcommands are the first arguments that are not a server's.
-var subcommands = []string{"derpmap", "check", "cert"}
+// settingName is how messages name a setting: "-a (ADDR)".
+var settingName = config.SettingName
 
-// realMain runs a command line and returns the exit code.
-func realMain(args []string, getenv func(string) string, stdout, stderr io.Writer) int {
+// realMain runs a command line with the environment env ("NAME=value"
+// entries) and returns the exit code.
+func realMain(args []string, env []string, stdout, stderr io.Writer) int {
 	if len(args) > 0 {
 		switch args[0] {
 		case "-version", "--version":
+			if len(args) > 1 {
+				// As -version after other flags is (migrate.go): one rule
+				// whatever the order.
+				fmt.Fprintln(stderr, "tailderp: -version takes no other arguments: run `tailderp -version` alone")
+				return 2
+			}
 			fmt.Fprintln(stdout, "tailderp", version)
 			return 0
 		case "derpmap":
-			return runDERPMap(args[1:], getenv, stdout, stderr)
+			return runDERPMap(args[1:], env, stdout, stderr)
 		case "check":
-			return runCheck(args[1:], getenv, stdout, stderr)
+			return runCheck(args[1:], env, stdout, stderr)
 		case "cert":
-			return runCert(args[1:], getenv, stdout, stderr)
+			return runCert(args[1:], env, stdout, stderr)
 		}
 	}
-	cfg, err := loadConfig("tailderp", args, getenv, stderr)
+	cfg, err := config.Load(config.Run, nil, args, env)
 	if errors.Is(err, flag.ErrHelp) {
+		config.PrintUsage(stderr)
 		return 0
 	}
 	if err != nil {
@@ -81,14 +91,33 @@ func realMain(args []string, getenv func(string) string, stdout, stderr io.Write
 	// them rate-limited: some have quoted what a client sent, whole.
 	log.SetFlags(0)
 	log.SetOutput(logs.NewLimited(logger, "lines of the standard logger", 10, 10*time.Second, 512).Writer(slog.LevelInfo))
-	for _, n := range cfg.notes {
+	for _, n := range cfg.Notes {
 		logger.Warn(n)
+	}
+	if cfg.NeedsTempStateDir() {
+		// Without a temporary directory (an image's empty root has no
+		// /tmp), an open -dev relay runs with none: a new DERP key, no
+		// serving.json. The node needs one.
+		dir, err := os.MkdirTemp("", "tailderp-dev-")
+		switch {
+		case err == nil:
+			defer os.RemoveAll(dir)
+			cfg.StateDir = dir
+		case cfg.VerifyClients:
+			fmt.Fprintf(stderr, "tailderp: -dev without -state-dir: a temporary state directory: %v (give -state-dir)\n", err)
+			return 2
+		default:
+			logger.Info("-dev without -state-dir and no temporary directory: running with no state", "err", err)
+		}
 	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	if err := run(ctx, cfg, logger, stdout); err != nil {
 		logger.Error(err.Error())
+		if _, bad := errors.AsType[settingsError](err); bad {
+			return 2 // the settings' fault: a restart changes nothing
+		}
 		return 1
 	}
 	return 0
@@ -107,12 +136,12 @@ var setupProcess = sync.OnceValue(func() error {
 // finds its directory through TS_LOGS_DIR (else under HOME or the working
 // directory; in a read-only container with no HOME it panics), and log
 // uploads are switched off by envknob for the whole process.
-func setupTailnetEnv(cfg *config) {
+func setupTailnetEnv(cfg *config.Config) {
 	if os.Getenv("TS_LOGS_DIR") == "" {
-		os.Setenv("TS_LOGS_DIR", cfg.nodeDir())
+		os.Setenv("TS_LOGS_DIR", cfg.NodeDir())
 	}
 	noLogs := cfg.NoLogsNoSupport
-	for _, t := range cfg.tailnets() {
+	for _, t := range cfg.Tailnets() {
 		// No log uploads to Tailscale from a node of another control server.
 		noLogs = noLogs || (t.ControlURL != "" && t.ControlURL != ipn.DefaultControlURL)
 	}
@@ -124,15 +153,15 @@ func setupTailnetEnv(cfg *config) {
 // run serves until ctx ends (SIGTERM/SIGINT: nil) or something fails.
 // SIGHUP reloads what can change without a restart (reloadOnHUP); it
 // never stops the server.
-func run(ctx context.Context, cfg *config, logger *slog.Logger, out io.Writer) error {
+func run(ctx context.Context, cfg *config.Config, logger *slog.Logger, out io.Writer) error {
 	// First of all: SIGHUP's default action ends the process (status 129,
 	// which systemd's Restart=on-failure does not restart).
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
-	logger.Info("tailderp starting", "version", version, "hostname", cfg.Hostname, "certmode", cfg.CertMode,
+	logger.Info("tailderp starting", "version", version, "hostname", cfg.Hostname, "certmode", cfg.Mode().String(),
 		"addr", cfg.Addr, "state_dir", cfg.StateDir, "verify_clients", cfg.VerifyClients,
-		"control_url", cfg.ControlURL, "auth_key", authKeyState(cfg), "dev", cfg.Dev)
+		"control_url", cfg.ControlURL, "auth_key", cfg.AuthKeyState(), "auth_key_from", cfg.AuthKeyFrom(), "dev", cfg.Dev)
 	stateWritable := checkWritableDir(cfg.StateDir)
 	if stateWritable != nil && (cfg.VerifyClients || !cfg.Dev) {
 		return stateWritable
@@ -148,18 +177,18 @@ func run(ctx context.Context, cfg *config, logger *slog.Logger, out io.Writer) e
 	if err != nil {
 		return err
 	}
-	meshPeers := cfg.meshPeers()
-	if _, self, _ := cfg.meshEntries(); self >= 0 {
+	meshPeers := cfg.MeshPeers()
+	if cfg.MeshSelfListed() {
 		logger.Info("mesh: this relay's own entry in -mesh-with is skipped", "hostname", cfg.Hostname)
 	}
 
-	var tailnets []*tailnet
+	var tns []*tailnets.Tailnet
 	var verifier *verify.Verifier
 	if cfg.VerifyClients || cfg.VerifyClientURL != "" {
 		verifier = &verify.Verifier{URL: cfg.VerifyClientURL, FailOpen: cfg.VerifyClientsFailOpen, URLFailOpen: cfg.VerifyClientURLFailOpen, Logger: logger}
 		if cfg.VerifyClients {
 			setupTailnetEnv(cfg)
-			tailnets = newTailnets(cfg, verifier, logger)
+			tns = tailnets.New(cfg, verifier, logger)
 		}
 		if cfg.VerifyClientsFailOpen {
 			logger.Warn("admission fails open: clients are admitted unverified while a check cannot answer (-verify-clients-fail-open)")
@@ -181,7 +210,7 @@ func run(ctx context.Context, cfg *config, logger *slog.Logger, out io.Writer) e
 		Certs:      certs,
 		PrivateKey: derpKey,
 		Home:       cfg.Home,
-		MeshKey:    cfg.meshKey,
+		MeshKey:    cfg.MeshKey,
 		Logger:     logger,
 
 		TCPKeepAlive:                 cfg.TCPKeepAlive,
@@ -190,10 +219,10 @@ func run(ctx context.Context, cfg *config, logger *slog.Logger, out io.Writer) e
 		AcceptConnectionLimit:        cfg.AcceptConnectionLimit,
 		AcceptConnectionBurst:        cfg.AcceptConnectionBurst,
 		MeshWith:                     meshPeers,
-		MeshRootCAs:                  cfg.meshRoots,
-		BootstrapDNSNames:            splitList(cfg.BootstrapDNSNames),
-		UnpublishedBootstrapDNSNames: cfg.unpublishedBootstrapNames(),
-		CertAdvice:                   func(p relay.CertProblem) string { return certAdvice(cfg, p) },
+		MeshRootCAs:                  cfg.MeshRoots,
+		BootstrapDNSNames:            cfg.BootstrapNames(),
+		UnpublishedBootstrapDNSNames: cfg.UnpublishedBootstrapNames(),
+		CertAdvice:                   func(p relay.CertProblem) string { return cfg.CertAdvice(p) },
 		OnCertChange:                 pins.changed,
 	}
 	if verifier != nil {
@@ -204,8 +233,8 @@ func run(ctx context.Context, cfg *config, logger *slog.Logger, out io.Writer) e
 	// restart's first clients are answered from it (or held until the
 	// node's map arrives); the nodes log in only once the ports are bound,
 	// so a port in use leaves no half-made login behind.
-	for _, t := range tailnets {
-		if err := t.node.Load(); err != nil {
+	for _, t := range tns {
+		if err := t.Node.Load(); err != nil {
 			return fmt.Errorf("%s %s: %w", settingName("state-dir"), cfg.StateDir, err)
 		}
 	}
@@ -218,7 +247,7 @@ func run(ctx context.Context, cfg *config, logger *slog.Logger, out io.Writer) e
 	// Stopping the relay and the node (once started below) is the first
 	// thing done on SIGTERM (see the loop at the end), and on any error
 	// return, after the deferred calls below.
-	stopServing := sync.OnceFunc(func() { shutdown(rs, tailnets, logger) })
+	stopServing := sync.OnceFunc(func() { shutdown(rs, tns, logger) })
 	defer stopServing()
 	if ipc, ok := certs.(*relay.ACMEIPCerts); ok {
 		// The CA validates against the listeners: start once they are up.
@@ -233,7 +262,7 @@ func run(ctx context.Context, cfg *config, logger *slog.Logger, out io.Writer) e
 		defer rates.Close()
 	}
 	stunAddr := ""
-	if addr := cfg.stunAddr(); addr != "" {
+	if addr := cfg.STUNAddr(); addr != "" {
 		ss := &stun.Server{Addr: addr}
 		if err := ss.Start(); err != nil {
 			return fmt.Errorf("%s %d: %v (is another server using the port? -stun=false turns STUN off)", settingName("stun-port"), cfg.STUNPort, err)
@@ -244,14 +273,14 @@ func run(ctx context.Context, cfg *config, logger *slog.Logger, out io.Writer) e
 	}
 
 	sv := servingNow(cfg, rs, certs, stunAddr)
-	if err := writeSnippet(out, cfg.fleetRegion(sv.Region)); err != nil {
+	if err := writeSnippet(out, cfg.FleetRegion(sv.Region)); err != nil {
 		return err
 	}
 	if stateWritable == nil {
-		if err := writeServing(cfg.servingPath(), sv); err != nil {
+		if err := serving.Write(cfg.ServingPath(), sv); err != nil {
 			logger.Warn("cannot write serving.json: `tailderp check -local` falls back to the settings it is given", "err", err)
 		}
-		defer removeServing(cfg.servingPath())
+		defer serving.Remove(cfg.ServingPath())
 	}
 	pins.serving(sv, stateWritable == nil)
 
@@ -259,17 +288,17 @@ func run(ctx context.Context, cfg *config, logger *slog.Logger, out io.Writer) e
 	// must fix TAILSCALE_AUTH_KEY); another tailnet's is that tailnet's
 	// problem, said on every status page.
 	var fatal <-chan error
-	d := &debugParts{cfg: cfg, tailnets: tailnets, relay: rs, verifier: verifier, started: time.Now()}
-	for i, t := range tailnets {
-		if err := t.node.Start(); err != nil {
+	d := &tailnets.Debug{Port: cfg.DebugPort, Version: version, Tailnets: tns, Relay: rs, Verifier: verifier, Started: time.Now()}
+	for i, t := range tns {
+		if err := t.Node.Start(); err != nil {
 			return fmt.Errorf("%s %s: %w", settingName("state-dir"), cfg.StateDir, err)
 		}
 		if i == 0 {
-			fatal = t.node.Fatal()
+			fatal = t.Node.Fatal()
 		} else {
-			go t.watchFatal(ctx, logger)
+			go t.WatchFatal(ctx, logger)
 		}
-		go d.serve(ctx, t, logger)
+		go d.Serve(ctx, t, logger)
 	}
 
 	for {
@@ -282,7 +311,7 @@ func run(ctx context.Context, cfg *config, logger *slog.Logger, out io.Writer) e
 			reloadOnHUP(cfg, certs, rates, logger)
 		case err := <-fatal:
 			if _, ok := errors.AsType[*node.LoginError](err); ok {
-				return fmt.Errorf("%w (%s)", err, nodeAdvice(tailnets[0].tailnetConfig, node.ProblemLoginRejected))
+				return fmt.Errorf("%w (%s)", err, tns[0].Advice(node.ProblemLoginRejected))
 			}
 			return err
 		case err := <-rs.Err():
@@ -295,7 +324,7 @@ func run(ctx context.Context, cfg *config, logger *slog.Logger, out io.Writer) e
 // certificate files (also when a copy kept their times, which the check
 // on each handshake would miss) and -rate-config. It says what it did,
 // one line each; what does not load keeps the old state, with a warning.
-func reloadOnHUP(cfg *config, certs relay.Certificates, rates *relay.RateConfigFile, logger *slog.Logger) {
+func reloadOnHUP(cfg *config.Config, certs relay.Certificates, rates *relay.RateConfigFile, logger *slog.Logger) {
 	logger.Info("SIGHUP: reloading the certificate files and the rate config; the server keeps running")
 	switch c := certs.(type) {
 	case *relay.ManualCerts:
@@ -305,14 +334,14 @@ func reloadOnHUP(cfg *config, certs relay.Certificates, rates *relay.RateConfigF
 		switch {
 		case err != nil:
 			logger.Warn("SIGHUP: certificate files not reloaded", "err", err,
-				"fix", fmt.Sprintf("put a certificate for %s and its key in %s (%s)", cfg.Hostname, cfg.certDir(), settingName("certdir")))
+				"fix", fmt.Sprintf("put a certificate for %s and its key in %s (%s)", cfg.Hostname, cfg.CertsDir(), settingName("certdir")))
 		case changed:
 			logger.Info("SIGHUP: certificate reloaded", "path", crt, "not_after", info.NotAfter.Format(time.RFC3339))
 		default:
 			logger.Info("SIGHUP: certificate files unchanged", "path", crt, "not_after", info.NotAfter.Format(time.RFC3339))
 		}
 	default:
-		logger.Info("SIGHUP: certificates in this mode are renewed in the background; nothing to reload", "certmode", cfg.CertMode, "dev", cfg.Dev)
+		logger.Info("SIGHUP: certificates in this mode are renewed in the background; nothing to reload", "certmode", cfg.Mode().String())
 	}
 	if rates == nil {
 		logger.Info("SIGHUP: no rate config to reload (" + settingName("rate-config") + " is not set)")
@@ -332,9 +361,9 @@ func reloadOnHUP(cfg *config, certs relay.Certificates, rates *relay.RateConfigF
 }
 
 // servingNow describes what the started relay serves.
-func servingNow(cfg *config, rs *relay.Server, certs relay.Certificates, stunAddr string) *serving {
+func servingNow(cfg *config.Config, rs *relay.Server, certs relay.Certificates, stunAddr string) *serving.Serving {
 	certName := ""
-	if cfg.ipMode() || cfg.Dev {
+	if cfg.Mode().Pinned() {
 		info, _ := certs.Current()
 		certName = info.CertName
 	}
@@ -343,7 +372,7 @@ func servingNow(cfg *config, rs *relay.Server, certs relay.Certificates, stunAdd
 		_, p, _ := net.SplitHostPort(stunAddr)
 		stunPort, _ = strconv.Atoi(p)
 	}
-	return &serving{
+	return &serving.Serving{
 		PID:           os.Getpid(),
 		Version:       version,
 		Since:         time.Now().UTC(),
@@ -351,7 +380,7 @@ func servingNow(cfg *config, rs *relay.Server, certs relay.Certificates, stunAdd
 		STUNAddr:      stunAddr,
 		ServerName:    cfg.Hostname,
 		VerifyClients: cfg.VerifyClients,
-		Region:        cfg.derpRegion(rs.LocalAddr().(*net.TCPAddr).Port, stunPort, certName),
+		Region:        cfg.DERPRegion(rs.LocalAddr().(*net.TCPAddr).Port, stunPort, certName),
 	}
 }
 
@@ -381,60 +410,6 @@ func explainListenError(err error) error {
 // (verify.Verifier.NotReadyWait).
 var _ verify.Settling = (*node.Node)(nil)
 
-// certAdvice is what the operator should do about a problem with the
-// dates of the certificate served, in each certificate mode.
-func certAdvice(cfg *config, p relay.CertProblem) string {
-	crt, key := relay.CertPaths(cfg.certDir(), cfg.Hostname)
-	if p == relay.CertNotYetValid {
-		fix := "check this machine's clock (timedatectl; in a container, the host's)"
-		if cfg.CertMode == "manual" && !cfg.ipMode() && !cfg.Dev {
-			fix += fmt.Sprintf(", and the not-before date of %s", crt)
-		}
-		return fix
-	}
-	switch {
-	case cfg.Dev:
-		return "restart: -dev makes a new certificate at every start"
-	case cfg.ipMode():
-		const steps = `docs/DEPLOY.md, "Renewing the IP certificate"`
-		if ncrt, _ := relay.NextCertPaths(cfg.certDir(), cfg.Hostname); fileExists(ncrt) {
-			return fmt.Sprintf("the next certificate is ready at %s: run `tailderp cert renew -activate` with this server's settings, then at once put its CertName (printed) into the derpMap (%s)", ncrt, steps)
-		}
-		return fmt.Sprintf("run `tailderp cert renew` with this server's settings: it writes the next certificate and prints the derpMap with its CertName; then `tailderp cert renew -activate`, and at once put that derpMap into the tailnet policy (%s)", steps)
-	case cfg.CertMode == "manual":
-		return fmt.Sprintf("put a renewed certificate at %s and its key at %s (e.g. from certbot's deploy hook): they are reloaded without a restart", crt, key)
-	}
-	ports := "443"
-	if cfg.HTTPPort >= 0 {
-		ports += " or " + strconv.Itoa(cfg.HTTPPort)
-	}
-	reach := fmt.Sprintf("check that this server reaches the CA (%s %s) and that the CA reaches %s on port %s (DNS, firewall)",
-		settingName("acme-directory-url"), cmp.Or(cfg.ACMEDirectoryURL, "Let's Encrypt"), cfg.Hostname, ports)
-	if p == relay.CertExpired {
-		return reach + `; then restart: the first handshake requests a new certificate, and a failure is logged ("ACME certificate not available")`
-	}
-	// autocert's background renewal retries every 30 to 60 minutes and
-	// logs nothing: the relay serves the old certificate meanwhile.
-	return "-certmode letsencrypt renews by itself when a third of the lifetime (at most 30 days) is left, so renewal is failing: " + reach
-}
-
-func fileExists(path string) bool {
-	_, err := os.Stat(path)
-	return err == nil
-}
-
-// authKeyState says whether an auth key was given, never what it is.
-func authKeyState(cfg *config) string {
-	switch {
-	case cfg.AuthKey == "":
-		return "none"
-	case strings.HasPrefix(cfg.AuthKey, "tskey-client-"):
-		return "oauth-client-secret"
-	default:
-		return "set"
-	}
-}
-
 // nodeShutdownTimeout bounds the node's part of shutdown: it stops
 // following the tailnet and writes its known-peers cache (milliseconds).
 const nodeShutdownTimeout = 2 * time.Second
@@ -448,15 +423,15 @@ const nodeShutdownTimeout = 2 * time.Second
 // (0.05–0.25 s) leaves nothing on disk. The nodes (none when the tailnet
 // check is off) shut down side by side; a node never started returns at
 // once.
-func shutdown(rs *relay.Server, tailnets []*tailnet, logger *slog.Logger) {
+func shutdown(rs *relay.Server, tns []*tailnets.Tailnet, logger *slog.Logger) {
 	start := time.Now()
 	rs.StopAccepting()
 	ctx, cancel := context.WithTimeout(context.Background(), nodeShutdownTimeout)
 	defer cancel()
 	var wg sync.WaitGroup
-	for _, t := range tailnets {
+	for _, t := range tns {
 		wg.Go(func() {
-			if err := t.node.Shutdown(ctx); err != nil {
+			if err := t.Node.Shutdown(ctx); err != nil {
 				logger.Warn("the known-peers cache may not hold the last network map", "tailnet", t.Name, "err", err)
 			}
 		})
@@ -466,14 +441,13 @@ func shutdown(rs *relay.Server, tailnets []*tailnet, logger *slog.Logger) {
 }
 
 // makeCerts returns the certificates for the configured mode.
-func makeCerts(cfg *config, logger *slog.Logger) (relay.Certificates, error) {
-	if cfg.Dev {
+func makeCerts(cfg *config.Config, logger *slog.Logger) (relay.Certificates, error) {
+	switch mode := cfg.Mode(); mode {
+	case config.CertDev:
 		return relay.NewSelfSigned("localhost", "127.0.0.1", "::1")
-	}
-	switch cfg.CertMode {
-	case "manual":
-		dir := cfg.certDir()
-		if cfg.ipMode() {
+	case config.CertManualFiles, config.CertSelfSignedIP:
+		dir := cfg.CertsDir()
+		if mode == config.CertSelfSignedIP {
 			created, err := relay.EnsureSelfSignedIPCert(dir, cfg.Hostname)
 			if err != nil {
 				return nil, fmt.Errorf("%s %s: %w", settingName("certdir"), dir, err)
@@ -486,35 +460,35 @@ func makeCerts(cfg *config, logger *slog.Logger) (relay.Certificates, error) {
 		certs, err := relay.LoadManualCerts(dir, cfg.Hostname, logger)
 		if err != nil {
 			crt, key := relay.CertPaths(dir, cfg.Hostname)
-			return nil, fmt.Errorf("-certmode manual (CERTMODE) for %s %s: %w (put a certificate for that name at %s and its key at %s, see %s; or use -certmode letsencrypt)",
-				settingName("hostname"), cfg.Hostname, err, crt, key, settingName("certdir"))
+			return nil, settingsError{fmt.Errorf("-certmode manual (CERTMODE) for %s %s: %w (put a certificate for that name at %s and its key at %s, see %s; or use -certmode letsencrypt)",
+				settingName("hostname"), cfg.Hostname, err, crt, key, settingName("certdir"))}
 		}
 		return certs, nil
 	default:
 		ac := relay.ACMEConfig{
 			Hostname:     cfg.Hostname,
-			CacheDir:     cfg.certDir(),
+			CacheDir:     cfg.CertsDir(),
 			Email:        cfg.ACMEEmail,
 			DirectoryURL: cfg.ACMEDirectoryURL,
 			Logger:       logger,
 		}
 		if cfg.ACMECABundle != "" {
-			pool, err := loadCertPool(cfg.ACMECABundle)
+			pool, err := config.LoadCertPool(cfg.ACMECABundle)
 			if err != nil {
 				return nil, fmt.Errorf("%s: %w", settingName("acme-ca-bundle"), err)
 			}
 			ac.RootCAs = pool
 		}
-		if cfg.ACMEIPCerts {
+		if mode == config.CertACMEIP {
 			certs, err := relay.NewACMEIP(ac)
 			if err != nil {
-				return nil, fmt.Errorf("%s, %s %s: %w", settingName("acme-ip-certs"), settingName("certdir"), cfg.certDir(), err)
+				return nil, fmt.Errorf("%s, %s %s: %w", settingName("acme-ip-certs"), settingName("certdir"), cfg.CertsDir(), err)
 			}
 			return certs, nil
 		}
 		certs, err := relay.NewACME(ac)
 		if err != nil {
-			return nil, fmt.Errorf("-certmode letsencrypt (CERTMODE), %s %s: %w", settingName("certdir"), cfg.certDir(), err)
+			return nil, fmt.Errorf("-certmode letsencrypt (CERTMODE), %s %s: %w", settingName("certdir"), cfg.CertsDir(), err)
 		}
 		return certs, nil
 	}
@@ -522,11 +496,11 @@ func makeCerts(cfg *config, logger *slog.Logger) (relay.Certificates, error) {
 
 // loadDERPKey returns the relay's DERP identity from the state directory;
 // -dev without a writable state directory gets a fresh one each start.
-func loadDERPKey(cfg *config) (key.NodePrivate, error) {
+func loadDERPKey(cfg *config.Config) (key.NodePrivate, error) {
 	if cfg.Dev && checkWritableDir(cfg.StateDir) != nil {
 		return key.NewNode(), nil
 	}
-	k, err := relay.LoadOrCreateKey(cfg.derpKeyPath())
+	k, err := relay.LoadOrCreateKey(cfg.DERPKeyPath())
 	if err != nil {
 		return key.NodePrivate{}, fmt.Errorf("%s %s: %w", settingName("state-dir"), cfg.StateDir, err)
 	}

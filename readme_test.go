@@ -5,6 +5,8 @@ import (
 	"os"
 	"strings"
 	"testing"
+
+	"github.com/tailderp/tailderp/internal/config"
 )
 
 // TestREADMESettingsTable keeps the README's settings table equal to the
@@ -21,7 +23,7 @@ func TestREADMESettingsTable(t *testing.T) {
 		t.Fatalf("README.md has no %q … %q block", begin, end)
 	}
 	var table bytes.Buffer
-	writeSettingsTable(&table)
+	config.WriteSettingsTable(&table)
 	want := table.String() + "\n"
 	got := s[i+len(begin) : j]
 	if got == want {
@@ -41,16 +43,16 @@ func TestREADMESettingsTable(t *testing.T) {
 // environment variable, and every environment-only setting.
 func TestHelpNamesEverySetting(t *testing.T) {
 	var stderr bytes.Buffer
-	if code := realMain([]string{"-help"}, func(string) string { return "" }, &bytes.Buffer{}, &stderr); code != 0 {
+	if code := realMain([]string{"-help"}, nil, &bytes.Buffer{}, &stderr); code != 0 {
 		t.Fatalf("-help exit %d", code)
 	}
 	help := stderr.String()
-	for _, s := range settingsFor(&config{}) {
-		if s.flag != "" && !strings.Contains(help, "-"+s.flag+"  [env "+s.env) {
-			t.Errorf("--help does not show -%s with env %s", s.flag, s.env)
+	for _, s := range config.Names() {
+		if s.Flag != "" && !strings.Contains(help, "-"+s.Flag+"  [env "+s.Env) {
+			t.Errorf("--help does not show -%s with env %s", s.Flag, s.Env)
 		}
-		if s.flag == "" && !strings.Contains(help, "env "+s.env) {
-			t.Errorf("--help does not show env %s", s.env)
+		if s.Flag == "" && !strings.Contains(help, "env "+s.Env) {
+			t.Errorf("--help does not show env %s", s.Env)
 		}
 	}
 }

@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/tailderp/tailderp/internal/config"
+	"github.com/tailderp/tailderp/internal/serving"
 	"github.com/tailderp/tailderp/internal/testutil"
 )
 
@@ -34,12 +36,12 @@ func FuzzReadServing(f *testing.F) {
 		f.Add([]byte(s))
 	}
 	dir := f.TempDir() // one worker runs one input at a time
-	path := filepath.Join(dir, servingFile)
+	path := filepath.Join(dir, config.ServingFile)
 	f.Fuzz(func(t *testing.T, b []byte) {
 		if err := os.WriteFile(path, b, 0o600); err != nil {
 			t.Fatal(err)
 		}
-		s, err := readServing(path)
+		s, err := serving.Read(path)
 		if err != nil {
 			if s != nil {
 				t.Fatalf("readServing returned a result and an error: %v", err)
@@ -55,7 +57,7 @@ func FuzzReadServing(f *testing.F) {
 		for _, extra := range [][]string{nil, {"-mesh-with", "derp2.example.com"}} {
 			var stdout, stderr testutil.Buffer
 			args := append([]string{"-state-dir", dir}, extra...)
-			if code := runDERPMap(args, func(string) string { return "" }, &stdout, &stderr); code != 0 {
+			if code := runDERPMap(args, nil, &stdout, &stderr); code != 0 {
 				t.Fatalf("derpmap %q of an accepted serving.json: exit %d: %s", args, code, stderr.String())
 			}
 			if !json.Valid([]byte(stdout.String())) {
@@ -69,7 +71,7 @@ func FuzzReadServing(f *testing.F) {
 			hostname = "derp.example.com" // not the file's: checked from the settings instead
 		}
 		fs, o := newCheckFlags()
-		cfg, err := parseConfig(fs, []string{"-state-dir", dir, "-hostname", hostname}, func(string) string { return "" })
+		cfg, err := config.Load(config.Check, fs, []string{"-state-dir", dir, "-hostname", hostname}, nil)
 		if err != nil {
 			t.Fatalf("parseConfig: %v", err)
 		}
@@ -86,7 +88,7 @@ func FuzzReadServing(f *testing.F) {
 			t.Fatalf("check -local targets %q (%v), the file says %q", lt.HTTPSAddr, err, s.HTTPSAddr)
 		}
 
-		removeServing(path)
+		serving.Remove(path)
 		if _, err := os.Stat(path); (err == nil) != (s.PID != os.Getpid()) {
 			t.Fatalf("removeServing of pid %d's file (this is %d): stat %v", s.PID, os.Getpid(), err)
 		}

@@ -1,26 +1,21 @@
-package main
+package config
 
 import (
 	"bytes"
 	"cmp"
-	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
-	"os"
 	"path/filepath"
 	"regexp"
 	"strings"
-	"sync"
 
 	"github.com/tailscale/hujson"
 	"tailscale.com/ipn"
 
 	"github.com/tailderp/tailderp/node"
 	"github.com/tailderp/tailderp/relay"
-	"github.com/tailderp/tailderp/verify"
 )
 
 // The tailnets this relay serves: the default one (TAILSCALE_AUTH_KEY,
@@ -28,13 +23,13 @@ import (
 // -tailnets file, each with its own embedded node in
 // <state-dir>/tailnets/<name>.
 
-// defaultTailnet names the tailnet of TAILSCALE_AUTH_KEY in metrics, logs
+// DefaultTailnet names the tailnet of TAILSCALE_AUTH_KEY in metrics, logs
 // and the -tailnets file (which may not use the name).
-const defaultTailnet = "default"
+const DefaultTailnet = "default"
 
-// tailnetConfig is one tailnet's settings, worked out from the flags and
+// Tailnet is one tailnet's settings, worked out from the flags and
 // environment (the default tailnet) or a -tailnets entry.
-type tailnetConfig struct {
+type Tailnet struct {
 	Name       string
 	Dir        string // the node's state
 	Hostname   string // the node's name on the tailnet
@@ -42,9 +37,9 @@ type tailnetConfig struct {
 	ControlURL string // "" for Tailscale's
 	Tags       []string
 	Port       int
-	// keySetting and urlSetting say, in messages, where the auth key and
+	// KeySetting and URLSetting say, in messages, where the auth key and
 	// the control URL are set.
-	keySetting, urlSetting string
+	KeySetting, URLSetting string
 }
 
 // tailnetsFile is the -tailnets file: HuJSON (JSON with comments and
@@ -70,30 +65,30 @@ var tailnetNameRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
 // tailnets returns every tailnet the relay serves, the default first.
 // The extra ones come from the -tailnets file, read and checked by
 // loadConfig.
-func (c *config) tailnets() []tailnetConfig {
-	def := tailnetConfig{
-		Name: defaultTailnet, Dir: c.nodeDir(), Hostname: c.tailnetHostname(), AuthKey: c.AuthKey,
+func (c *Config) Tailnets() []Tailnet {
+	def := Tailnet{
+		Name: DefaultTailnet, Dir: c.NodeDir(), Hostname: c.tailnetHostname(), AuthKey: c.AuthKey,
 		ControlURL: c.ControlURL, Tags: c.tags(), Port: c.TailnetPort,
-		keySetting: "TAILSCALE_AUTH_KEY", urlSetting: settingName("control-url"),
+		KeySetting: "TAILSCALE_AUTH_KEY", URLSetting: SettingName("control-url"),
 	}
-	return append([]tailnetConfig{def}, c.extraTailnets...)
+	return append([]Tailnet{def}, c.extraTailnets...)
 }
 
 // readTailnetsFile reads and checks the -tailnets file. Every error names
 // the file and the entry.
-func (c *config) readTailnetsFile() error {
+func (c *Config) readTailnetsFile() error {
 	if c.TailnetsFile == "" {
 		return nil
 	}
 	fail := func(format string, args ...any) error {
-		return fmt.Errorf("%s %s: %s", settingName("tailnets"), c.TailnetsFile, fmt.Sprintf(format, args...))
+		return fmt.Errorf("%s %s: %s", SettingName("tailnets"), c.TailnetsFile, fmt.Sprintf(format, args...))
 	}
 	if !c.VerifyClients {
-		return fail("needs %s: the extra tailnets are admitted beside the default one (TAILSCALE_AUTH_KEY)", settingName("verify-clients"))
+		return fail("needs %s: the extra tailnets are admitted beside the default one (TAILSCALE_AUTH_KEY)", SettingName("verify-clients"))
 	}
-	b, err := os.ReadFile(c.TailnetsFile)
+	b, err := ReadFileLimited(c.TailnetsFile, maxSettingsFileSize)
 	if err != nil {
-		return fmt.Errorf("%s: %w", settingName("tailnets"), err)
+		return fmt.Errorf("%s: %w", SettingName("tailnets"), err)
 	}
 	b, err = hujson.Standardize(b)
 	if err != nil {
@@ -109,8 +104,14 @@ func (c *config) readTailnetsFile() error {
 	names := map[string]int{}
 	ports := map[int]string{}
 	if c.TailnetPort != 0 {
-		ports[c.TailnetPort] = "the default tailnet (" + settingName("tailnet-port") + ")"
+		ports[c.TailnetPort] = "the default tailnet (" + SettingName("tailnet-port") + ")"
 	}
+	if c.STUN {
+		ports[c.STUNPort] = "STUN (" + SettingName("stun-port") + ")"
+	}
+	// Two nodes on one control server would be one tailnet admitted twice
+	// (or two logins racing for one): each control URL once.
+	controls := map[string]string{controlKey(c.ControlURL): "the default tailnet (" + SettingName("control-url") + ")"}
 	for i, raw := range f.Tailnets {
 		var e tailnetEntry
 		what := fmt.Sprintf("tailnet %d", i+1)
@@ -125,17 +126,17 @@ func (c *config) readTailnetsFile() error {
 			return fail("%s: no name", what)
 		case !tailnetNameRE.MatchString(e.Name):
 			return fail("%s: the name must be lower-case letters, digits and dashes (it names the directory %s and a metric label)", what, filepath.Join(c.StateDir, "tailnets", "NAME"))
-		case e.Name == defaultTailnet:
-			return fail("%s: %q is the name of the tailnet of TAILSCALE_AUTH_KEY (its state is %s): choose another", what, defaultTailnet, c.nodeDir())
+		case e.Name == DefaultTailnet:
+			return fail("%s: %q is the name of the tailnet of TAILSCALE_AUTH_KEY (its state is %s): choose another", what, DefaultTailnet, c.NodeDir())
 		case names[e.Name] > 0:
 			return fail("%s: the name is also tailnet %d's: each tailnet needs its own (and its own state directory)", what, names[e.Name])
 		}
 		names[e.Name] = i + 1
-		t := tailnetConfig{
+		t := Tailnet{
 			Name: e.Name, Dir: filepath.Join(c.StateDir, "tailnets", e.Name), ControlURL: e.ControlURL,
 			Hostname: cmp.Or(e.Hostname, c.tailnetHostname()+"-"+e.Name), Tags: e.AdvertiseTags, Port: e.TailnetPort,
-			keySetting: fmt.Sprintf("auth_key_file of tailnet %q in %s", e.Name, c.TailnetsFile),
-			urlSetting: fmt.Sprintf("control_url of tailnet %q in %s", e.Name, c.TailnetsFile),
+			KeySetting: fmt.Sprintf("auth_key_file of tailnet %q in %s", e.Name, c.TailnetsFile),
+			URLSetting: fmt.Sprintf("control_url of tailnet %q in %s", e.Name, c.TailnetsFile),
 		}
 		if e.ControlURL != "" {
 			if err := checkHTTPURL(e.ControlURL); err != nil {
@@ -157,15 +158,19 @@ func (c *config) readTailnetsFile() error {
 			return fail("%s: tailnet_port %d is also %s's", what, t.Port, other)
 		}
 		ports[t.Port] = e.Name
+		if other, taken := controls[controlKey(e.ControlURL)]; taken {
+			return fail("%s: control_url %q is also %s's: a control server is one tailnet here; give each tailnet its own control_url", what, cmp.Or(e.ControlURL, ipn.DefaultControlURL), other)
+		}
+		controls[controlKey(e.ControlURL)] = e.Name
 		if e.AuthKeyFile != "" {
-			k, err := os.ReadFile(e.AuthKeyFile)
+			k, err := c.readKeyFile(e.AuthKeyFile, fmt.Sprintf("auth_key_file of tailnet %q in %s", e.Name, c.TailnetsFile))
 			if err != nil {
 				return fail("%s: auth_key_file: %v", what, err)
 			}
-			if t.AuthKey = strings.TrimSpace(string(k)); t.AuthKey == "" {
+			if t.AuthKey = k; t.AuthKey == "" {
 				return fail("%s: auth_key_file %s is empty: put the tailnet's auth key in it", what, e.AuthKeyFile)
 			}
-			if err := checkAuthKey(t.AuthKey); err != nil {
+			if err := CheckAuthKey(t.AuthKey); err != nil {
 				return fail("%s: auth_key_file %s holds what looks like a placeholder, not an auth key; the value is not shown", what, e.AuthKeyFile)
 			}
 			if strings.HasPrefix(t.AuthKey, "tskey-client-") && len(t.Tags) == 0 {
@@ -177,6 +182,20 @@ func (c *config) readTailnetsFile() error {
 		c.extraTailnets = append(c.extraTailnets, t)
 	}
 	return nil
+}
+
+// controlKey is a control URL as compared for sameness: Tailscale's for
+// "", no trailing slash, the scheme and host in lower case.
+func controlKey(u string) string {
+	u = strings.TrimSuffix(cmp.Or(u, ipn.DefaultControlURL), "/")
+	if scheme, rest, ok := strings.Cut(u, "://"); ok {
+		host, path, _ := strings.Cut(rest, "/")
+		u = strings.ToLower(scheme) + "://" + strings.ToLower(host)
+		if path != "" {
+			u += "/" + path
+		}
+	}
+	return u
 }
 
 // strictJSON decodes b into v: every field known, nothing after it.
@@ -192,91 +211,19 @@ func strictJSON(b []byte, v any) error {
 	return nil
 }
 
-// tailnet is a tailnet the relay serves, running: its node, and what
-// stopped it if it stopped.
-type tailnet struct {
-	tailnetConfig
-	node *node.Node
-
-	mu      sync.Mutex
-	failure error // the node stopped for good (login rejected)
-}
-
-// failed returns what stopped the tailnet's node, or nil.
-func (t *tailnet) failed() error {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return t.failure
-}
-
-// newTailnets makes the nodes of every tailnet cfg names, each reporting
-// its drops to v for revocation. logger is tagged with the tailnet's name
-// when there are several.
-func newTailnets(cfg *config, v *verify.Verifier, logger *slog.Logger) []*tailnet {
-	tcs := cfg.tailnets()
-	var out []*tailnet
-	for _, tc := range tcs {
-		l := logger
-		if len(tcs) > 1 {
-			l = logger.With("tailnet", tc.Name)
-		}
-		t := &tailnet{tailnetConfig: tc}
-		t.node = &node.Node{
-			Dir:           tc.Dir,
-			Hostname:      tc.Hostname,
-			AuthKey:       tc.AuthKey,
-			ControlURL:    tc.ControlURL,
-			AdvertiseTags: tc.Tags,
-			Port:          uint16(tc.Port),
-			CacheMaxAge:   cfg.VerifyClientsCacheMaxAge,
-			Logger:        l,
-			Advice:        func(p node.Problem) string { return nodeAdvice(tc, p) },
-			OnDrop:        revokeDropped(v, tc.Name),
-		}
-		v.Tailnets = append(v.Tailnets, verify.Tailnet{Name: tc.Name, Keys: t.node})
-		out = append(out, t)
-	}
-	return out
-}
-
-// revokeDropped returns a node's OnDrop: each key the tailnet dropped has
-// its connections closed (unless another tailnet still admits it).
-func revokeDropped(v *verify.Verifier, tailnet string) func([]node.Drop) {
-	return func(drops []node.Drop) {
-		for _, d := range drops {
-			v.Revoke(verify.Revocation{Key: d.Key, Name: d.Name, Tailnet: tailnet, Reason: string(d.Reason)})
-		}
-	}
-}
-
-// nodeAdvice is what the operator should do about a tailnet node's
+// Advice is what the operator should do about a tailnet node's
 // problem.
-func nodeAdvice(tc tailnetConfig, p node.Problem) string {
+func (tc Tailnet) Advice(p node.Problem) string {
 	switch p {
 	case node.ProblemLoggedOut:
-		return fmt.Sprintf("disable key expiry for this node in the tailnet's admin console, and restart with a new auth key (%s) if it was removed", tc.keySetting)
+		return fmt.Sprintf("disable key expiry for this node in the tailnet's admin console, and restart with a new auth key (%s) if it was removed", tc.KeySetting)
 	case node.ProblemNeedsApproval:
 		return "approve this node in the tailnet's admin console"
 	case node.ProblemLoginRejected:
-		return fmt.Sprintf("check the auth key (%s): it may be mistyped, expired, revoked, for another control server, or a single-use key that was already used", tc.keySetting)
+		return fmt.Sprintf("check the auth key (%s): it may be mistyped, expired, revoked, for another control server, or a single-use key that was already used", tc.KeySetting)
 	case node.ProblemControlUnreachable:
 		return fmt.Sprintf("check that this server reaches %s (DNS, firewall, proxy) and that the control server runs; it is %s",
-			cmp.Or(tc.ControlURL, ipn.DefaultControlURL), tc.urlSetting)
+			cmp.Or(tc.ControlURL, ipn.DefaultControlURL), tc.URLSetting)
 	}
 	return string(p)
-}
-
-// watchFatal waits for the tailnet's node to stop for good (its login
-// rejected) and keeps the reason for the status pages; the relay and the
-// other tailnets go on.
-func (t *tailnet) watchFatal(ctx context.Context, logger *slog.Logger) {
-	select {
-	case <-ctx.Done():
-	case err := <-t.node.Fatal():
-		t.mu.Lock()
-		t.failure = err
-		t.mu.Unlock()
-		logger.Error("tailnet stopped: its clients are refused; the relay and the other tailnets go on",
-			"tailnet", t.Name, "err", err, "fix", nodeAdvice(t.tailnetConfig, node.ProblemLoginRejected))
-	}
 }

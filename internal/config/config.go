@@ -1,11 +1,19 @@
-package main
+// Package config turns tailderp's flags, environment and the files they
+// name into one validated Config, built once by Load for a purpose (the
+// server, `derpmap`, `cert renew`, `check`). Every decision that follows
+// from the settings is made here, each in one function: the certificate
+// mode (Config.Mode), the mesh peers (parsed once, Config.MeshPeers), the
+// auth key and where it came from (Config.AuthKeyState), each tailnet's
+// settings (Config.Tailnets), the known-peers cache's max age
+// (VerifyClientsCacheMaxAge, defaultCacheMaxAge), the state directory's
+// paths (NodeDir, DERPKeyPath, ServingPath, CertsDir). Messages name the
+// setting (SettingName) and the fix.
+package config
 
 import (
 	"crypto/x509"
 	"errors"
-	"flag"
 	"fmt"
-	"io"
 	"math"
 	"net"
 	"net/netip"
@@ -20,16 +28,16 @@ import (
 	"tailscale.com/tailcfg"
 	"tailscale.com/types/key"
 
-	"github.com/tailderp/tailderp/node"
+	"github.com/tailderp/tailderp/internal/relayrules"
 	"github.com/tailderp/tailderp/relay"
 )
 
-// config is every setting of a tailderp run, as the flags and the
+// Config is every setting of a tailderp run, as the flags and the
 // environment give them, with the -dev defaults applied. What follows from
 // the settings (paths in the state directory, the addresses served, the
 // derpMap node) is a method here, so each is worked out in one place and
 // `tailderp`, `tailderp derpmap` and `tailderp check` agree.
-type config struct {
+type Config struct {
 	// Relay
 	Addr        string
 	HTTPPort    int
@@ -93,24 +101,32 @@ type config struct {
 	LogFormat string
 	LogLevel  string
 
+	// Notes are warnings for the operator about the input, to be said at
+	// start: names tailderp does not read (derper's, its images', names
+	// close to ours), key files others may read, which auth key won.
+	Notes []string
+
+	// MeshKey and MeshRoots are read from MeshPSKFile and MeshCABundle by
+	// Load(Run, …).
+	MeshKey   key.DERPMesh
+	MeshRoots *x509.CertPool
+
 	// src says which settings were given, and how.
 	src sources
-	// notes are lines for the operator about names tailderp does not read
-	// (derper's, its images'), found in the environment.
-	notes []string
-
-	// extraTailnets are the tailnets of TailnetsFile, read by loadConfig.
-	extraTailnets []tailnetConfig
-
-	// meshKey and meshRoots are read from MeshPSKFile and MeshCABundle by
-	// loadConfig.
-	meshKey   key.DERPMesh
-	meshRoots *x509.CertPool
+	// extraTailnets are the tailnets of TailnetsFile, read by Load(Run, …).
+	extraTailnets []Tailnet
+	// mesh is -mesh-with parsed (by parse, once), meshSelf the index of
+	// this relay's own entry (-1: none), meshErr what was wrong with it.
+	mesh     []relay.MeshPeer
+	meshSelf int
+	meshErr  error
+	// authKeyFrom names where AuthKey came from, for AuthKeyState.
+	authKeyFrom string
 }
 
 // settingsFor lists every setting, bound to c: the one table of settings.
 // --help, the README's table and the packaging tests are made from it.
-func settingsFor(c *config) []setting {
+func settingsFor(c *Config) []setting {
 	return []setting{
 		{flag: "a", env: "ADDR", aliases: []string{"DERP_ADDR"}, group: "Relay", bind: strVar(&c.Addr, ":443"),
 			usage: "HTTPS listen address for DERP: :port, ip:port or [ipv6]:port"},
@@ -214,8 +230,8 @@ func settingsFor(c *config) []setting {
 
 // settingName is how messages name the setting with key k (a flag name,
 // or the variable of an environment-only setting): "-a (ADDR)".
-func settingName(k string) string {
-	for _, s := range settingsFor(&config{}) {
+func SettingName(k string) string {
+	for _, s := range settingsFor(&Config{}) {
 		if s.key() == k {
 			return s.name()
 		}
@@ -224,8 +240,8 @@ func settingName(k string) string {
 }
 
 // isSetting reports whether name is a flag of the server's settings.
-func isSetting(name string) bool {
-	for _, s := range settingsFor(&config{}) {
+func IsSetting(name string) bool {
+	for _, s := range settingsFor(&Config{}) {
 		if s.flag != "" && s.flag == name {
 			return true
 		}
@@ -238,132 +254,6 @@ func isSetting(name string) bool {
 // an overnight control-server outage or upgrade, and bounds how long a
 // node removed while the relay could not hear it stays admitted.
 const defaultCacheMaxAge = 24 * time.Hour
-
-// devAddr is where -dev serves unless -a (ADDR) says otherwise.
-const devAddr = "127.0.0.1:3340"
-
-// parseConfig parses args and the environment into a config with the
-// settings' flags defined on fs (which may carry more flags: those of
-// `tailderp check`), then applies the -dev defaults. It reads no file:
-// `tailderp check` also uses it on another process's command line.
-//
-// It prints nothing: a bad flag is one line of error (derper's flags with
-// what to use instead), and -help returns flag.ErrHelp for the caller to
-// print its usage.
-func parseConfig(fs *flag.FlagSet, args []string, getenv func(string) string) (*config, error) {
-	fs.SetOutput(io.Discard)
-	fs.Usage = func() {}
-	c := &config{}
-	src, err := parseSettings(fs, settingsFor(c), args, getenv)
-	if errors.Is(err, flag.ErrHelp) {
-		return nil, err
-	}
-	if err := explainArgs(fs, args, err); err != nil {
-		return nil, err
-	}
-	c.src = src
-	c.notes = envNotes(getenv, src)
-	if c.Dev {
-		// -dev changes defaults only: whatever was given stays.
-		if c.src["a"] == "" {
-			c.Addr = devAddr
-		}
-		if c.src["http-port"] == "" {
-			c.HTTPPort = -1
-		}
-		if c.Hostname == "" {
-			c.Hostname = "localhost"
-		}
-		if c.src["verify-clients"] == "" && c.AuthKey == "" && c.AuthKeyFile == "" {
-			c.VerifyClients = false
-		}
-	}
-	return c, nil
-}
-
-// loadConfig parses and validates the server's settings, reading the auth
-// key file. Validation that needs no network happens here, so a typo fails
-// before anything is written.
-func loadConfig(name string, args []string, getenv func(string) string, stderr io.Writer) (*config, error) {
-	fs := flag.NewFlagSet(name, flag.ContinueOnError)
-	c, err := parseConfig(fs, args, getenv)
-	if errors.Is(err, flag.ErrHelp) {
-		printUsage(stderr, fs, settingsFor(&config{}))
-	}
-	if err != nil {
-		return nil, err
-	}
-	if fs.NArg() > 0 {
-		return nil, fmt.Errorf("unexpected argument %q (settings are flags: see -help)", fs.Arg(0))
-	}
-	if err := c.readAuthKeyFile(); err != nil {
-		return nil, err
-	}
-	if err := c.validate(); err != nil {
-		return nil, err
-	}
-	if err := c.readTailnetsFile(); err != nil {
-		return nil, err
-	}
-	if err := c.checkRateConfig(); err != nil {
-		return nil, err
-	}
-	// Only the server needs the key: `tailderp derpmap` prints the fleet
-	// from -mesh-with alone.
-	if len(c.meshPeers()) > 0 && c.MeshPSKFile == "" {
-		return nil, fmt.Errorf("%s needs %s: a file holding the fleet's mesh key, 64 hex digits (e.g. from `openssl rand -hex 32`), the same on every relay of the fleet", settingName("mesh-with"), settingName("mesh-psk-file"))
-	}
-	if c.meshKey, err = readMeshKey(c.MeshPSKFile); err != nil {
-		return nil, err
-	}
-	if c.MeshCABundle != "" {
-		if c.meshRoots, err = loadCertPool(c.MeshCABundle); err != nil {
-			return nil, fmt.Errorf("%s: %w", settingName("mesh-ca-bundle"), err)
-		}
-	}
-	return c, c.validateLogin()
-}
-
-// readAuthKeyFile reads -auth-key-file into AuthKey unless the key came
-// from the environment.
-func (c *config) readAuthKeyFile() error {
-	if c.AuthKeyFile == "" || c.AuthKey != "" {
-		return nil
-	}
-	b, err := os.ReadFile(c.AuthKeyFile)
-	if err != nil {
-		return fmt.Errorf("%s: %w", settingName("auth-key-file"), err)
-	}
-	c.AuthKey = strings.TrimSpace(string(b))
-	if c.AuthKey == "" {
-		return fmt.Errorf("%s %s is empty: put the auth key in it", settingName("auth-key-file"), c.AuthKeyFile)
-	}
-	return nil
-}
-
-// placeholderWords betray an auth key that was never filled in, as
-// popular images' .env files ship them ("ENTER YOUR TAILSCALE AUTH KEY
-// HERE").
-var placeholderWords = []string{"enter", "your", "here", "change", "replace", "placeholder", "example", "xxxx", "…", "...", "<", ">"}
-
-// checkAuthKey rejects an auth key that is obviously a placeholder. Real
-// keys (tskey-…, Headscale's hex or hskey-…) have no spaces or quotes.
-func checkAuthKey(k string) error {
-	if k == "" {
-		return nil
-	}
-	bad := strings.ContainsAny(k, " \t\n\"'")
-	if !bad && !strings.HasPrefix(k, "tskey-") && !strings.HasPrefix(k, "hskey-") {
-		low := strings.ToLower(k)
-		for _, w := range placeholderWords {
-			bad = bad || strings.Contains(low, w)
-		}
-	}
-	if bad {
-		return errors.New("TAILSCALE_AUTH_KEY looks like a placeholder, not an auth key (it has spaces, quotes or words like ENTER/YOUR/HERE): set it to an auth key from the admin console (tskey-auth-…) or from `headscale preauthkeys create`; the value is not shown")
-	}
-	return nil
-}
 
 // checkHostname checks a public name: a DNS name or an IP address, no
 // scheme, port or path.
@@ -405,75 +295,88 @@ func checkHTTPURL(s string) error {
 	return nil
 }
 
-// validate checks every setting that can be checked without I/O.
-func (c *config) validate() error {
+// Validate checks every setting that can be checked without I/O. Load
+// calls it; `derpmap` and `cert renew` call it again on the running
+// server's settings when their own named no -hostname.
+func (c *Config) Validate() error {
 	host, port, err := net.SplitHostPort(c.Addr)
 	if err != nil {
-		return fmt.Errorf("%s %q: want :port, ip:port or [ipv6]:port", settingName("a"), c.Addr)
+		return fmt.Errorf("%s %q: want :port, ip:port or [ipv6]:port", SettingName("a"), c.Addr)
 	}
 	if host != "" && net.ParseIP(host) == nil && host != "localhost" {
-		return fmt.Errorf("%s %q: the host part must be an IP address (or empty for all addresses)", settingName("a"), c.Addr)
+		return fmt.Errorf("%s %q: the host part must be an IP address (or empty for all addresses)", SettingName("a"), c.Addr)
 	}
 	if p, err := strconv.Atoi(port); err != nil || p < 0 || p > 65535 {
-		return fmt.Errorf("%s %q: port must be a number from 0 to 65535", settingName("a"), c.Addr)
+		return fmt.Errorf("%s %q: port must be a number from 0 to 65535", SettingName("a"), c.Addr)
 	}
 	if c.HTTPPort < -1 || c.HTTPPort > 65535 {
-		return fmt.Errorf("%s %d: want a port from 0 to 65535, or -1 to turn it off", settingName("http-port"), c.HTTPPort)
+		return fmt.Errorf("%s %d: want a port from 0 to 65535, or -1 to turn it off", SettingName("http-port"), c.HTTPPort)
 	}
 	if c.STUNPort < 0 || c.STUNPort > 65535 {
-		return fmt.Errorf("%s %d: want a port from 0 to 65535", settingName("stun-port"), c.STUNPort)
+		return fmt.Errorf("%s %d: want a port from 0 to 65535", SettingName("stun-port"), c.STUNPort)
 	}
 	if err := checkTailnetPort(c.TailnetPort); err != nil {
-		return fmt.Errorf("%s %w", settingName("tailnet-port"), err)
+		return fmt.Errorf("%s %w", SettingName("tailnet-port"), err)
+	}
+	for _, d := range []struct {
+		key string
+		val time.Duration
+	}{{"tcp-keepalive-time", c.TCPKeepAlive}, {"tcp-user-timeout", c.TCPUserTimeout}, {"tcp-write-timeout", c.TCPWriteTimeout}} {
+		if d.val < 0 {
+			return fmt.Errorf("%s %v: a duration cannot be negative: give one like 30s, or 0", SettingName(d.key), d.val)
+		}
+	}
+	if c.STUN && c.TailnetPort != 0 && c.TailnetPort == c.STUNPort {
+		return fmt.Errorf("%s %d is also %s: the node's WireGuard and STUN cannot share a UDP port: choose another, or 0 for a random one", SettingName("tailnet-port"), c.TailnetPort, SettingName("stun-port"))
 	}
 	if c.VerifyClientsCacheMaxAge < 0 {
-		return fmt.Errorf("%s %v: want a duration like 24h, or 0 to turn the cache off", settingName("verify-clients-cache-max-age"), c.VerifyClientsCacheMaxAge)
+		return fmt.Errorf("%s %v: want a duration like 24h, or 0 to turn the cache off", SettingName("verify-clients-cache-max-age"), c.VerifyClientsCacheMaxAge)
 	}
 	if c.AcceptConnectionLimit < 0 || math.IsNaN(c.AcceptConnectionLimit) {
-		return fmt.Errorf("%s %v: want a number of new connections per second, or 0 for no limit", settingName("accept-connection-limit"), c.AcceptConnectionLimit)
+		return fmt.Errorf("%s %v: want a number of new connections per second, or 0 for no limit", SettingName("accept-connection-limit"), c.AcceptConnectionLimit)
 	}
 	if c.AcceptConnectionBurst < 1 {
-		return fmt.Errorf("%s %d: want at least 1: how many new connections are accepted at once before %s applies", settingName("accept-connection-burst"), c.AcceptConnectionBurst, settingName("accept-connection-limit"))
+		return fmt.Errorf("%s %d: want at least 1: how many new connections are accepted at once before %s applies", SettingName("accept-connection-burst"), c.AcceptConnectionBurst, SettingName("accept-connection-limit"))
 	}
 	if c.DebugPort < 1 || c.DebugPort > 65535 {
-		return fmt.Errorf("%s %d: want a port from 1 to 65535", settingName("debug-port"), c.DebugPort)
+		return fmt.Errorf("%s %d: want a port from 1 to 65535", SettingName("debug-port"), c.DebugPort)
 	}
 	if c.Hostname == "" {
-		return fmt.Errorf("%s is required: the DNS name clients reach this server by, or its public IP address with -certmode manual%s", settingName("hostname"), missingHostnameHint(c.notes))
+		return fmt.Errorf("%s is required: the DNS name clients reach this server by, or its public IP address with -certmode manual%s", SettingName("hostname"), missingHostnameHint(c.Notes))
 	}
 	if err := checkHostname(c.Hostname); err != nil {
-		return fmt.Errorf("%s %q: %v", settingName("hostname"), c.Hostname, err)
+		return fmt.Errorf("%s %q: %v", SettingName("hostname"), c.Hostname, err)
 	}
 	for _, u := range []struct{ key, val string }{{"verify-client-url", c.VerifyClientURL}, {"acme-directory-url", c.ACMEDirectoryURL}, {"control-url", c.ControlURL}} {
 		if u.val == "" {
 			continue
 		}
 		if err := checkHTTPURL(u.val); err != nil {
-			return fmt.Errorf("%s %q: %v", settingName(u.key), u.val, err)
+			return fmt.Errorf("%s %q: %v", SettingName(u.key), u.val, err)
 		}
 	}
 	if !c.Dev {
 		switch c.CertMode {
 		case "letsencrypt":
 			if net.ParseIP(c.Hostname) != nil && !c.ACMEIPCerts {
-				return fmt.Errorf("%s %s is an IP address: set %s to get a certificate for it from the ACME CA (Let's Encrypt issues ~6-day IP certificates; it must reach port 80 or 443), or use -certmode manual (CERTMODE=manual) for a self-signed certificate that clients pin by CertName", settingName("hostname"), c.Hostname, settingName("acme-ip-certs"))
+				return fmt.Errorf("%s %s is an IP address: set %s to get a certificate for it from the ACME CA (Let's Encrypt issues ~6-day IP certificates; it must reach port 80 or 443), or use -certmode manual (CERTMODE=manual) for a self-signed certificate that clients pin by CertName", SettingName("hostname"), c.Hostname, SettingName("acme-ip-certs"))
 			}
 		case "manual":
 		default:
-			return fmt.Errorf("%s %q: want letsencrypt or manual%s", settingName("certmode"), c.CertMode, certModeHint(c.CertMode))
+			return fmt.Errorf("%s %q: want letsencrypt or manual%s", SettingName("certmode"), c.CertMode, certModeHint(c.CertMode))
 		}
 	}
 	if err := c.validateACMEIPCerts(); err != nil {
 		return err
 	}
 	if _, err := relay.HomeHandler(c.Home); err != nil {
-		return fmt.Errorf("%s: %w", settingName("home"), err)
+		return fmt.Errorf("%s: %w", SettingName("home"), err)
 	}
-	if c.StateDir == "" {
-		return fmt.Errorf("%s must not be empty", settingName("state-dir"))
+	if c.StateDir == "" && !c.NeedsTempStateDir() {
+		return fmt.Errorf("%s must not be empty", SettingName("state-dir"))
 	}
 	if c.RegionID < 1 {
-		return fmt.Errorf("%s %d: want a positive number, 900 or more for a custom relay", settingName("region-id"), c.RegionID)
+		return fmt.Errorf("%s %d: want a positive number, 900 or more for a custom relay", SettingName("region-id"), c.RegionID)
 	}
 	for _, ip := range []struct {
 		key, val string
@@ -485,22 +388,22 @@ func (c *config) validate() error {
 		a, err := netip.ParseAddr(ip.val)
 		switch {
 		case err != nil:
-			return fmt.Errorf("%s %q: not an IP address (or \"none\")", settingName(ip.key), ip.val)
+			return fmt.Errorf("%s %q: not an IP address (or \"none\")", SettingName(ip.key), ip.val)
 		case ip.want4 && !a.Is4():
-			return fmt.Errorf("%s %q: not an IPv4 address (IPv6 goes in %s)", settingName(ip.key), ip.val, settingName("ipv6"))
+			return fmt.Errorf("%s %q: not an IPv4 address (IPv6 goes in %s)", SettingName(ip.key), ip.val, SettingName("ipv6"))
 		case !ip.want4 && !a.Is6():
-			return fmt.Errorf("%s %q: not an IPv6 address (IPv4 goes in %s)", settingName(ip.key), ip.val, settingName("ipv4"))
+			return fmt.Errorf("%s %q: not an IPv6 address (IPv4 goes in %s)", SettingName(ip.key), ip.val, SettingName("ipv4"))
 		}
 	}
 	if err := c.validateFleet(); err != nil {
 		return err
 	}
 	if strings.HasPrefix(c.AuthKey, "tskey-client-") && c.AdvertiseTags == "" {
-		return fmt.Errorf("TAILSCALE_AUTH_KEY holds an OAuth client secret (tskey-client-…), which needs %s, e.g. tag:derp", settingName("advertise-tags"))
+		return fmt.Errorf("TAILSCALE_AUTH_KEY holds an OAuth client secret (tskey-client-…), which needs %s, e.g. tag:derp", SettingName("advertise-tags"))
 	}
 	for _, t := range c.tags() {
 		if !strings.HasPrefix(t, "tag:") {
-			return fmt.Errorf("%s %q: each tag must start with \"tag:\"", settingName("advertise-tags"), t)
+			return fmt.Errorf("%s %q: each tag must start with \"tag:\"", SettingName("advertise-tags"), t)
 		}
 	}
 	return nil
@@ -508,72 +411,64 @@ func (c *config) validate() error {
 
 // validateACMEIPCerts checks that -acme-ip-certs goes with what it needs:
 // an ACME CA and an IP address to get the certificate for.
-func (c *config) validateACMEIPCerts() error {
+func (c *Config) validateACMEIPCerts() error {
 	if !c.ACMEIPCerts {
 		return nil
 	}
 	switch {
 	case c.Dev:
-		return fmt.Errorf("%s does not go with %s, which serves a self-signed certificate for localhost: drop one of them", settingName("acme-ip-certs"), settingName("dev"))
+		return fmt.Errorf("%s does not go with %s, which serves a self-signed certificate for localhost: drop one of them", SettingName("acme-ip-certs"), SettingName("dev"))
 	case c.CertMode != "letsencrypt":
-		return fmt.Errorf("%s gets the certificate from an ACME CA, which needs -certmode letsencrypt (CERTMODE), not %q: drop %s for a self-signed certificate pinned by CertName", settingName("acme-ip-certs"), c.CertMode, settingName("acme-ip-certs"))
+		return fmt.Errorf("%s gets the certificate from an ACME CA, which needs -certmode letsencrypt (CERTMODE), not %q: drop %s for a self-signed certificate pinned by CertName", SettingName("acme-ip-certs"), c.CertMode, SettingName("acme-ip-certs"))
 	case net.ParseIP(c.Hostname) == nil:
-		return fmt.Errorf("%s gets a certificate for an IP address, and %s %s is a DNS name, for which -certmode letsencrypt gets one already: drop %s, or set %s to the server's public IP address", settingName("acme-ip-certs"), settingName("hostname"), c.Hostname, settingName("acme-ip-certs"), settingName("hostname"))
+		return fmt.Errorf("%s gets a certificate for an IP address, and %s %s is a DNS name, for which -certmode letsencrypt gets one already: drop %s, or set %s to the server's public IP address", SettingName("acme-ip-certs"), SettingName("hostname"), c.Hostname, SettingName("acme-ip-certs"), SettingName("hostname"))
 	}
 	return nil
 }
 
 // checkRateConfig reads -rate-config once, so a file that does not load
 // stops the start with the setting named.
-func (c *config) checkRateConfig() error {
+func (c *Config) checkRateConfig() error {
 	if c.RateConfig == "" {
 		return nil
 	}
+	if _, err := ReadFileLimited(c.RateConfig, maxSettingsFileSize); err != nil {
+		return fmt.Errorf("%s: %w", SettingName("rate-config"), err)
+	}
 	if _, err := relay.LoadRateConfig(c.RateConfig); err != nil {
-		return fmt.Errorf("%s %s: %v (fix the file, or leave %s empty for no limits)", settingName("rate-config"), c.RateConfig, err, settingName("rate-config"))
-	}
-	return nil
-}
-
-// validateLogin checks that the node can log in: with a key, or with the
-// login an earlier start left in the state directory.
-func (c *config) validateLogin() error {
-	if !c.VerifyClients {
-		return nil
-	}
-	if err := checkAuthKey(c.AuthKey); err != nil {
-		return err
-	}
-	if c.AuthKey == "" && !node.HasLogin(c.nodeDir()) {
-		return fmt.Errorf("TAILSCALE_AUTH_KEY is not set and %s holds no earlier login: set TAILSCALE_AUTH_KEY (or TAILSCALE_AUTH_KEY_FILE) to an auth key of your tailnet so the relay can admit its clients, or set -verify-clients=false to run an open relay", c.nodeDir())
+		return fmt.Errorf("%s %s: %v (fix the file, or leave %s empty for no limits)", SettingName("rate-config"), c.RateConfig, err, SettingName("rate-config"))
 	}
 	return nil
 }
 
 // The state directory's layout.
 
-func (c *config) nodeDir() string     { return filepath.Join(c.StateDir, "tailscale") }
-func (c *config) derpKeyPath() string { return filepath.Join(c.StateDir, "derp.key") }
-func (c *config) servingPath() string { return filepath.Join(c.StateDir, servingFile) }
+func (c *Config) NodeDir() string     { return filepath.Join(c.StateDir, "tailscale") }
+func (c *Config) DERPKeyPath() string { return filepath.Join(c.StateDir, "derp.key") }
 
-func (c *config) certDir() string {
+// ServingPath is where the running server says what it serves ("" when
+// there is no state directory yet: -dev's temporary one).
+func (c *Config) ServingPath() string {
+	if c.StateDir == "" {
+		return ""
+	}
+	return filepath.Join(c.StateDir, ServingFile)
+}
+
+// ServingFile is the file, in the state directory, where a running server
+// says what it serves (internal/serving).
+const ServingFile = "serving.json"
+
+func (c *Config) CertsDir() string {
 	if c.CertDir != "" {
 		return c.CertDir
 	}
 	return filepath.Join(c.StateDir, "certs")
 }
 
-// ipMode reports whether the server has no DNS name and serves a
-// self-signed certificate for its IP address, which clients pin by
-// CertName. With -acme-ip-certs a CA signs the IP certificate instead, and
-// there is no pin.
-func (c *config) ipMode() bool {
-	return !c.Dev && net.ParseIP(c.Hostname) != nil && !c.ACMEIPCerts
-}
-
 // stunAddr is the STUN listen address (the HTTPS listener's IP), "" when
 // STUN is off.
-func (c *config) stunAddr() string {
+func (c *Config) STUNAddr() string {
 	if !c.STUN {
 		return ""
 	}
@@ -581,11 +476,11 @@ func (c *config) stunAddr() string {
 	return net.JoinHostPort(host, strconv.Itoa(c.STUNPort))
 }
 
-func (c *config) tags() []string { return splitList(c.AdvertiseTags) }
+func (c *Config) tags() []string { return splitList(c.AdvertiseTags) }
 
 // tailnetHostname is the node's name: -tailnet-hostname, or -hostname
 // with dots turned into dashes.
-func (c *config) tailnetHostname() string {
+func (c *Config) tailnetHostname() string {
 	switch {
 	case c.TailnetHostname != "":
 		return c.TailnetHostname
@@ -598,7 +493,7 @@ func (c *config) tailnetHostname() string {
 // derpRegion is the derpMap region of this relay, its node reached on
 // httpsPort and stunPort (-1: no STUN) and pinned by certName ("" for a
 // certificate a public CA signed).
-func (c *config) derpRegion(httpsPort, stunPort int, certName string) *tailcfg.DERPRegion {
+func (c *Config) DERPRegion(httpsPort, stunPort int, certName string) *tailcfg.DERPRegion {
 	n := relay.NodeInfo{HostName: c.Hostname, IPv4: c.IPv4, IPv6: c.IPv6, DERPPort: httpsPort, STUNPort: stunPort, CertName: certName}
 	if ip := net.ParseIP(c.Hostname); ip != nil {
 		if ip.To4() != nil && n.IPv4 == "" {
@@ -612,7 +507,7 @@ func (c *config) derpRegion(httpsPort, stunPort int, certName string) *tailcfg.D
 
 // configuredPorts are the HTTPS and STUN ports the settings name (STUN -1
 // when off); a running server's bound ports are in its serving.json.
-func (c *config) configuredPorts() (https, stun int) {
+func (c *Config) ConfiguredPorts() (https, stun int) {
 	_, p, _ := net.SplitHostPort(c.Addr)
 	https, _ = strconv.Atoi(p)
 	stun = c.STUNPort
@@ -622,17 +517,17 @@ func (c *config) configuredPorts() (https, stun int) {
 	return https, stun
 }
 
-// errNoCertYet means IP mode has not generated its certificate yet.
-var errNoCertYet = errors.New("no certificate yet")
+// ErrNoCertYet means IP mode has not generated its certificate yet.
+var ErrNoCertYet = errors.New("no certificate yet")
 
 // currentIPCert describes the self-signed certificate IP mode keeps in
 // the certificate directory.
-func (c *config) currentIPCert() (relay.CertInfo, error) {
-	crt, key := relay.CertPaths(c.certDir(), c.Hostname)
+func (c *Config) CurrentIPCert() (relay.CertInfo, error) {
+	crt, key := relay.CertPaths(c.CertsDir(), c.Hostname)
 	info, err := relay.ReadCertPair(crt, key, c.Hostname)
 	if err != nil {
 		if _, statErr := os.Stat(crt); errors.Is(statErr, os.ErrNotExist) {
-			return relay.CertInfo{}, fmt.Errorf("%w at %s: start tailderp once to generate it", errNoCertYet, crt)
+			return relay.CertInfo{}, fmt.Errorf("%w at %s: start tailderp once to generate it", ErrNoCertYet, crt)
 		}
 		return relay.CertInfo{}, err
 	}
@@ -640,8 +535,8 @@ func (c *config) currentIPCert() (relay.CertInfo, error) {
 }
 
 // loadCertPool reads a PEM bundle of CA certificates.
-func loadCertPool(path string) (*x509.CertPool, error) {
-	b, err := os.ReadFile(path)
+func LoadCertPool(path string) (*x509.CertPool, error) {
+	b, err := ReadFileLimited(path, maxSettingsFileSize)
 	if err != nil {
 		return nil, err
 	}
@@ -653,24 +548,23 @@ func loadCertPool(path string) (*x509.CertPool, error) {
 }
 
 // readMeshKey reads the fleet's mesh key from -mesh-psk-file ("" means no
-// mesh).
+// mesh), by the rule the relay and `check` share (relayrules.ParseMeshKey).
 func readMeshKey(path string) (key.DERPMesh, error) {
 	if path == "" {
 		return key.DERPMesh{}, nil
 	}
-	b, err := os.ReadFile(path)
+	b, err := ReadFileLimited(path, maxKeyFileSize)
 	if err != nil {
-		return key.DERPMesh{}, fmt.Errorf("%s: %w", settingName("mesh-psk-file"), err)
+		return key.DERPMesh{}, fmt.Errorf("%s: %w", SettingName("mesh-psk-file"), err)
 	}
-	if len(strings.TrimSpace(string(b))) == 0 {
-		return key.DERPMesh{}, fmt.Errorf("%s %s is empty: put the fleet's mesh key in it, 64 hex digits (e.g. from `openssl rand -hex 32`), the same file on every relay of the fleet", settingName("mesh-psk-file"), path)
-	}
-	k, err := key.ParseDERPMesh(strings.TrimSpace(string(b)))
-	if err != nil {
-		return key.DERPMesh{}, fmt.Errorf("%s %s: %v (want 64 hex digits, e.g. from `openssl rand -hex 32`)", settingName("mesh-psk-file"), path, err)
-	}
-	if k.IsZero() {
-		return key.DERPMesh{}, fmt.Errorf("%s %s holds a key of all zeros, which is no secret: make one with `openssl rand -hex 32`", settingName("mesh-psk-file"), path)
+	k, err := relayrules.ParseMeshKey(string(b))
+	switch {
+	case errors.Is(err, relayrules.ErrEmptyMeshKey):
+		return key.DERPMesh{}, fmt.Errorf("%s %s is empty: put the fleet's mesh key in it, 64 hex digits (e.g. from `openssl rand -hex 32`), the same file on every relay of the fleet", SettingName("mesh-psk-file"), path)
+	case errors.Is(err, relayrules.ErrZeroMeshKey):
+		return key.DERPMesh{}, fmt.Errorf("%s %s holds a key of all zeros, which is no secret: make one with `openssl rand -hex 32`", SettingName("mesh-psk-file"), path)
+	case err != nil:
+		return key.DERPMesh{}, fmt.Errorf("%s %s: %v", SettingName("mesh-psk-file"), path, err)
 	}
 	return k, nil
 }
@@ -701,9 +595,9 @@ func splitList(s string) []string {
 // that is this relay (-1 if none): -hostname at the port of -a. derper
 // lists its own name too; a relay reached under another name is still
 // found out by its DERP key when dialed, and dropped then.
-func (c *config) meshEntries() (entries []relay.MeshPeer, self int, err error) {
+func (c *Config) meshEntries() (entries []relay.MeshPeer, self int, err error) {
 	self = -1
-	httpsPort, _ := c.configuredPorts()
+	httpsPort, _ := c.ConfiguredPorts()
 	seen := map[string]bool{}
 	for _, e := range splitList(c.MeshWith) {
 		p, err := relay.ParseMeshPeer(e)
@@ -726,20 +620,29 @@ func (c *config) meshEntries() (entries []relay.MeshPeer, self int, err error) {
 	return entries, self, nil
 }
 
-// meshPeers are the relays to dial: -mesh-with without this relay.
-func (c *config) meshPeers() []relay.MeshPeer {
-	entries, self, _ := c.meshEntries() // validated by loadConfig
+// MeshPeers are the relays to dial: -mesh-with without this relay, as
+// parse read it once.
+func (c *Config) MeshPeers() []relay.MeshPeer {
+	entries, self := c.mesh, c.meshSelf
 	if self >= 0 {
 		entries = append(entries[:self:self], entries[self+1:]...)
 	}
 	return entries
 }
 
+// MeshSelfListed reports whether -mesh-with lists this relay itself (an
+// entry that is skipped).
+func (c *Config) MeshSelfListed() bool { return c.meshSelf >= 0 }
+
+// BootstrapNames are the names listed at /bootstrap-dns
+// (-bootstrap-dns-names).
+func (c *Config) BootstrapNames() []string { return splitList(c.BootstrapDNSNames) }
+
 // fleetRegion is the derpMap region to print: self (this relay's region)
 // alone, or with a node per -mesh-with peer.
-func (c *config) fleetRegion(self *tailcfg.DERPRegion) *tailcfg.DERPRegion {
-	entries, i, err := c.meshEntries()
-	if err != nil || len(entries) == 0 || (len(entries) == 1 && i == 0) {
+func (c *Config) FleetRegion(self *tailcfg.DERPRegion) *tailcfg.DERPRegion {
+	entries, i := c.mesh, c.meshSelf
+	if c.meshErr != nil || len(entries) == 0 || (len(entries) == 1 && i == 0) {
 		return self
 	}
 	return relay.FleetRegion(self, entries, i)
@@ -751,7 +654,7 @@ func (c *config) fleetRegion(self *tailcfg.DERPRegion) *tailcfg.DERPRegion {
 // whose DNS fails still finds its control server; a name, not an IP
 // address, and not listed, so the relay does not tell who asks which
 // control server it serves.
-func (c *config) unpublishedBootstrapNames() []string {
+func (c *Config) UnpublishedBootstrapNames() []string {
 	if c.src["unpublished-bootstrap-dns-names"] != "" {
 		if strings.EqualFold(strings.TrimSpace(c.UnpublishedBootstrapDNSNames), "none") {
 			return nil
@@ -773,27 +676,27 @@ func (c *config) unpublishedBootstrapNames() []string {
 }
 
 // validateFleet checks -mesh-with and the bootstrap DNS names.
-func (c *config) validateFleet() error {
-	if _, _, err := c.meshEntries(); err != nil {
-		return fmt.Errorf("%s: %v", settingName("mesh-with"), err)
+func (c *Config) validateFleet() error {
+	if c.meshErr != nil {
+		return fmt.Errorf("%s: %v", SettingName("mesh-with"), c.meshErr)
 	}
 	published := splitList(c.BootstrapDNSNames)
-	unpublished := c.unpublishedBootstrapNames()
+	unpublished := c.UnpublishedBootstrapNames()
 	for _, s := range []struct {
 		key   string
 		names []string
 	}{{"bootstrap-dns-names", published}, {"unpublished-bootstrap-dns-names", unpublished}} {
 		for _, n := range s.names {
 			if strings.Contains(n, "/") && !strings.Contains(n, "://") {
-				return fmt.Errorf("%s %q: derper's name/TXT-record rollout percentages are not supported; give the name alone", settingName(s.key), n)
+				return fmt.Errorf("%s %q: derper's name/TXT-record rollout percentages are not supported; give the name alone", SettingName(s.key), n)
 			}
 			if !relay.ValidBootstrapDNSName(n) {
-				return fmt.Errorf("%s %q: not a DNS name (give host names, no URL, port or IP address)", settingName(s.key), n)
+				return fmt.Errorf("%s %q: not a DNS name (give host names, no URL, port or IP address)", SettingName(s.key), n)
 			}
 		}
 	}
 	if n := len(published) + len(unpublished); n > relay.MaxBootstrapDNSNames {
-		return fmt.Errorf("%s and %s name %d names together: at most %d", settingName("bootstrap-dns-names"), settingName("unpublished-bootstrap-dns-names"), n, relay.MaxBootstrapDNSNames)
+		return fmt.Errorf("%s and %s name %d names together: at most %d", SettingName("bootstrap-dns-names"), SettingName("unpublished-bootstrap-dns-names"), n, relay.MaxBootstrapDNSNames)
 	}
 	return nil
 }

@@ -1,4 +1,4 @@
-package main
+package config
 
 import (
 	"bytes"
@@ -6,7 +6,6 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"io"
 	"io/fs"
 	"net"
 	"net/http"
@@ -44,7 +43,7 @@ func splitNUL(s string) []string {
 
 // fuzzEnv turns a fuzzed environment ("K=V\x00K=V…") into a getenv, with
 // secretMark appended to the auth key variables that are set.
-func fuzzEnv(env string) (getenv func(string) string, m map[string]string) {
+func fuzzEnv(env string) (list []string, m map[string]string) {
 	m = map[string]string{}
 	for _, kv := range splitNUL(env) {
 		k, v, _ := strings.Cut(kv, "=")
@@ -55,7 +54,10 @@ func fuzzEnv(env string) (getenv func(string) string, m map[string]string) {
 			m[k] += secretMark
 		}
 	}
-	return func(k string) string { return m[k] }, m
+	for k, v := range m {
+		list = append(list, k+"="+v)
+	}
+	return list, m
 }
 
 // markElsewhere reports whether secretMark is in an input other than an
@@ -133,7 +135,7 @@ func FuzzParseConfig(f *testing.F) {
 		getenv, envm := fuzzEnv(env)
 		checkSecret := !markElsewhere(argv, envm)
 
-		c, err := parseConfig(flag.NewFlagSet("tailderp", flag.ContinueOnError), argv, getenv)
+		c, err := Load(Inspect, flag.NewFlagSet("tailderp", flag.ContinueOnError), argv, getenv)
 		if err != nil {
 			if c != nil {
 				t.Fatalf("parseConfig returned a config and an error: %v", err)
@@ -143,22 +145,22 @@ func FuzzParseConfig(f *testing.F) {
 			}
 			return
 		}
-		again, err := parseConfig(flag.NewFlagSet("tailderp", flag.ContinueOnError), argv, getenv)
+		again, err := Load(Inspect, flag.NewFlagSet("tailderp", flag.ContinueOnError), argv, getenv)
 		if err != nil || fmt.Sprintf("%+v", *c) != fmt.Sprintf("%+v", *again) { // %v: NaN is a value
 			t.Fatalf("parsing the same settings twice differs: %v\n%+v\n%+v", err, c, again)
 		}
-		for _, n := range c.notes {
+		for _, n := range c.Notes {
 			if checkSecret && strings.Contains(n, secretMark) {
 				t.Fatalf("note shows the auth key: %q", n)
 			}
 		}
-		if err := checkAuthKey(c.AuthKey); err != nil {
+		if err := CheckAuthKey(c.AuthKey); err != nil {
 			checkMessage(t, "checkAuthKey", err.Error(), checkSecret)
 		}
 
 		before := fmt.Sprintf("%+v", *c)
-		err1 := c.validate()
-		err2 := c.validate()
+		err1 := c.Validate()
+		err2 := c.Validate()
 		if errString(err1) != errString(err2) {
 			t.Fatalf("validate twice: %v, then %v", err1, err2)
 		}
@@ -171,7 +173,7 @@ func FuzzParseConfig(f *testing.F) {
 		}
 
 		// A valid config: what main derives from it must follow.
-		https, stun := c.configuredPorts()
+		https, stun := c.ConfiguredPorts()
 		if https < 0 || https > 65535 || stun < -1 || stun > 65535 {
 			t.Fatalf("configured ports %d, %d out of range", https, stun)
 		}
@@ -182,10 +184,10 @@ func FuzzParseConfig(f *testing.F) {
 		if err != nil || self >= len(entries) {
 			t.Fatalf("valid -mesh-with %q: entries %v, self %d, %v", c.MeshWith, entries, self, err)
 		}
-		if peers := c.meshPeers(); len(peers) != len(entries)-btoi(self >= 0) {
+		if peers := c.MeshPeers(); len(peers) != len(entries)-btoi(self >= 0) {
 			t.Fatalf("meshPeers: %d of %d entries (self %d)", len(peers), len(entries), self)
 		}
-		for _, n := range c.unpublishedBootstrapNames() {
+		for _, n := range c.UnpublishedBootstrapNames() {
 			if !relay.ValidBootstrapDNSName(n) {
 				t.Fatalf("unpublished bootstrap DNS name %q is not valid", n)
 			}
@@ -194,7 +196,7 @@ func FuzzParseConfig(f *testing.F) {
 			t.Fatalf("empty tailnet hostname")
 		}
 		for _, certName := range []string{"", relay.CertName([]byte("x"))} {
-			region := c.fleetRegion(c.derpRegion(https, stun, certName))
+			region := c.FleetRegion(c.DERPRegion(https, stun, certName))
 			if len(region.Nodes) == 0 || len(region.Nodes) != max(1, len(entries)+btoi(self < 0 && len(entries) > 0)) {
 				t.Fatalf("fleet region has %d nodes for %d -mesh-with entries (self %d)", len(region.Nodes), len(entries), self)
 			}
@@ -244,7 +246,7 @@ func FuzzLoadConfig(f *testing.F) {
 	// The variables of the file settings, which the fuzzer's environment
 	// does not get to set.
 	fileVars := map[string]string{}
-	for _, s := range settingsFor(&config{}) {
+	for _, s := range settingsFor(&Config{}) {
 		for _, k := range fileSettings {
 			if s.key() == k {
 				for _, v := range append([]string{s.env}, s.aliases...) {
@@ -290,20 +292,22 @@ func FuzzLoadConfig(f *testing.F) {
 				argv = append(argv, a)
 			}
 		}
-		fuzzed, envm := fuzzEnv(env)
-		getenv := func(k string) string {
-			if s, ok := fileVars[k]; ok {
-				if k == settingsEnv(s) {
-					return paths[s]
-				}
-				return ""
+		_, envm := fuzzEnv(env)
+		var getenv []string
+		for k, s := range fileVars {
+			if k == settingsEnv(s) && paths[s] != "" {
+				getenv = append(getenv, k+"="+paths[s])
 			}
-			return fuzzed(k)
+		}
+		for k, v := range envm {
+			if _, ok := fileVars[k]; !ok {
+				getenv = append(getenv, k+"="+v)
+			}
 		}
 		checkSecret := !markElsewhere(argv, envm)
 		before := treeOf(t, dir)
 
-		c, err := loadConfig("tailderp", argv, getenv, io.Discard)
+		c, err := Load(Run, nil, argv, getenv)
 		if after := treeOf(t, dir); !reflect.DeepEqual(before, after) {
 			t.Fatalf("loadConfig changed files (err %v):\nbefore %v\nafter  %v", err, before, after)
 		}
@@ -313,22 +317,22 @@ func FuzzLoadConfig(f *testing.F) {
 			}
 			return
 		}
-		if err := c.validate(); err != nil {
+		if err := c.Validate(); err != nil {
 			t.Fatalf("loadConfig accepted a config that does not validate: %v", err)
 		}
-		if err := checkAuthKey(c.AuthKey); err != nil && c.VerifyClients {
+		if err := CheckAuthKey(c.AuthKey); err != nil && c.VerifyClients {
 			t.Fatalf("loadConfig accepted a placeholder auth key for the node: %v", err)
 		}
 		if c.VerifyClients && c.AuthKey == "" && files&1 == 0 {
 			t.Fatalf("loadConfig accepted -verify-clients with no auth key and no earlier login")
 		}
-		if (c.MeshPSKFile != "") != !c.meshKey.IsZero() {
-			t.Fatalf("-mesh-psk-file %q gave mesh key zero=%v", c.MeshPSKFile, c.meshKey.IsZero())
+		if (c.MeshPSKFile != "") != !c.MeshKey.IsZero() {
+			t.Fatalf("-mesh-psk-file %q gave mesh key zero=%v", c.MeshPSKFile, c.MeshKey.IsZero())
 		}
-		if (c.MeshCABundle != "") != (c.meshRoots != nil) {
-			t.Fatalf("-mesh-ca-bundle %q gave roots %v", c.MeshCABundle, c.meshRoots)
+		if (c.MeshCABundle != "") != (c.MeshRoots != nil) {
+			t.Fatalf("-mesh-ca-bundle %q gave roots %v", c.MeshCABundle, c.MeshRoots)
 		}
-		if len(c.meshPeers()) > 0 && c.meshKey.IsZero() {
+		if len(c.MeshPeers()) > 0 && c.MeshKey.IsZero() {
 			t.Fatalf("-mesh-with %q accepted without a mesh key", c.MeshWith)
 		}
 		if c.RateConfig != "" {
@@ -341,7 +345,7 @@ func FuzzLoadConfig(f *testing.F) {
 
 // settingsEnv is the primary variable of the setting with key k.
 func settingsEnv(k string) string {
-	for _, s := range settingsFor(&config{}) {
+	for _, s := range settingsFor(&Config{}) {
 		if s.key() == k {
 			return s.env
 		}
@@ -408,7 +412,7 @@ func FuzzCheckValues(f *testing.F) {
 		},
 	}
 	client := &http.Client{Transport: tr}
-	placeholderErr := checkAuthKey("ENTER YOUR KEY HERE")
+	placeholderErr := CheckAuthKey("ENTER YOUR KEY HERE")
 	if placeholderErr == nil {
 		f.Fatal("checkAuthKey accepts a placeholder")
 	}
@@ -436,11 +440,11 @@ func FuzzCheckValues(f *testing.F) {
 			}
 		}
 
-		if err := checkAuthKey(s); err != nil {
+		if err := CheckAuthKey(s); err != nil {
 			checkMessage(t, "checkAuthKey", err.Error(), false)
 			// One message for every bad key: nothing of it is shown.
 			if err.Error() != placeholderErr.Error() {
-				t.Fatalf("checkAuthKey(%q) says something of the key: %v", s, err)
+				t.Fatalf("CheckAuthKey(%q) says something of the key: %v", s, err)
 			}
 		} else if strings.ContainsAny(s, " \t\n\"'") {
 			t.Fatalf("checkAuthKey accepts %q", s)

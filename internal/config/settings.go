@@ -1,4 +1,4 @@
-package main
+package config
 
 import (
 	"flag"
@@ -100,7 +100,10 @@ func parseSettings(fs *flag.FlagSet, settings []setting, args []string, getenv f
 		if s.flag != "" && src.byFlag(s.flag) {
 			continue
 		}
-		name, val := lookupEnv(s, getenv)
+		name, val, err := lookupEnv(s, getenv)
+		if err != nil {
+			return nil, err
+		}
 		if name == "" {
 			continue
 		}
@@ -120,21 +123,40 @@ func parseSettings(fs *flag.FlagSet, settings []setting, args []string, getenv f
 	return src, nil
 }
 
-func lookupEnv(s *setting, getenv func(string) string) (name, val string) {
+// lookupEnv returns the variable that sets s and its value: the first of
+// its names that is set. Two of its names set to different values are an
+// error naming both, since either could be the one meant.
+func lookupEnv(s *setting, getenv func(string) string) (name, val string, err error) {
 	for _, n := range append([]string{s.env}, s.aliases...) {
 		if n == "" {
 			continue
 		}
-		if v := getenv(n); v != "" {
-			return n, v
+		v := getenv(n)
+		switch {
+		case v == "":
+		case name == "":
+			name, val = n, v
+		case v != val:
+			shown := fmt.Sprintf("%s=%q and %s=%q", name, val, n, v)
+			if s.secret {
+				shown = name + " and " + n + " (values not shown)"
+			}
+			return "", "", fmt.Errorf("%s are both set, to different values, and both set %s: keep one of them", shown, s.name())
 		}
 	}
-	return "", ""
+	return name, val, nil
 }
 
-// printUsage writes --help: the subcommands, then the settings by group,
-// each with its environment variable.
-func printUsage(w io.Writer, fs *flag.FlagSet, settings []setting) {
+// PrintUsage writes tailderp -help: the subcommands, then the settings by
+// group, each with its environment variable.
+func PrintUsage(w io.Writer) {
+	fs := flag.NewFlagSet("tailderp", flag.ContinueOnError)
+	settings := settingsFor(&Config{})
+	for _, s := range settings {
+		if s.flag != "" {
+			s.bind(fs, s.flag, s.usage)
+		}
+	}
 	fmt.Fprintf(w, `tailderp: a DERP relay for one tailnet, with its own embedded tailnet node.
 
 Usage:
@@ -146,7 +168,10 @@ Usage:
   tailderp -version           print the version and exit
 
 Every flag can also be set by the environment variable shown beside it;
-a flag on the command line wins.
+a flag on the command line wins. Two names of one setting set to different
+values are an error. The auth key: an -auth-key-file flag wins over
+TAILSCALE_AUTH_KEY; in the environment, TAILSCALE_AUTH_KEY wins over
+TAILSCALE_AUTH_KEY_FILE; the start line says which was used.
 `)
 	for _, g := range settingGroups {
 		fmt.Fprintf(w, "\n%s:\n", g)
@@ -173,3 +198,24 @@ a flag on the command line wins.
 		}
 	}
 }
+
+// Name is a setting's names: its flag ("" for an environment-only
+// setting), its variable and the variable's aliases.
+type Name struct {
+	Flag, Env string
+	Aliases   []string
+}
+
+// Names lists every setting's names, in the table's order.
+func Names() []Name {
+	var out []Name
+	for _, s := range settingsFor(&Config{}) {
+		out = append(out, Name{Flag: s.flag, Env: s.env, Aliases: s.aliases})
+	}
+	return out
+}
+
+// ForeignEnv says, for each variable of derper's images that tailderp
+// does not read, what to do instead (the notes Load gives when one is
+// set).
+func ForeignEnv() map[string]string { return foreignEnv() }

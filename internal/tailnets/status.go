@@ -1,4 +1,4 @@
-package main
+package tailnets
 
 import (
 	"context"
@@ -19,20 +19,21 @@ import (
 	"github.com/tailderp/tailderp/verify"
 )
 
-// debugParts is what /debug and its status page are made of. Each tailnet
+// Debug is what /debug and its status page are made of. Each tailnet
 // gets /debug on its own address, showing the whole relay's numbers and
 // health but only its own clients (debugsrv.Status).
-type debugParts struct {
-	cfg      *config
-	tailnets []*tailnet
-	relay    *relay.Server
-	verifier *verify.Verifier
-	started  time.Time
+type Debug struct {
+	Port     int // -debug-port
+	Version  string
+	Tailnets []*Tailnet
+	Relay    *relay.Server
+	Verifier *verify.Verifier
+	Started  time.Time
 }
 
-// serve serves /debug on t's tailnet address once its node is up.
-func (d *debugParts) serve(ctx context.Context, t *tailnet, logger *slog.Logger) {
-	ln, err := t.node.Listen(ctx, "tcp", ":"+strconv.Itoa(d.cfg.DebugPort))
+// Serve serves /debug on t's tailnet address once its node is up.
+func (d *Debug) Serve(ctx context.Context, t *Tailnet, logger *slog.Logger) {
+	ln, err := t.Node.Listen(ctx, "tcp", ":"+strconv.Itoa(d.Port))
 	if err != nil {
 		if ctx.Err() == nil {
 			logger.Warn("debug: not served", "tailnet", t.Name, "err", err)
@@ -41,23 +42,23 @@ func (d *debugParts) serve(ctx context.Context, t *tailnet, logger *slog.Logger)
 	}
 	c := debugsrv.Config{
 		Vars: map[string]expvar.Var{
-			"tailderp_relay":     d.relay.ExpVar(),
-			"tailderp_admission": d.verifier.ExpVar(),
-			"tailderp_node":      d.tailnets[0].node.ExpVar(),
+			"tailderp_relay":     d.Relay.ExpVar(),
+			"tailderp_admission": d.Verifier.ExpVar(),
+			"tailderp_node":      d.Tailnets[0].Node.ExpVar(),
 			"tailderp_tailnet":   d.tailnetVars(),
 		},
-		Status:    func() debugsrv.Status { return d.status(t) },
+		Status:    func() debugsrv.Status { return d.Status(t) },
 		Recent:    func() []verify.Admission { return d.recent(t) },
-		NodeName:  t.node.NodeName,
-		Connected: d.relay.Connected,
-		MeshPeers: d.relay.MeshPeers,
+		NodeName:  t.Node.NodeName,
+		Connected: d.Relay.Connected,
+		MeshPeers: d.Relay.MeshPeers,
 	}
-	if len(d.tailnets) == 1 {
+	if len(d.Tailnets) == 1 {
 		// derpserver's own pages list every client: only where there is
 		// one tailnet.
-		c.DERP = d.relay.DERP()
+		c.DERP = d.Relay.DERP()
 	}
-	logger.Info("debug: serving on the tailnet only", "tailnet", t.Name, "port", d.cfg.DebugPort)
+	logger.Info("debug: serving on the tailnet only", "tailnet", t.Name, "port", d.Port)
 	go func() {
 		<-ctx.Done()
 		ln.Close()
@@ -67,15 +68,15 @@ func (d *debugParts) serve(ctx context.Context, t *tailnet, logger *slog.Logger)
 
 // owns reports whether k is a node of viewer's tailnet: what its pages
 // may show.
-func owns(viewer *tailnet, k key.NodePublic) bool {
-	known, _ := viewer.node.KnowsNodeKey(k)
+func owns(viewer *Tailnet, k key.NodePublic) bool {
+	known, _ := viewer.Node.KnowsNodeKey(k)
 	return known
 }
 
 // recent lists the admissions of viewer's tailnet.
-func (d *debugParts) recent(viewer *tailnet) []verify.Admission {
+func (d *Debug) recent(viewer *Tailnet) []verify.Admission {
 	var out []verify.Admission
-	for _, a := range d.verifier.Recent() {
+	for _, a := range d.Verifier.Recent() {
 		if a.Tailnet == viewer.Name || owns(viewer, a.Key) {
 			out = append(out, a)
 		}
@@ -83,16 +84,16 @@ func (d *debugParts) recent(viewer *tailnet) []verify.Admission {
 	return out
 }
 
-// status is the status page for viewer.
-func (d *debugParts) status(viewer *tailnet) debugsrv.Status {
+// Status is the status page for viewer.
+func (d *Debug) Status(viewer *Tailnet) debugsrv.Status {
 	now := time.Now()
 	st := debugsrv.Status{
-		Version: version,
-		Started: d.started.UTC(),
-		Uptime:  now.Sub(d.started).Round(time.Second).String(),
+		Version: d.Version,
+		Started: d.Started.UTC(),
+		Uptime:  now.Sub(d.Started).Round(time.Second).String(),
 		Tailnet: viewer.Name,
 	}
-	for _, t := range d.tailnets {
+	for _, t := range d.Tailnets {
 		ts := d.tailnetStatus(t, now)
 		st.Tailnets = append(st.Tailnets, ts)
 		if ts.Problem != "" {
@@ -100,15 +101,15 @@ func (d *debugParts) status(viewer *tailnet) debugsrv.Status {
 		}
 	}
 
-	clients := d.relay.Clients()
+	clients := d.Relay.Clients()
 	st.ClientsTotal = len(clients)
 	for _, c := range clients {
 		if owns(viewer, c.Key) {
-			st.Clients = append(st.Clients, debugsrv.Client{Name: viewer.node.NodeName(c.Key), Key: c.Key.ShortString(), From: c.From.String(), Since: c.Since.UTC()})
+			st.Clients = append(st.Clients, debugsrv.Client{Name: viewer.Node.NodeName(c.Key), Key: c.Key.ShortString(), From: c.From.String(), Since: c.Since.UTC()})
 		}
 	}
 
-	v := d.verifier
+	v := d.Verifier
 	st.Admission = debugsrv.Admission{
 		Admitted: v.AdmittedBy(viewer.Name), AdmittedAll: v.Admitted(),
 		Refused: v.RefusedByReason(), Revoked: v.RevokedBy(viewer.Name),
@@ -120,7 +121,7 @@ func (d *debugParts) status(viewer *tailnet) debugsrv.Status {
 			dec.Name, dec.Key, dec.From = e.Name, e.Key.ShortString(), addrString(e.From)
 		case e.What != "refused":
 			continue // another tailnet's client
-		case len(d.tailnets) == 1:
+		case len(d.Tailnets) == 1:
 			dec.Key, dec.From = e.Key.ShortString(), addrString(e.From) // a stranger
 		}
 		// Otherwise a refusal on a relay of several tailnets: it may be
@@ -128,13 +129,13 @@ func (d *debugParts) status(viewer *tailnet) debugsrv.Status {
 		st.Admission.Recent = append(st.Admission.Recent, dec)
 	}
 
-	cs := d.relay.CertStatus()
+	cs := d.Relay.CertStatus()
 	st.Certificate = debugsrv.Certificate{Serving: cs.Serving, Subject: cs.Subject, CertName: cs.CertName, NotAfter: cs.NotAfter.UTC(),
 		DaysLeft: cs.DaysLeft, Problem: string(cs.Problem), Fix: cs.Fix}
 	if cs.Serving && cs.Problem != relay.CertOK {
 		st.Problems = append(st.Problems, fmt.Sprintf("certificate %s (valid until %s): %s; %s", cs.Subject, cs.NotAfter.UTC().Format(time.RFC3339), cs.Problem, cs.Fix))
 	}
-	for _, m := range d.relay.MeshPeers() {
+	for _, m := range d.Relay.MeshPeers() {
 		st.Mesh = append(st.Mesh, debugsrv.MeshPeer{Peer: m.Peer.String(), State: string(m.State), Since: m.Since.UTC(), LastError: m.LastError})
 		if m.State == relay.MeshDialing && now.Sub(m.Since) > time.Minute {
 			st.Problems = append(st.Problems, fmt.Sprintf("mesh peer %s not connected for %s: %s (is it up, with the same mesh key?)", m.Peer, now.Sub(m.Since).Round(time.Second), m.LastError))
@@ -144,8 +145,8 @@ func (d *debugParts) status(viewer *tailnet) debugsrv.Status {
 }
 
 // tailnetStatus says how t's node is, and what is wrong with it.
-func (d *debugParts) tailnetStatus(t *tailnet, now time.Time) debugsrv.TailnetStatus {
-	ns := t.node.Status()
+func (d *Debug) tailnetStatus(t *Tailnet, now time.Time) debugsrv.TailnetStatus {
+	ns := t.Node.Status()
 	ts := debugsrv.TailnetStatus{
 		Name: t.Name, State: string(ns.State), ControlURL: ns.ControlURL, ControlReachable: ns.Control,
 		ControlSince: ns.ControlSince.UTC(), AdmissionFrom: string(ns.Source), Peers: ns.Peers,
@@ -154,15 +155,15 @@ func (d *debugParts) tailnetStatus(t *tailnet, now time.Time) debugsrv.TailnetSt
 		ts.NetmapReceived = ns.Netmap.UTC()
 	}
 	var problems []string
-	if err := t.failed(); err != nil {
-		problems = append(problems, fmt.Sprintf("stopped: %v; %s", err, nodeAdvice(t.tailnetConfig, node.ProblemLoginRejected)))
+	if err := t.Failed(); err != nil {
+		problems = append(problems, fmt.Sprintf("stopped: %v; %s", err, t.Advice(node.ProblemLoginRejected)))
 	} else {
 		if !ns.Control && now.Sub(ns.ControlSince) > 30*time.Second {
 			problems = append(problems, fmt.Sprintf("control server %s not reachable for %s; %s", ns.ControlURL, now.Sub(ns.ControlSince).Round(time.Second),
-				nodeAdvice(t.tailnetConfig, node.ProblemControlUnreachable)))
+				t.Advice(node.ProblemControlUnreachable)))
 		}
 		if ns.State == node.StateNeedsLogin {
-			problems = append(problems, "not logged in; "+nodeAdvice(t.tailnetConfig, node.ProblemLoggedOut))
+			problems = append(problems, "not logged in; "+t.Advice(node.ProblemLoggedOut))
 		}
 	}
 	switch ns.Source {
@@ -185,7 +186,7 @@ func addrString(a netip.Addr) string {
 // tailnetVars are the tailnets' node metrics, labelled by tailnet: peers
 // seen, whether control answers, the age of the network map, where
 // admission answers come from, and whether the node stopped.
-func (d *debugParts) tailnetVars() expvar.Var {
+func (d *Debug) tailnetVars() expvar.Var {
 	type tn struct {
 		Tailnet string `prom:"tailnet"`
 	}
@@ -198,19 +199,19 @@ func (d *debugParts) tailnetVars() expvar.Var {
 	age := &metrics.MultiLabelMap[tn]{Type: "gauge", Help: "seconds since the network map behind admission arrived; -1 before one"}
 	stopped := &metrics.MultiLabelMap[tn]{Type: "gauge", Help: "1 once the tailnet's node stopped for good (login rejected)"}
 	source := &metrics.MultiLabelMap[tnSource]{Type: "gauge", Help: "1 for where admission answers come from: live, cache or none"}
-	for _, t := range d.tailnets {
+	for _, t := range d.Tailnets {
 		k := tn{t.Name}
-		peers.Set(k, expvar.Func(func() any { return t.node.PeerCount() }))
-		control.Set(k, expvar.Func(func() any { return b2i(t.node.Status().Control) }))
+		peers.Set(k, expvar.Func(func() any { return t.Node.PeerCount() }))
+		control.Set(k, expvar.Func(func() any { return b2i(t.Node.Status().Control) }))
 		age.Set(k, expvar.Func(func() any {
-			if st := t.node.Status(); !st.Netmap.IsZero() {
+			if st := t.Node.Status(); !st.Netmap.IsZero() {
 				return int64(time.Since(st.Netmap).Seconds())
 			}
 			return -1
 		}))
-		stopped.Set(k, expvar.Func(func() any { return b2i(t.failed() != nil) }))
+		stopped.Set(k, expvar.Func(func() any { return b2i(t.Failed() != nil) }))
 		for _, s := range []node.Source{node.SourceLive, node.SourceCache, node.SourceNone} {
-			source.Set(tnSource{t.Name, string(s)}, expvar.Func(func() any { return b2i(t.node.Status().Source == s) }))
+			source.Set(tnSource{t.Name, string(s)}, expvar.Func(func() any { return b2i(t.Node.Status().Source == s) }))
 		}
 	}
 	m := new(metrics.Set)

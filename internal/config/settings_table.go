@@ -1,4 +1,4 @@
-package main
+package config
 
 import (
 	"flag"
@@ -9,8 +9,10 @@ import (
 
 // writeSettingsTable writes the settings as a Markdown table, grouped as
 // in --help; README.md carries its output (kept in step by a test).
-func writeSettingsTable(w io.Writer) {
-	cfg := &config{}
+// WriteSettingsTable writes the README's table of settings (markdown, by
+// group), made from the one table of settings.
+func WriteSettingsTable(w io.Writer) {
+	cfg := &Config{}
 	settings := settingsFor(cfg)
 	fs := flag.NewFlagSet("tailderp", flag.ContinueOnError)
 	for _, s := range settings {

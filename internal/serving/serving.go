@@ -1,10 +1,13 @@
-package main
+// Package serving is what a running tailderp says it serves, in
+// <state-dir>/serving.json, and how the commands on the same machine find
+// it (`check -local`, the container's healthcheck; `derpmap`; `cert
+// renew`): the file, or else the server process and its settings.
+package serving
 
 import (
 	"bytes"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -16,20 +19,18 @@ import (
 
 	"tailscale.com/atomicfile"
 	"tailscale.com/tailcfg"
+
+	"github.com/tailderp/tailderp/internal/config"
 )
 
-// servingFile is the file, in the state directory, where a running server
-// says what it serves.
-const servingFile = "serving.json"
-
-// serving is what a running server serves on its public side, as bound:
+// Serving is what a running server serves on its public side, as bound:
 // real ports (also when the settings said 0), the certificate pin. The
 // server writes it to <state-dir>/serving.json once it serves and removes
 // it when it stops; `tailderp check -local` (the container's healthcheck)
 // and `tailderp derpmap` read it, so they describe the server as it runs
 // even when they were given other settings than the server (compose
 // `command:` flags reach the server but not the healthcheck).
-type serving struct {
+type Serving struct {
 	PID           int                 `json:"pid"`
 	Version       string              `json:"version"`
 	Since         time.Time           `json:"since"`
@@ -40,8 +41,8 @@ type serving struct {
 	Region        *tailcfg.DERPRegion `json:"region"` // the derpMap region the snippet shows
 }
 
-// writeServing writes s to path atomically, mode 0600.
-func writeServing(path string, s *serving) error {
+// Write writes s to path atomically, mode 0600.
+func Write(path string, s *Serving) error {
 	b, err := json.MarshalIndent(s, "", "  ")
 	if err != nil {
 		return err
@@ -49,23 +50,29 @@ func writeServing(path string, s *serving) error {
 	return atomicfile.WriteFile(path, append(b, '\n'), 0o600)
 }
 
-// removeServing removes path if it still describes this process.
-func removeServing(path string) {
-	if s, err := readServing(path); err == nil && s.PID == os.Getpid() {
+// Remove removes path if it still describes this process.
+func Remove(path string) {
+	if s, err := Read(path); err == nil && s.PID == os.Getpid() {
 		os.Remove(path)
 	}
 }
 
-// errNotServing means a serving.json names a process that is gone.
-var errNotServing = errors.New("the server it names is not running")
+// ErrNotServing means a serving.json names a process that is gone.
+var ErrNotServing = errors.New("the server it names is not running")
 
-// readServing reads a serving.json whose process is still running.
-func readServing(path string) (*serving, error) {
-	b, err := os.ReadFile(path)
+// maxFileSize bounds serving.json: a region of a few nodes.
+const maxFileSize = 1 << 20
+
+// Read reads a serving.json whose process is still running.
+func Read(path string) (*Serving, error) {
+	if path == "" {
+		return nil, errors.New("no state directory")
+	}
+	b, err := config.ReadFileLimited(path, maxFileSize)
 	if err != nil {
 		return nil, err
 	}
-	var s serving
+	var s Serving
 	if err := json.Unmarshal(b, &s); err != nil {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
@@ -73,7 +80,7 @@ func readServing(path string) (*serving, error) {
 		return nil, fmt.Errorf("%s: incomplete", path)
 	}
 	if !processAlive(s.PID) {
-		return nil, fmt.Errorf("%s: pid %d: %w", path, s.PID, errNotServing)
+		return nil, fmt.Errorf("%s: pid %d: %w", path, s.PID, ErrNotServing)
 	}
 	return &s, nil
 }
@@ -90,7 +97,7 @@ func processAlive(pid int) bool {
 // /proc, with the settings it was started with.
 type serverProcess struct {
 	pid int
-	cfg *config
+	cfg *config.Config
 }
 
 // findServers lists the tailderp servers running this same executable
@@ -123,17 +130,10 @@ func findServers() []serverProcess {
 			continue
 		}
 		args = args[1:]
-		if len(args) > 0 && slices.Contains(subcommands, args[0]) {
+		if len(args) > 0 && slices.Contains(config.Subcommands, args[0]) {
 			continue // a check or derpmap, not a server
 		}
-		envMap := map[string]string{}
-		for _, kv := range env {
-			if k, v, ok := strings.Cut(kv, "="); ok {
-				envMap[k] = v
-			}
-		}
-		fs := flag.NewFlagSet("tailderp", flag.ContinueOnError)
-		cfg, err := parseConfig(fs, args, func(k string) string { return envMap[k] })
+		cfg, err := config.Load(config.Inspect, nil, args, env)
 		if err != nil {
 			continue
 		}
@@ -143,7 +143,7 @@ func findServers() []serverProcess {
 }
 
 func readNULList(path string) ([]string, error) {
-	b, err := os.ReadFile(path)
+	b, err := config.ReadFileLimited(path, maxFileSize)
 	if err != nil {
 		return nil, err
 	}
@@ -174,23 +174,23 @@ func theServer(procs []serverProcess) (*serverProcess, error) {
 	return nil, fmt.Errorf("several tailderp servers run here (pids %s): give the -state-dir (or the settings) of the one to check", strings.Join(pids, ", "))
 }
 
-// runningServer finds what the relay on this machine serves, for `check
+// Running finds what the relay on this machine serves, for `check
 // -local` and `derpmap`, in this order: the serving.json in the state
 // directory of own (the command's own settings); the tailderp server
 // process running here (pid 1 in a container, or the only one): its
 // serving.json, or else its settings. It returns nil, and no error, when
 // no server is found: then the command's own settings are all there is.
 // from says where the answer came from, for the output.
-func runningServer(own *config) (s *serving, cfg *config, from string, err error) {
-	if s, err := readServing(own.servingPath()); err == nil {
-		return s, own, own.servingPath(), nil
+func Running(own *config.Config) (s *Serving, cfg *config.Config, from string, err error) {
+	if s, err := Read(own.ServingPath()); err == nil {
+		return s, own, own.ServingPath(), nil
 	}
 	p, err := theServer(findServers())
 	if err != nil || p == nil {
 		return nil, nil, "", err
 	}
-	if s, err := readServing(p.cfg.servingPath()); err == nil {
-		return s, p.cfg, p.cfg.servingPath(), nil
+	if s, err := Read(p.cfg.ServingPath()); err == nil {
+		return s, p.cfg, p.cfg.ServingPath(), nil
 	}
 	return nil, p.cfg, fmt.Sprintf("the settings of pid %d", p.pid), nil
 }

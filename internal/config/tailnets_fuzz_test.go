@@ -1,4 +1,4 @@
-package main
+package config
 
 import (
 	"os"
@@ -44,14 +44,14 @@ func FuzzTailnetsFile(f *testing.F) {
 		if err := os.WriteFile(path, []byte(strings.ReplaceAll(file, "KEYFILE", keyPath)), 0o600); err != nil {
 			t.Fatal(err)
 		}
-		c := &config{Hostname: "derp.example.com", VerifyClients: true, StateDir: stateDir, TailnetsFile: path}
+		c := &Config{Hostname: "derp.example.com", VerifyClients: true, StateDir: stateDir, TailnetsFile: path}
 		err := c.readTailnetsFile()
 		if entries, _ := os.ReadDir(stateDir); len(entries) != 0 {
 			t.Fatalf("reading the file wrote %v", entries)
 		}
 		if err != nil {
 			checkMessage(t, "readTailnetsFile", err.Error(), !strings.Contains(file, secretMark))
-			if !strings.Contains(err.Error(), settingName("tailnets")) {
+			if !strings.Contains(err.Error(), SettingName("tailnets")) {
 				t.Fatalf("error does not name the setting: %v", err)
 			}
 			return
@@ -59,8 +59,8 @@ func FuzzTailnetsFile(f *testing.F) {
 		if len(c.extraTailnets) == 0 {
 			t.Fatal("a file that lists no tailnet was accepted")
 		}
-		names, dirs := map[string]bool{defaultTailnet: true}, map[string]bool{c.nodeDir(): true}
-		for _, tn := range c.tailnets()[1:] {
+		names, dirs := map[string]bool{DefaultTailnet: true}, map[string]bool{c.NodeDir(): true}
+		for _, tn := range c.Tailnets()[1:] {
 			if !tailnetNameRE.MatchString(tn.Name) || names[tn.Name] {
 				t.Fatalf("name %q: invalid or taken", tn.Name)
 			}
