@@ -26,12 +26,16 @@ import (
 	"time"
 
 	"tailscale.com/net/stun"
+
+	"github.com/tailderp/tailderp/internal/readiness"
 )
 
 // Result is the outcome of one check.
 //
-// OK is false for a failure and for a warning (Warn: works now, but needs
-// attention soon, like a certificate about to expire). Skipped marks a
+// OK is false for a failure. A warning (Warn: works now, but needs
+// attention) fails too when it is a check's verdict (a certificate about
+// to expire), and passes when the relay judged it so itself (Local: a
+// tailnet admitting from its known-peers cache). Skipped marks a
 // check that was not run: with OK true because it does not apply (STUN
 // turned off), with OK false because an earlier check failed and this one
 // could not run without it.
@@ -151,22 +155,58 @@ func (r Report) WriteJSON(w io.Writer) error {
 	}{r.OK(), r.Member(), r.AllGood(), r})
 }
 
-// LocalTarget is where a relay on this machine listens.
+// LocalTarget is where a relay on this machine listens, and what it says
+// of itself.
 type LocalTarget struct {
 	HTTPSAddr  string // host:port of the HTTPS listener; an empty host means 127.0.0.1
 	ServerName string // TLS server name to send (the relay's -hostname)
 	STUNAddr   string // host:port of STUN, "" if STUN is off
+
+	// Readiness is what the running relay publishes about itself
+	// (serving.json); nil when it published none. Local judges it
+	// (readiness.Judge) unless Liveness.
+	Readiness *readiness.Readiness
+	// Liveness asks only whether the relay serves (HTTPS and STUN
+	// answer): what a restart could fix. Readiness problems — a control
+	// server down, a login refused — are not, and are left out.
+	Liveness bool
+	// ReadinessRequired makes a relay that published no readiness a
+	// failure (the server was found, but says nothing of itself: it is
+	// older, or cannot write its state directory).
+	ReadinessRequired bool
 }
 
-// Local is the cheap liveness check of a relay on this machine: HTTPS
-// answers /generate_204 with the challenge echoed, and STUN answers a
-// binding request. It does not check the certificate's trust (the
+// Local checks a relay on this machine: HTTPS answers /generate_204 with
+// the challenge echoed, STUN answers a binding request, and (unless
+// Liveness) each part of the readiness the relay publishes: a tailnet
+// whose members would all be refused, an admission URL that is down with
+// admission failing closed, a certificate clients refuse, or a relay that
+// is stopping, fail; a tailnet admitting from its known-peers cache
+// passes with a warning. It does not check the certificate's trust (the
 // container has no business judging that); `tailderp check URL` does.
 func Local(ctx context.Context, t LocalTarget) Report {
 	var r Report
 	r = append(r, probe204(ctx, loopbackIfUnspecified(t.HTTPSAddr), t.ServerName))
 	if t.STUNAddr != "" {
 		r = append(r, stunBinding(ctx, loopbackIfUnspecified(t.STUNAddr)))
+	}
+	if t.Liveness {
+		return r
+	}
+	if t.Readiness == nil {
+		if t.ReadinessRequired {
+			r = append(r, Result{Name: "readiness", Err: "the relay publishes no readiness (serving.json has none: an older tailderp?); use -liveness for a liveness check only"})
+		}
+		return r
+	}
+	for _, f := range t.Readiness.Judge(time.Now()) {
+		res := Result{Name: f.Name, OK: f.Severity != readiness.Fail, Warn: f.Severity == readiness.Warn}
+		if res.OK {
+			res.Value = f.Text
+		} else {
+			res.Err = f.Text
+		}
+		r = append(r, res)
 	}
 	return r
 }

@@ -160,6 +160,10 @@ func (c *Config) NeedsTempStateDir() bool { return c.Dev && c.StateDir == "" }
 // check` takes only those as describing the target.
 func (c *Config) ByFlag(k string) bool { return c.src.byFlag(k) }
 
+// Given reports whether the setting with key k was given at all, by a
+// flag or the environment, rather than left at its default.
+func (c *Config) Given(k string) bool { return c.src[k] != "" }
+
 // maxKeyFileSize bounds an auth key file, a mesh key file: a key is a
 // line; a bigger file is a mistake (or /dev/zero).
 const maxKeyFileSize = 4 << 10

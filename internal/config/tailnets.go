@@ -224,6 +224,15 @@ func (tc Tailnet) Advice(p node.Problem) string {
 	case node.ProblemControlUnreachable:
 		return fmt.Sprintf("check that this server reaches %s (DNS, firewall, proxy) and that the control server runs; it is %s",
 			cmp.Or(tc.ControlURL, ipn.DefaultControlURL), tc.URLSetting)
+	case node.ProblemNodeRemoved, node.ProblemControlRefused:
+		return fmt.Sprintf("the control server at %s no longer accepts this relay's node (deleted, or its key revoked): with a reusable auth key in %s the relay logs in again as a new node by itself; otherwise put a new auth key there and restart",
+			cmp.Or(tc.ControlURL, ipn.DefaultControlURL), tc.KeySetting)
+	case node.ProblemReloginFailed:
+		return fmt.Sprintf("the auth key in %s could not log in again (single-use, expired or revoked): put a reusable auth key there and restart", tc.KeySetting)
+	case node.ProblemStarting:
+		return fmt.Sprintf("wait for the login to %s; if it lasts, check that this server reaches it (%s)", cmp.Or(tc.ControlURL, ipn.DefaultControlURL), tc.URLSetting)
+	case node.ProblemStopped:
+		return "see the log for why the tailnet's node stopped, fix it, and restart"
 	}
 	return string(p)
 }

@@ -21,6 +21,7 @@ import (
 	"tailscale.com/tailcfg"
 
 	"github.com/tailderp/tailderp/internal/config"
+	"github.com/tailderp/tailderp/internal/readiness"
 )
 
 // Serving is what a running server serves on its public side, as bound:
@@ -39,6 +40,9 @@ type Serving struct {
 	ServerName    string              `json:"server_name"`         // the TLS name (-hostname)
 	VerifyClients bool                `json:"verify_clients"`
 	Region        *tailcfg.DERPRegion `json:"region"` // the derpMap region the snippet shows
+	// Readiness is whether the relay does its job now, part by part; it
+	// is rewritten when it changes (about a second late at most).
+	Readiness *readiness.Readiness `json:"readiness,omitempty"`
 }
 
 // Write writes s to path atomically, mode 0600.
@@ -175,15 +179,26 @@ func theServer(procs []serverProcess) (*serverProcess, error) {
 }
 
 // Running finds what the relay on this machine serves, for `check
-// -local` and `derpmap`, in this order: the serving.json in the state
-// directory of own (the command's own settings); the tailderp server
-// process running here (pid 1 in a container, or the only one): its
-// serving.json, or else its settings. It returns nil, and no error, when
-// no server is found: then the command's own settings are all there is.
-// from says where the answer came from, for the output.
+// -local` and `derpmap`. When own (the command's own settings) names a
+// state directory (-state-dir or STATE_DIR), that relay only: its
+// serving.json, and an error when it is not running, even if another
+// tailderp runs here. Otherwise, in this order: the serving.json in own's
+// default state directory; the tailderp server process running here (pid
+// 1 in a container, or the only one): its serving.json, or else its
+// settings. It returns nil, and no error, when no server is found: then
+// the command's own settings are all there is. from says where the answer
+// came from, for the output.
 func Running(own *config.Config) (s *Serving, cfg *config.Config, from string, err error) {
-	if s, err := Read(own.ServingPath()); err == nil {
+	s, err = Read(own.ServingPath())
+	switch {
+	case err == nil:
 		return s, own, own.ServingPath(), nil
+	case own.Given("state-dir"):
+		if errors.Is(err, os.ErrNotExist) {
+			err = fmt.Errorf("%s: %w", own.ServingPath(), ErrNotServing)
+		}
+		return nil, nil, "", fmt.Errorf("no tailderp serves from %s %s: %w (start it, or give the state directory of the relay to check)",
+			config.SettingName("state-dir"), own.StateDir, err)
 	}
 	p, err := theServer(findServers())
 	if err != nil || p == nil {
