@@ -9,6 +9,8 @@ import (
 	"net/http"
 	"slices"
 	"time"
+
+	"github.com/tailderp/tailderp/internal/readiness"
 )
 
 // Status is what an operator wants at a glance: what is wrong (with the
@@ -25,6 +27,10 @@ type Status struct {
 	Uptime  string    `json:"uptime"`
 	// Tailnet is the tailnet this status is served on.
 	Tailnet string `json:"tailnet"`
+	// Ready is whether the relay does its job now, as `tailderp check
+	// -local` judges it; Readiness is that judgement, part by part.
+	Ready     bool                `json:"ready"`
+	Readiness []readiness.Finding `json:"readiness"`
 	// Problems say what is wrong now, each with what to do; empty when
 	// all is well.
 	Problems []string        `json:"problems"`
@@ -51,6 +57,9 @@ type TailnetStatus struct {
 	AdmissionFrom  string    `json:"admission_from"`
 	NetmapReceived time.Time `json:"netmap_received,omitzero"`
 	Peers          int       `json:"peers"`
+	// Admits is whom the tailnet admits now: "members" (live map),
+	// "cache" (the known-peers cache) or "nobody".
+	Admits string `json:"admits"`
 	// Problem is what is wrong with this tailnet, with the fix; "" if
 	// nothing is.
 	Problem string `json:"problem,omitempty"`
@@ -126,6 +135,15 @@ func serveStatusPage(w http.ResponseWriter, st Status) {
 	p("<!doctype html><html><head><title>tailderp %s</title></head><body>\n", e(st.Version))
 	p("<h1>tailderp</h1>\n<p>version %s, up %s (since %s); this page is served on tailnet %s (<a href=\"/debug/status\">as JSON</a>)</p>\n",
 		e(st.Version), e(st.Uptime), st.Started.UTC().Format(time.RFC3339), e(st.Tailnet))
+	ready := "ready"
+	if !st.Ready {
+		ready = "NOT READY"
+	}
+	p("<h2>Readiness: %s</h2>\n<ul>\n", ready)
+	for _, f := range st.Readiness {
+		p("<li>%s %s: %s</li>\n", e(string(f.Severity)), e(f.Name), e(f.Text))
+	}
+	p("</ul>\n")
 	if len(st.Problems) == 0 {
 		p("<h2>All is well</h2>\n")
 	} else {

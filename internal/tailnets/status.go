@@ -14,6 +14,7 @@ import (
 	"tailscale.com/types/key"
 
 	"github.com/tailderp/tailderp/debugsrv"
+	"github.com/tailderp/tailderp/internal/readiness"
 	"github.com/tailderp/tailderp/node"
 	"github.com/tailderp/tailderp/relay"
 	"github.com/tailderp/tailderp/verify"
@@ -29,6 +30,9 @@ type Debug struct {
 	Relay    *relay.Server
 	Verifier *verify.Verifier
 	Started  time.Time
+	// Readiness is the relay's readiness (Relay.Readiness): the status
+	// page judges it as `tailderp check -local` does.
+	Readiness func() readiness.Readiness
 }
 
 // Serve serves /debug on t's tailnet address once its node is up.
@@ -93,8 +97,26 @@ func (d *Debug) Status(viewer *Tailnet) debugsrv.Status {
 		Uptime:  now.Sub(d.Started).Round(time.Second).String(),
 		Tailnet: viewer.Name,
 	}
-	for _, t := range d.Tailnets {
-		ts := d.tailnetStatus(t, now)
+	var rd readiness.Readiness
+	if d.Readiness != nil {
+		rd = d.Readiness()
+	}
+	st.Readiness = rd.Judge(now)
+	st.Ready = rd.Ready(now)
+	for _, f := range st.Readiness {
+		// The tailnets' and the certificate's problems are said below.
+		if f.Severity != readiness.OK && (f.Name == "admission URL" || f.Name == "draining") {
+			st.Problems = append(st.Problems, f.Name+": "+f.Text)
+		}
+	}
+	for i, t := range d.Tailnets {
+		var r readiness.Tailnet
+		if i < len(rd.Tailnets) {
+			r = rd.Tailnets[i]
+		} else {
+			r = readiness.Tailnet{Name: t.Name, Admits: readiness.Admits(t.Node.Readiness().Admits)}
+		}
+		ts := d.tailnetStatus(t, r, now)
 		st.Tailnets = append(st.Tailnets, ts)
 		if ts.Problem != "" {
 			st.Problems = append(st.Problems, "tailnet "+t.Name+": "+ts.Problem)
@@ -144,12 +166,14 @@ func (d *Debug) Status(viewer *Tailnet) debugsrv.Status {
 	return st
 }
 
-// tailnetStatus says how t's node is, and what is wrong with it.
-func (d *Debug) tailnetStatus(t *Tailnet, now time.Time) debugsrv.TailnetStatus {
+// tailnetStatus says how t's node is, and what is wrong with it: its
+// readiness judged (r is t's part of the relay's readiness), and a login
+// that stopped it for good.
+func (d *Debug) tailnetStatus(t *Tailnet, r readiness.Tailnet, now time.Time) debugsrv.TailnetStatus {
 	ns := t.Node.Status()
 	ts := debugsrv.TailnetStatus{
 		Name: t.Name, State: string(ns.State), ControlURL: ns.ControlURL, ControlReachable: ns.Control,
-		ControlSince: ns.ControlSince.UTC(), AdmissionFrom: string(ns.Source), Peers: ns.Peers,
+		ControlSince: ns.ControlSince.UTC(), AdmissionFrom: string(ns.Source), Peers: ns.Peers, Admits: string(r.Admits),
 	}
 	if !ns.Netmap.IsZero() {
 		ts.NetmapReceived = ns.Netmap.UTC()
@@ -157,20 +181,11 @@ func (d *Debug) tailnetStatus(t *Tailnet, now time.Time) debugsrv.TailnetStatus 
 	var problems []string
 	if err := t.Failed(); err != nil {
 		problems = append(problems, fmt.Sprintf("stopped: %v; %s", err, t.Advice(node.ProblemLoginRejected)))
-	} else {
-		if !ns.Control && now.Sub(ns.ControlSince) > 30*time.Second {
-			problems = append(problems, fmt.Sprintf("control server %s not reachable for %s; %s", ns.ControlURL, now.Sub(ns.ControlSince).Round(time.Second),
-				t.Advice(node.ProblemControlUnreachable)))
-		}
-		if ns.State == node.StateNeedsLogin {
-			problems = append(problems, "not logged in; "+t.Advice(node.ProblemLoggedOut))
-		}
 	}
-	switch ns.Source {
-	case node.SourceNone:
-		problems = append(problems, "its clients are refused: no network map yet")
-	case node.SourceCache:
-		problems = append(problems, "its clients are admitted from the known-peers cache of "+ns.Netmap.UTC().Format(time.RFC3339)+", not a live network map")
+	for _, f := range (&readiness.Readiness{Tailnets: []readiness.Tailnet{r}}).Judge(now) {
+		if f.Severity != readiness.OK {
+			problems = append(problems, f.Text)
+		}
 	}
 	ts.Problem = strings.Join(problems, "; ")
 	return ts
