@@ -17,10 +17,12 @@ import (
 const module = "github.com/tailderp/tailderp"
 
 // depRule says what one package (or the binary) must not depend on,
-// directly or through anything it imports.
+// directly or through anything it imports, and what it must not import
+// itself though it may reach it through another package.
 type depRule struct {
-	pkg  string            // module-relative import path; "" is the binary
-	deps map[string]string // path, or path prefix + "...", → why
+	pkg     string            // module-relative import path; "" is the binary
+	deps    map[string]string // path, or path prefix + "...", → why
+	imports map[string]string // path, or path prefix + "...", → why
 }
 
 var depRules = []depRule{
@@ -70,6 +72,16 @@ var depRules = []depRule{
 		deps: map[string]string{
 			module + "/verify":   "serving.json says what is served, not how admission decides",
 			module + "/debugsrv": "serving.json is read by local commands, not the status pages",
+		}},
+	{pkg: "/internal/commands",
+		imports: map[string]string{
+			"tailscale.com/tsnet": "a command reaches the tailnet through node (node.JoinEphemeral), as the server does",
+		},
+		deps: map[string]string{
+			module + "/verify":            "commands print and check; admission is the server's, wired by main",
+			module + "/stun":              "the STUN listener is the server's, wired by main; check speaks STUN as a client",
+			module + "/debugsrv":          "commands knows nothing of the status pages",
+			module + "/internal/tailnets": "the server's tailnets are main's to run; a command joins through node",
 		}},
 	{pkg: "/internal/relayrules",
 		deps: map[string]string{
@@ -122,13 +134,19 @@ func goList(t *testing.T) map[string]listedPackage {
 	return pkgs
 }
 
-// violations lists what p depends on against r.
+// violations lists what p depends on or imports against r.
 func (r depRule) violations(p listedPackage) []string {
 	var out []string
-	for pattern, why := range r.deps {
-		for _, d := range p.Deps {
-			if d == pattern || (strings.HasSuffix(pattern, "...") && strings.HasPrefix(d, strings.TrimSuffix(pattern, "..."))) {
-				out = append(out, "depends on "+d+": "+why)
+	for _, c := range []struct {
+		rules map[string]string
+		got   []string
+		verb  string
+	}{{r.deps, p.Deps, "depends on "}, {r.imports, p.Imports, "imports "}} {
+		for pattern, why := range c.rules {
+			for _, d := range c.got {
+				if d == pattern || (strings.HasSuffix(pattern, "...") && strings.HasPrefix(d, strings.TrimSuffix(pattern, "..."))) {
+					out = append(out, c.verb+d+": "+why)
+				}
 			}
 		}
 	}
@@ -161,14 +179,27 @@ func TestDeps(t *testing.T) {
 }
 
 // TestDepRulesCatchViolations shows that a rule fires: a package listed as
-// importing or depending on what its rule forbids is reported.
+// importing or depending on what its rule forbids is reported, and an
+// import rule does not fire on a mere dependency.
 func TestDepRulesCatchViolations(t *testing.T) {
+	example := func(forbidden string) string {
+		return strings.TrimSuffix(forbidden, "...") + strings.Repeat("x", len(forbidden)-len(strings.TrimSuffix(forbidden, "...")))
+	}
 	for _, r := range depRules {
 		for forbidden := range r.deps {
-			dep := strings.TrimSuffix(forbidden, "...") + strings.Repeat("x", len(forbidden)-len(strings.TrimSuffix(forbidden, "...")))
+			dep := example(forbidden)
 			p := listedPackage{ImportPath: module + r.pkg, Deps: []string{"fmt", dep}}
 			if v := r.violations(p); len(v) != 1 {
 				t.Errorf("rule for %q: a package depending on %s gives %q, want one violation", r.pkg, dep, v)
+			}
+		}
+		for forbidden := range r.imports {
+			imp := example(forbidden)
+			if v := r.violations(listedPackage{ImportPath: module + r.pkg, Imports: []string{"fmt", imp}, Deps: []string{"fmt", imp}}); len(v) != 1 {
+				t.Errorf("rule for %q: a package importing %s gives %q, want one violation", r.pkg, imp, v)
+			}
+			if v := r.violations(listedPackage{ImportPath: module + r.pkg, Imports: []string{"fmt"}, Deps: []string{"fmt", imp}}); len(v) != 0 {
+				t.Errorf("rule for %q: a package depending on %s through another gives %q, want none", r.pkg, imp, v)
 			}
 		}
 	}

@@ -3,9 +3,10 @@
 // node (tsnet) to admit only that tailnet's clients and to serve /debug on
 // the tailnet alone. See README.md.
 //
-// This file wires the packages together; internal/config turns flags,
-// environment and files into one Config; the work is done in relay, stun,
-// node, verify and debugsrv.
+// This file dispatches the subcommands (internal/commands: check,
+// derpmap, cert renew) and wires the server together; internal/config
+// turns flags, environment and files into one Config; the work is done in
+// relay, stun, node, verify and debugsrv.
 package main
 
 import (
@@ -30,6 +31,7 @@ import (
 	"tailscale.com/ipn"
 	"tailscale.com/types/key"
 
+	"github.com/tailderp/tailderp/internal/commands"
 	"github.com/tailderp/tailderp/internal/config"
 	"github.com/tailderp/tailderp/internal/logs"
 	"github.com/tailderp/tailderp/internal/serving"
@@ -65,11 +67,11 @@ func realMain(args []string, env []string, stdout, stderr io.Writer) int {
 			fmt.Fprintln(stdout, "tailderp", version)
 			return 0
 		case "derpmap":
-			return runDERPMap(args[1:], env, stdout, stderr)
+			return commands.DERPMap(args[1:], env, stdout, stderr)
 		case "check":
-			return runCheck(args[1:], env, stdout, stderr)
+			return commands.Check(args[1:], env, stdout, stderr)
 		case "cert":
-			return runCert(args[1:], env, stdout, stderr)
+			return commands.Cert(args[1:], env, stdout, stderr)
 		}
 	}
 	cfg, err := config.Load(config.Run, nil, args, env)
@@ -203,7 +205,7 @@ func run(ctx context.Context, cfg *config.Config, logger *slog.Logger, out io.Wr
 		logger.Warn("client verification is off (-verify-clients=false): anyone who finds this relay can relay through it, and /debug is not served")
 	}
 
-	pins := &pinFollower{cfg: cfg, out: out, logger: logger}
+	pins := &commands.PinFollower{Config: cfg, Out: out, Logger: logger}
 	rs := &relay.Server{
 		Addr:       cfg.Addr,
 		HTTPPort:   cfg.HTTPPort,
@@ -223,7 +225,7 @@ func run(ctx context.Context, cfg *config.Config, logger *slog.Logger, out io.Wr
 		BootstrapDNSNames:            cfg.BootstrapNames(),
 		UnpublishedBootstrapDNSNames: cfg.UnpublishedBootstrapNames(),
 		CertAdvice:                   func(p relay.CertProblem) string { return cfg.CertAdvice(p) },
-		OnCertChange:                 pins.changed,
+		OnCertChange:                 pins.Changed,
 	}
 	if verifier != nil {
 		rs.Admitter = verifier
@@ -273,7 +275,7 @@ func run(ctx context.Context, cfg *config.Config, logger *slog.Logger, out io.Wr
 	}
 
 	sv := servingNow(cfg, rs, certs, stunAddr)
-	if err := writeSnippet(out, cfg.FleetRegion(sv.Region)); err != nil {
+	if err := commands.WriteSnippet(out, cfg.FleetRegion(sv.Region)); err != nil {
 		return err
 	}
 	if stateWritable == nil {
@@ -282,7 +284,7 @@ func run(ctx context.Context, cfg *config.Config, logger *slog.Logger, out io.Wr
 		}
 		defer serving.Remove(cfg.ServingPath())
 	}
-	pins.serving(sv, stateWritable == nil)
+	pins.Serving(sv, stateWritable == nil)
 
 	// The default tailnet's login rejected ends the process (the operator
 	// must fix TAILSCALE_AUTH_KEY); another tailnet's is that tailnet's
@@ -493,6 +495,9 @@ func makeCerts(cfg *config.Config, logger *slog.Logger) (relay.Certificates, err
 		return certs, nil
 	}
 }
+
+// settingsError is an error of run that is the settings' fault (exit 2).
+type settingsError struct{ error }
 
 // loadDERPKey returns the relay's DERP identity from the state directory;
 // -dev without a writable state directory gets a fresh one each start.

@@ -6,8 +6,9 @@
 // port ([FreePort]), a child process whose output is collected and which
 // is stopped when the test ends ([StartProcess]), a STUN binding request
 // as Tailscale clients send it ([STUNBinding]), a DNS server on loopback
-// ([StartDNS]), a random mesh key ([NewMeshKey]), and the derpMap snippet
-// tailderp prints ([DERPMapRegion]).
+// ([StartDNS]), a random mesh key ([NewMeshKey]), the derpMap snippet
+// tailderp prints ([DERPMapRegion]), and command-line inputs as tests and
+// fuzz targets write them ([EnvFrom], [FuzzEnv], [CheckMessage]).
 //
 // It is test code only: the tailderp binary must never link it (the
 // TestDeps rule in the module's root says so and checks it). It imports

@@ -1,4 +1,4 @@
-package main
+package commands
 
 import (
 	"errors"
@@ -14,9 +14,9 @@ import (
 	"github.com/tailderp/tailderp/relay"
 )
 
-// writeSnippet writes the derpMap snippet between two banner lines, as the
-// server prints it at start.
-func writeSnippet(w io.Writer, r *tailcfg.DERPRegion) error {
+// WriteSnippet writes the derpMap snippet of r between two banner lines,
+// as the server prints it at start.
+func WriteSnippet(w io.Writer, r *tailcfg.DERPRegion) error {
 	b, err := relay.PolicySnippet(r)
 	if err != nil {
 		return err
@@ -45,9 +45,11 @@ func withCertName(r *tailcfg.DERPRegion, certName string) *tailcfg.DERPRegion {
 	return &c
 }
 
-// runDERPMap is `tailderp derpmap`: print the snippet as JSON on stdout
-// (notes go to stderr), without serving.
-func runDERPMap(args []string, env []string, stdout, stderr io.Writer) int {
+// DERPMap is `tailderp derpmap ARGS` with the environment env ("NAME=value"
+// entries): it prints the snippet as JSON on stdout (notes go to stderr),
+// without serving, and returns the exit code: 0 printed, 1 nothing to
+// print yet, 2 bad settings.
+func DERPMap(args []string, env []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("tailderp derpmap", flag.ContinueOnError)
 	cfg, err := config.Load(config.DERPMap, fs, args, env)
 	if errors.Is(err, flag.ErrHelp) {

@@ -1,4 +1,4 @@
-package main
+package commands
 
 import (
 	"errors"
@@ -13,6 +13,7 @@ import (
 	"testing"
 
 	"github.com/tailderp/tailderp/check"
+	"github.com/tailderp/tailderp/internal/testutil"
 )
 
 // FuzzParseCheckArgs: `tailderp check`'s command line, whose URL may stand
@@ -43,9 +44,9 @@ func FuzzParseCheckArgs(f *testing.F) {
 		f.Add(s.args, s.env)
 	}
 	f.Fuzz(func(t *testing.T, args, env string) {
-		argv := splitNUL(args)
-		getenv, envm := fuzzEnv(env)
-		checkSecret := !markElsewhere(argv, envm)
+		argv := testutil.SplitNUL(args)
+		getenv, envm := testutil.FuzzEnv(env)
+		checkSecret := !testutil.MarkElsewhere(argv, envm)
 
 		o, cfg, target, err := parseCheckArgs(argv, getenv, io.Discard)
 		if err != nil {
@@ -53,7 +54,7 @@ func FuzzParseCheckArgs(f *testing.F) {
 				t.Fatalf("parseCheckArgs returned options and an error: %v", err)
 			}
 			if !errors.Is(err, flag.ErrHelp) {
-				checkMessage(t, "parseCheckArgs", err.Error(), checkSecret)
+				testutil.CheckMessage(t, "parseCheckArgs", err.Error(), checkSecret)
 			}
 		}
 
@@ -105,7 +106,7 @@ func FuzzParseCheckArgs(f *testing.F) {
 		}
 		n, err := check.ParseURL(target)
 		if err != nil {
-			checkMessage(t, "check.ParseURL", err.Error(), checkSecret)
+			testutil.CheckMessage(t, "check.ParseURL", err.Error(), checkSecret)
 			return
 		}
 		if n.HostName == "" || n.DERPPort < 0 || n.DERPPort > 65535 || n.DERPPort == 443 {

@@ -1,4 +1,4 @@
-package main
+package commands
 
 import (
 	"errors"
@@ -17,7 +17,7 @@ import (
 	"github.com/tailderp/tailderp/relay"
 )
 
-// runCert is `tailderp cert renew [-activate]`: the renewal of an IP-only
+// Cert is `tailderp cert renew [-activate]`: the renewal of an IP-only
 // server's self-signed certificate, whose pin clients hold. Tailscale
 // clients accept exactly the pinned certificate and do not try another
 // node after a TLS failure, so a new certificate is a new pin that every
@@ -30,7 +30,10 @@ import (
 //   - `cert renew -activate` moves it into place: the running relay serves
 //     it from its next handshake. The operator saves the new derpMap right
 //     after, and each client reconnects with the new pin as it gets it.
-func runCert(args []string, env []string, stdout, stderr io.Writer) int {
+//
+// args follow "cert"; env holds "NAME=value" entries. It returns the
+// exit code: 0 done, 1 failed, 2 bad settings.
+func Cert(args []string, env []string, stdout, stderr io.Writer) int {
 	switch {
 	case len(args) > 0 && args[0] == "renew":
 	case len(args) > 0 && (args[0] == "-h" || args[0] == "-help" || args[0] == "--help"):
@@ -189,46 +192,48 @@ Exit status: 0 done, 1 failed (nothing to renew yet, files), 2 bad settings.
 `)
 }
 
-// pinFollower is the running server's half of the renewal: when the
+// PinFollower is the running server's half of the renewal: when the
 // certificate it serves changes while the derpMap pins it (IP mode, after
 // `cert renew -activate`), it prints the new snippet and rewrites
 // serving.json, so the log, `tailderp derpmap` and `tailderp check` show
-// the pin served now.
-type pinFollower struct {
-	cfg    *config.Config
-	out    io.Writer
-	logger *slog.Logger
+// the pin served now. The server sets its fields, hands Changed to the
+// relay (relay.Server.OnCertChange) and calls Serving once it serves.
+type PinFollower struct {
+	Config *config.Config // the server's settings
+	Out    io.Writer      // where the server prints its derpMap snippet
+	Logger *slog.Logger
 
 	mu    sync.Mutex
 	sv    *serving.Serving // nil until the server serves
 	write bool             // serving.json is written
 }
 
-// serving hands over what the server said it serves.
-func (f *pinFollower) serving(sv *serving.Serving, write bool) {
+// Serving hands over what the server said it serves, and whether it wrote
+// serving.json.
+func (f *PinFollower) Serving(sv *serving.Serving, write bool) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.sv, f.write = sv, write
 }
 
-// changed is the relay's OnCertChange.
-func (f *pinFollower) changed(st relay.CertStatus) {
+// Changed is the relay's OnCertChange.
+func (f *PinFollower) Changed(st relay.CertStatus) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if f.sv == nil || f.cfg.Mode() != config.CertSelfSignedIP || f.sv.Region.Nodes[0].CertName == st.CertName {
+	if f.sv == nil || f.Config.Mode() != config.CertSelfSignedIP || f.sv.Region.Nodes[0].CertName == st.CertName {
 		return
 	}
 	sv := *f.sv
 	sv.Region = withCertName(f.sv.Region, st.CertName)
 	f.sv = &sv
-	f.logger.Info("serving a new certificate, pinned by a new CertName: clients need the derpMap below", "cert_name", st.CertName,
+	f.Logger.Info("serving a new certificate, pinned by a new CertName: clients need the derpMap below", "cert_name", st.CertName,
 		"not_after", st.NotAfter.UTC().Format(time.RFC3339))
-	if err := writeSnippet(f.out, f.cfg.FleetRegion(sv.Region)); err != nil {
-		f.logger.Warn("cannot print the derpMap snippet", "err", err)
+	if err := WriteSnippet(f.Out, f.Config.FleetRegion(sv.Region)); err != nil {
+		f.Logger.Warn("cannot print the derpMap snippet", "err", err)
 	}
 	if f.write {
-		if err := serving.Write(f.cfg.ServingPath(), &sv); err != nil {
-			f.logger.Warn("cannot write serving.json: `tailderp derpmap` and `tailderp check -local` show the previous pin", "err", err)
+		if err := serving.Write(f.Config.ServingPath(), &sv); err != nil {
+			f.Logger.Warn("cannot write serving.json: `tailderp derpmap` and `tailderp check -local` show the previous pin", "err", err)
 		}
 	}
 }

@@ -1,4 +1,4 @@
-package main
+package commands
 
 import (
 	"context"
@@ -86,7 +86,7 @@ func defineCheckFlags(fs *flag.FlagSet) *checkOpts {
 }
 
 // newCheckFlags returns the check's flag set with its own flags; the
-// server's settings are added by parseConfig.
+// server's settings are added by config.Load.
 func newCheckFlags() (*flag.FlagSet, *checkOpts) {
 	fs := flag.NewFlagSet("tailderp check", flag.ContinueOnError)
 	o := defineCheckFlags(fs)
@@ -157,8 +157,10 @@ func flagSwallowedFlag(fs *flag.FlagSet) error {
 	return err
 }
 
-// runCheck is `tailderp check`.
-func runCheck(args []string, env []string, stdout, stderr io.Writer) int {
+// Check is `tailderp check ARGS` with the environment env ("NAME=value"
+// entries); it returns the exit code: 0 passed, 1 a check failed, 2 bad
+// flags or settings, or an auth key the control server rejects.
+func Check(args []string, env []string, stdout, stderr io.Writer) int {
 	o, cfg, target, err := parseCheckArgs(args, env, stderr)
 	if errors.Is(err, flag.ErrHelp) {
 		return 0

@@ -1,4 +1,4 @@
-package main
+package commands
 
 import (
 	"encoding/json"
@@ -46,7 +46,7 @@ func FuzzReadServing(f *testing.F) {
 			if s != nil {
 				t.Fatalf("readServing returned a result and an error: %v", err)
 			}
-			checkMessage(t, "readServing", err.Error(), false)
+			testutil.CheckMessage(t, "readServing", err.Error(), false)
 			return
 		}
 		if s.Region == nil || len(s.Region.Nodes) == 0 || s.HTTPSAddr == "" || s.PID <= 0 {
@@ -57,7 +57,7 @@ func FuzzReadServing(f *testing.F) {
 		for _, extra := range [][]string{nil, {"-mesh-with", "derp2.example.com"}} {
 			var stdout, stderr testutil.Buffer
 			args := append([]string{"-state-dir", dir}, extra...)
-			if code := runDERPMap(args, nil, &stdout, &stderr); code != 0 {
+			if code := DERPMap(args, nil, &stdout, &stderr); code != 0 {
 				t.Fatalf("derpmap %q of an accepted serving.json: exit %d: %s", args, code, stderr.String())
 			}
 			if !json.Valid([]byte(stdout.String())) {
