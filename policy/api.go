@@ -150,6 +150,15 @@ const (
 	opToken    = "get an OAuth access token"
 )
 
+// RequestError is a request that got no answer from the API: the URL is
+// wrong, or the network on the way failed (DNS, TLS, a timeout).
+type RequestError struct {
+	Op  string // what was asked
+	Msg string // the cause, one line, credentials removed
+}
+
+func (e *RequestError) Error() string { return "policy: " + e.Op + ": " + e.Msg }
+
 // ValidationError is a file the API's validation refused; nothing was
 // written.
 type ValidationError struct {
@@ -277,7 +286,7 @@ func (c *Client) do(ctx context.Context, op, method, path string, body []byte, h
 	}
 	res, b, err := c.roundTrip(req)
 	if err != nil {
-		return nil, nil, fmt.Errorf("policy: %s: %s", op, oneLine(err.Error(), c.secrets()))
+		return nil, nil, &RequestError{Op: op, Msg: oneLine(err.Error(), c.secrets())}
 	}
 	if res.StatusCode/100 == 2 {
 		return res, b, nil
@@ -367,7 +376,7 @@ func (c *Client) oauthToken(ctx context.Context) (string, error) {
 	req.Header.Set("Accept", "application/json")
 	res, b, err := c.roundTrip(req)
 	if err != nil {
-		return "", fmt.Errorf("policy: %s: %s", opToken, oneLine(err.Error(), c.secrets()))
+		return "", &RequestError{Op: opToken, Msg: oneLine(err.Error(), c.secrets())}
 	}
 	if res.StatusCode/100 != 2 {
 		st := res.StatusCode
@@ -467,6 +476,14 @@ func oneLine(s string, secrets []string) string {
 func (c *Client) tailnet() string { return cmpOr(c.Tailnet, "-") }
 
 func (c *Client) base() string { return strings.TrimRight(cmpOr(c.BaseURL, DefaultBaseURL), "/") }
+
+// CheckBaseURL says, without a request, whether BaseURL is a URL the
+// credentials may be sent to: https (http only to a loopback address), a
+// host, no user or password in it.
+func (c *Client) CheckBaseURL() error {
+	_, err := c.baseURL()
+	return err
+}
 
 // baseURL is the API's URL after the checks that keep credentials safe.
 func (c *Client) baseURL() (string, error) {

@@ -27,6 +27,9 @@ type Result struct {
 	// ETag is the file's ETag after the write, or as read when nothing
 	// was written ("" when the API sent none after the write).
 	ETag string
+	// File is the file as written, or as it would be written in a dry
+	// run, or as read when unchanged.
+	File []byte
 }
 
 // Apply reads the policy file, applies edit and, when that changes the
@@ -55,7 +58,7 @@ func (c *Client) Apply(ctx context.Context, edit Edit, dryRun bool) (*Result, er
 		if err != nil {
 			return res, err
 		}
-		res.ETag = f.ETag
+		res.ETag, res.File = f.ETag, out
 		if bytes.Equal(out, f.HuJSON) {
 			res.Changed, res.Diff, res.Warnings = false, "", nil
 			return res, nil

@@ -41,7 +41,7 @@ func ctx(t *testing.T) context.Context {
 
 func TestApplyWritesRegionAndSecondRunWritesNothing(t *testing.T) {
 	api := newStandIn(t, policyFile)
-	c := api.client(apiKey)
+	c := clientOf(api, apiKey)
 	r := region900("relay.example", 8443)
 
 	res, err := c.Apply(ctx(t), SetRegion(r), false)
@@ -94,8 +94,8 @@ func concurrentEdit(file []byte) []byte {
 
 func TestApplyRetriesAfterAConcurrentEditAndKeepsIt(t *testing.T) {
 	api := newStandIn(t, policyFile)
-	api.beforeWrite = func(f []byte) ([]byte, bool) { return concurrentEdit(f), false }
-	c := api.client(apiKey)
+	api.BeforeWrite = func(f []byte) ([]byte, bool) { return concurrentEdit(f), false }
+	c := clientOf(api, apiKey)
 
 	res, err := c.Apply(ctx(t), SetRegion(region900("relay.example", 0)), false)
 	if err != nil {
@@ -127,11 +127,11 @@ func TestApplyRetriesAfterAConcurrentEditAndKeepsIt(t *testing.T) {
 func TestApplyGivesUpWhenTheFileKeepsChanging(t *testing.T) {
 	api := newStandIn(t, policyFile)
 	n := 0
-	api.beforeWrite = func(f []byte) ([]byte, bool) {
+	api.BeforeWrite = func(f []byte) ([]byte, bool) {
 		n++
 		return []byte(strings.Replace(string(f), "{\n", "{\n\t// edit "+string(rune('0'+n))+"\n", 1)), true
 	}
-	c := api.client(apiKey)
+	c := clientOf(api, apiKey)
 	c.MaxAttempts = 3
 	res, err := c.Apply(ctx(t), SetRegion(region900("relay.example", 0)), false)
 	if !errors.Is(err, ErrConflict) {
@@ -148,7 +148,7 @@ func TestApplyGivesUpWhenTheFileKeepsChanging(t *testing.T) {
 
 func TestApplyDryRunWritesNothingAndShowsTheDiff(t *testing.T) {
 	api := newStandIn(t, policyFile)
-	res, err := api.client(apiKey).Apply(ctx(t), SetRegion(region900("relay.example", 0)), true)
+	res, err := clientOf(api, apiKey).Apply(ctx(t), SetRegion(region900("relay.example", 0)), true)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -180,7 +180,7 @@ func TestApplyDryRunWritesNothingAndShowsTheDiff(t *testing.T) {
 
 func TestApplyRemoveTheLastNodeRemovesTheRegion(t *testing.T) {
 	api := newStandIn(t, policyFile)
-	c := api.client(apiKey)
+	c := clientOf(api, apiKey)
 	if _, err := c.Apply(ctx(t), SetRegion(region900("relay.example", 0)), false); err != nil {
 		t.Fatal(err)
 	}
@@ -206,7 +206,7 @@ func TestApplyRemoveTheLastNodeRemovesTheRegion(t *testing.T) {
 
 func TestApplyOAuthClient(t *testing.T) {
 	api := newStandIn(t, policyFile)
-	c := api.client(Credentials{OAuthClientID: testClientID, OAuthClientSecret: testClientSecret})
+	c := clientOf(api, Credentials{OAuthClientID: testClientID, OAuthClientSecret: testClientSecret})
 	for i := 0; i < 2; i++ {
 		res, err := c.Apply(ctx(t), SetRegion(region900("relay.example", 0)), false)
 		if err != nil {
@@ -258,10 +258,9 @@ func TestApplyErrorsAreOneClearLine(t *testing.T) {
 			}},
 		{name: "401 echoed Authorization is redacted",
 			setup: func(api *standIn, c *Client) {
-				api.echoAuth = true
+				api.EchoAuth = true
 				c.Credentials = Credentials{OAuthClientID: testClientID, OAuthClientSecret: testClientSecret}
-				api.tokens = map[string]bool{} // issued, then revoked at once
-				api.revokeAll = true
+				api.RevokeAll = true
 			},
 			want: []string{"401 Unauthorized", "[redacted]"}},
 		{name: "401 OAuth client secret wrong",
@@ -277,21 +276,21 @@ func TestApplyErrorsAreOneClearLine(t *testing.T) {
 			want:  []string{"read the policy file: 404 Not Found", `no tailnet "other.example"`, `use "-"`}},
 		{name: "500 on read",
 			setup: func(api *standIn, c *Client) {
-				api.fail["GET /acl"] = 500
-				api.failBody = `{"message":"internal error"}`
+				api.Fail["GET /acl"] = 500
+				api.FailBody = `{"message":"internal error"}`
 			},
 			want: []string{"read the policy file: 500 Internal Server Error", `"internal error"`, "try again later"}},
 		{name: "502 HTML from a proxy on write",
 			setup: func(api *standIn, c *Client) {
-				api.fail["POST /acl"] = 502
-				api.failBody = "<html>\n<body>Bad Gateway</body>\n</html>\n"
+				api.Fail["POST /acl"] = 502
+				api.FailBody = "<html>\n<body>Bad Gateway</body>\n</html>\n"
 			},
 			want: []string{"write the policy file: 502 Bad Gateway: the Tailscale API failed: try again later"}},
 		{name: "bad HuJSON from the API",
-			setup: func(api *standIn, c *Client) { api.getBody = "<html>not a policy</html>" },
+			setup: func(api *standIn, c *Client) { api.GetBody = "<html>not a policy</html>" },
 			want:  []string{"read the policy file: the API's answer is not a HuJSON object", "Tailscale's API?"}},
 		{name: "bad JSON from validate",
-			setup: func(api *standIn, c *Client) { api.validateRaw = "{oops" },
+			setup: func(api *standIn, c *Client) { api.ValidateRaw = "{oops" },
 			want:  []string{"validate the policy file: the API's answer is not JSON"}},
 		{name: "validation rejected",
 			edit: SetRegion(&tailcfg.DERPRegion{RegionID: 900, Nodes: []*tailcfg.DERPNode{{Name: "x", RegionID: 900}}}),
@@ -310,7 +309,7 @@ func TestApplyErrorsAreOneClearLine(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			api := newStandIn(t, policyFile)
-			c := api.client(apiKey)
+			c := clientOf(api, apiKey)
 			if tc.setup != nil {
 				tc.setup(api, c)
 			}
@@ -352,8 +351,8 @@ func TestApplyValidationWarningsAreNotRefusals(t *testing.T) {
 		`{"message":"warning(s) found","data":[{"user":"group:unknown@example.com","warnings":["group is not syncing from SCIM"]}]}`: 1,
 	} {
 		api := newStandIn(t, policyFile)
-		api.validateRaw = body
-		res, err := api.client(apiKey).Apply(ctx(t), SetRegion(region900("relay.example", 0)), false)
+		api.ValidateRaw = body
+		res, err := clientOf(api, apiKey).Apply(ctx(t), SetRegion(region900("relay.example", 0)), false)
 		if err != nil {
 			t.Fatalf("validate answering %q: %v", body, err)
 		}

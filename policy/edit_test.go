@@ -6,39 +6,13 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/tailscale/hujson"
 	"tailscale.com/tailcfg"
+
+	"github.com/tailderp/tailderp/internal/testpolicy"
 )
 
-// policyFile is a policy file as people keep them: comments everywhere,
-// tabs, trailing commas, another custom region and acls.
-const policyFile = `// Example/default ACLs for unrestricted connections.
-{
-	// Declare static groups of users.
-	"groups": {
-		"group:example": ["user1@example.com", "user2@example.com"],
-	},
-
-	// Access control lists.
-	"acls": [
-		// Match absolutely everything.
-		{"action": "accept", "src": ["*"], "dst": ["*:*"]},
-	],
-
-	"derpMap": {
-		"OmitDefaultRegions": false, // keep Tailscale's regions too
-		"Regions": {
-			// The office relay, managed by hand.
-			"901": {
-				"RegionID":   901,
-				"RegionCode": "office",
-				"RegionName": "Office",
-				"Nodes": [{"Name": "901a", "RegionID": 901, "HostName": "derp.office.example"}],
-			}, // do not touch
-		},
-	},
-}
-`
+// policyFile is a policy file as people keep them (testpolicy.PolicyFile).
+const policyFile = testpolicy.PolicyFile
 
 func region900(host string, port int) *tailcfg.DERPRegion {
 	return &tailcfg.DERPRegion{
@@ -49,20 +23,7 @@ func region900(host string, port int) *tailcfg.DERPRegion {
 
 // regionsOf decodes derpMap.Regions of a HuJSON file.
 func regionsOf(t *testing.T, file []byte) map[string]*tailcfg.DERPRegion {
-	t.Helper()
-	b, err := hujson.Standardize(append([]byte(nil), file...)) // it rewrites its argument
-	if err != nil {
-		t.Fatalf("the file is not HuJSON: %v\n%s", err, file)
-	}
-	var p struct {
-		DERPMap struct {
-			Regions map[string]*tailcfg.DERPRegion
-		} `json:"derpMap"`
-	}
-	if err := json.Unmarshal(b, &p); err != nil {
-		t.Fatal(err)
-	}
-	return p.DERPMap.Regions
+	return testpolicy.Regions(t, file)
 }
 
 // without returns file with the text of region 900 cut out: what must be

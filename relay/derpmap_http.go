@@ -32,6 +32,8 @@ type derpMapDoc struct {
 	etag     string
 	modified time.Time
 	logf     func(msg string, args ...any)
+	region   *tailcfg.DERPRegion // as body has it
+	changed  chan struct{}       // closed when body changes (derpmap_watch.go)
 }
 
 // DERPMapOf is the derpMap that holds region r alone: the object
@@ -72,6 +74,8 @@ func (d *derpMapDoc) remakeLocked(now time.Time) error {
 		return nil
 	}
 	d.body, d.etag, d.modified = b, etag, now.UTC().Truncate(time.Second)
+	d.region = r
+	d.notifyLocked()
 	return nil
 }
 

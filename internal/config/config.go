@@ -29,6 +29,7 @@ import (
 	"tailscale.com/types/key"
 
 	"github.com/tailderp/tailderp/internal/relayrules"
+	"github.com/tailderp/tailderp/policy"
 	"github.com/tailderp/tailderp/relay"
 )
 
@@ -96,6 +97,14 @@ type Config struct {
 	RegionName string
 	IPv4       string
 	IPv6       string
+
+	// Tailscale policy file (policy.go)
+	Register          bool
+	APIURL            string
+	Tailnet           string
+	APIKey            string // secret: from the environment only
+	OAuthClientID     string
+	OAuthClientSecret string // secret: from the environment only
 
 	// Logging
 	LogFormat string
@@ -220,6 +229,19 @@ func settingsFor(c *Config) []setting {
 			usage: "public IPv4 address to put in the derpMap (lets clients skip DNS)"},
 		{flag: "ipv6", env: "DERP_IPV6", group: "derpMap snippet", bind: strVar(&c.IPv6, ""),
 			usage: "public IPv6 address to put in the derpMap"},
+
+		{flag: "register", env: "REGISTER", group: "Policy file", bind: boolVar(&c.Register, false),
+			usage: "keep this relay's region written in the Tailscale policy file's derpMap while it runs: at start, when it changes (a new pin, a fleet's relay joining or leaving) and hourly; API errors are retried with a warning and never stop the relay. `tailderp register` writes it once. Needs TAILSCALE_API_KEY, or TAILSCALE_OAUTH_CLIENT_ID and TAILSCALE_OAUTH_CLIENT_SECRET"},
+		{flag: "api-url", env: "TAILSCALE_API_URL", aliases: []string{"TAILSCALE_BASE_URL"}, group: "Policy file", bind: strVar(&c.APIURL, policy.DefaultBaseURL),
+			usage: "Tailscale's API, where -register and `tailderp register` write the policy file (https; http only on loopback)"},
+		{flag: "tailnet", env: "TAILSCALE_TAILNET", group: "Policy file", bind: strVar(&c.Tailnet, "-"),
+			usage: `the tailnet whose policy file -register and ` + "`tailderp register`" + ` write: "-" for the credentials' own, or the tailnet ID (admin console, Settings → General). Not -tailnets, the tailnets whose clients are admitted`},
+		{flag: "", env: "TAILSCALE_API_KEY", group: "Policy file", secret: true, target: &c.APIKey,
+			usage: "API access token (tskey-api-…) for -register and `tailderp register`, made by an Owner, Admin or Network admin (Settings → Keys); it expires (90 days at most): an OAuth client does not. Never printed; environment only"},
+		{flag: "", env: "TAILSCALE_OAUTH_CLIENT_ID", group: "Policy file", target: &c.OAuthClientID,
+			usage: "OAuth client ID, for -register and `tailderp register` instead of an access token: a client with the policy_file scope (write), made in Settings → Trust credentials. Environment only"},
+		{flag: "", env: "TAILSCALE_OAUTH_CLIENT_SECRET", group: "Policy file", secret: true, target: &c.OAuthClientSecret,
+			usage: "the OAuth client's secret (tskey-client-…); never printed; environment only"},
 
 		{flag: "log-format", env: "LOG_FORMAT", group: "Logging", bind: strVar(&c.LogFormat, "text"),
 			usage: "text or json"},

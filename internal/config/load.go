@@ -34,6 +34,9 @@ const (
 	// Inspect is another process's command line (a server found in
 	// /proc): parsed only.
 	Inspect
+	// Register is `tailderp register`: as DERPMap, and the policy file's
+	// API settings and credentials are checked (PolicyClient).
+	Register
 )
 
 // devAddr is where -dev serves unless -a (ADDR) says otherwise.
@@ -58,7 +61,12 @@ func Load(p Purpose, fs *flag.FlagSet, args []string, env []string) (*Config, er
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("unexpected argument %q (settings are flags: see %s -help)", fs.Arg(0), fs.Name())
 	}
-	if p == DERPMap || p == CertRenew {
+	if p == Register {
+		if _, err := c.PolicyClient(); err != nil {
+			return nil, err
+		}
+	}
+	if p == DERPMap || p == CertRenew || p == Register {
 		if c.Hostname == "" {
 			return c, nil // the running server's settings are used, or Validate says what is missing
 		}
@@ -91,6 +99,11 @@ func Load(p Purpose, fs *flag.FlagSet, args []string, env []string) (*Config, er
 	}
 	if err := c.validateLogin(); err != nil {
 		return nil, err
+	}
+	if c.Register {
+		if _, err := c.PolicyClient(); err != nil {
+			return nil, fmt.Errorf("%s: %w", SettingName("register"), err)
+		}
 	}
 	return c, nil
 }
@@ -275,4 +288,4 @@ func (c *Config) validateLogin() error {
 
 // Subcommands are the first arguments that are not a server's: a process
 // started with one is no server (internal/serving skips it).
-var Subcommands = []string{"derpmap", "check", "cert"}
+var Subcommands = []string{"derpmap", "check", "cert", "register"}

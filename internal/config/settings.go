@@ -24,7 +24,7 @@ type setting struct {
 }
 
 // Groups in --help order.
-var settingGroups = []string{"Relay", "Certificates", "Tailnet node", "Admission", "derpMap snippet", "Logging"}
+var settingGroups = []string{"Relay", "Certificates", "Tailnet node", "Admission", "derpMap snippet", "Policy file", "Logging"}
 
 func strVar(p *string, def string) func(*flag.FlagSet, string, string) {
 	return func(fs *flag.FlagSet, name, usage string) { fs.StringVar(p, name, def, usage) }
@@ -165,6 +165,8 @@ Usage:
   tailderp check [flags] [URL] check a relay from here (see tailderp check -h)
   tailderp cert renew [-activate] [flags]
                               renew an IP-only server's self-signed certificate (see tailderp cert -h)
+  tailderp register [-dry-run] [-remove] [flags]
+                              write this relay's region into the Tailscale policy file (see tailderp register -h)
   tailderp -version           print the version and exit
 
 Every flag can also be set by the environment variable shown beside it;
