@@ -31,12 +31,15 @@ import (
 	"tailscale.com/ipn"
 	"tailscale.com/types/key"
 
+	"github.com/tailderp/tailderp/debugsrv"
 	"github.com/tailderp/tailderp/internal/commands"
 	"github.com/tailderp/tailderp/internal/config"
 	"github.com/tailderp/tailderp/internal/logs"
+	"github.com/tailderp/tailderp/internal/registercmd"
 	"github.com/tailderp/tailderp/internal/serving"
 	"github.com/tailderp/tailderp/internal/tailnets"
 	"github.com/tailderp/tailderp/node"
+	"github.com/tailderp/tailderp/policy"
 	"github.com/tailderp/tailderp/relay"
 	"github.com/tailderp/tailderp/stun"
 	"github.com/tailderp/tailderp/verify"
@@ -72,6 +75,8 @@ func realMain(args []string, env []string, stdout, stderr io.Writer) int {
 			return commands.Check(args[1:], env, stdout, stderr)
 		case "cert":
 			return commands.Cert(args[1:], env, stdout, stderr)
+		case "register":
+			return registercmd.Run(args[1:], env, stdout, stderr, commands.Region)
 		}
 	}
 	cfg, err := config.Load(config.Run, nil, args, env)
@@ -226,7 +231,11 @@ func run(ctx context.Context, cfg *config.Config, logger *slog.Logger, out io.Wr
 		UnpublishedBootstrapDNSNames: cfg.UnpublishedBootstrapNames(),
 		CertAdvice:                   func(p relay.CertProblem) string { return cfg.CertAdvice(p) },
 		OnCertChange:                 pins.Changed,
+
+		Hostname:      cfg.Hostname,
+		MaxConnsPerIP: cfg.MaxConnsPerIP,
 	}
+	rs.ProxyProtocolFrom, _ = cfg.ProxyProtocolSources() // checked by config.Load
 	if verifier != nil {
 		rs.Admitter = verifier
 		verifier.Conns = rs
@@ -249,7 +258,9 @@ func run(ctx context.Context, cfg *config.Config, logger *slog.Logger, out io.Wr
 	// Stopping the relay and the node (once started below) is the first
 	// thing done on SIGTERM (see the loop at the end), and on any error
 	// return, after the deferred calls below.
-	stopServing := sync.OnceFunc(func() { shutdown(rs, tns, logger) })
+	rel := &tailnets.Relay{Tailnets: tns, Verifier: verifier, Server: rs, URLFailOpen: cfg.VerifyClientURLFailOpen}
+	var pub *serving.Publisher // set once serving; stopping before that publishes nothing
+	stopServing := sync.OnceFunc(func() { shutdown(rel, pub, cfg.DrainTimeout, logger) })
 	defer stopServing()
 	if ipc, ok := certs.(*relay.ACMEIPCerts); ok {
 		// The CA validates against the listeners: start once they are up.
@@ -278,19 +289,44 @@ func run(ctx context.Context, cfg *config.Config, logger *slog.Logger, out io.Wr
 	if err := commands.WriteSnippet(out, cfg.FleetRegion(sv.Region)); err != nil {
 		return err
 	}
-	if stateWritable == nil {
-		if err := serving.Write(cfg.ServingPath(), sv); err != nil {
-			logger.Warn("cannot write serving.json: `tailderp check -local` falls back to the settings it is given", "err", err)
-		}
-		defer serving.Remove(cfg.ServingPath())
+	if err := rs.PublishRegion(sv.Region); err != nil {
+		return err
 	}
-	pins.Serving(sv, stateWritable == nil)
+	rd := rel.Readiness()
+	sv.Readiness = &rd
+	path := ""
+	if stateWritable == nil {
+		path = cfg.ServingPath()
+	}
+	pub, err = serving.NewPublisher(path, *sv)
+	if err != nil {
+		logger.Warn("cannot write serving.json: `tailderp check -local` falls back to the settings it is given", "err", err)
+	}
+	defer pub.Remove()
+	pins.Serving(pub, rs)
+	go rel.Publish(ctx, pub, logger)
+	if cfg.Register {
+		pc, err := cfg.PolicyClient() // checked by config.Load
+		if err != nil {
+			return err
+		}
+		go (&policy.Keeper{Client: pc, Logger: logger, Advice: config.PolicyAdvice}).Run(ctx, rs.WatchRegion(ctx))
+	}
+	d := &tailnets.Debug{Port: cfg.DebugPort, Version: version, Tailnets: tns, Relay: rs, Verifier: verifier, Started: time.Now(), Readiness: rel.Readiness}
+	if cfg.DebugListen != "" {
+		ln, err := debugsrv.ListenLoopback(cfg.DebugListen)
+		if err != nil {
+			return fmt.Errorf("%s: %w", settingName("debug-listen"), err)
+		}
+		defer ln.Close()
+		go debugsrv.Serve(ln, d.LocalHandler())
+		logger.Info("debug: serving on loopback only", "addr", ln.Addr().String())
+	}
 
 	// The default tailnet's login rejected ends the process (the operator
 	// must fix TAILSCALE_AUTH_KEY); another tailnet's is that tailnet's
 	// problem, said on every status page.
 	var fatal <-chan error
-	d := &tailnets.Debug{Port: cfg.DebugPort, Version: version, Tailnets: tns, Relay: rs, Verifier: verifier, Started: time.Now()}
 	for i, t := range tns {
 		if err := t.Node.Start(); err != nil {
 			return fmt.Errorf("%s %s: %w", settingName("state-dir"), cfg.StateDir, err)
@@ -306,7 +342,7 @@ func run(ctx context.Context, cfg *config.Config, logger *slog.Logger, out io.Wr
 	for {
 		select {
 		case <-ctx.Done():
-			logger.Info("shutting down")
+			logger.Info("shutting down: not ready from now on; the clients are closed so they reconnect to another relay of the region", "within", cfg.DrainTimeout)
 			stopServing()
 			return nil
 		case <-hup:
@@ -416,22 +452,35 @@ var _ verify.Settling = (*node.Node)(nil)
 // following the tailnet and writes its known-peers cache (milliseconds).
 const nodeShutdownTimeout = 2 * time.Second
 
-// shutdown stops serving, fast: a restart (systemd, a container) starts
-// the next process only once this one has exited, and meanwhile every
-// client retries with a growing backoff. The relay stops accepting; the
-// node writes its known-peers cache for the next start; the rest is left
-// to the exit, as derper does: the kernel closes the clients' connections
-// at once (closing 2,000 one by one took 0.2–0.3 s), and tsnet's teardown
-// (0.05–0.25 s) leaves nothing on disk. The nodes (none when the tailnet
-// check is off) shut down side by side; a node never started returns at
-// once.
-func shutdown(rs *relay.Server, tns []*tailnets.Tailnet, logger *slog.Logger) {
+// shutdown stops serving, fast: a restart (systemd, a container, a
+// rolling upgrade) starts the next process only once this one has
+// exited. First readiness turns false (serving.json says so before the
+// listeners close, so a readiness probe sees it first); then the relay
+// stops accepting, and its clients are closed so they reconnect at once to
+// another relay of the region (which they dial when this one refuses),
+// while the nodes write their known-peers caches for the next start; all
+// bounded by within. tsnet's teardown (0.05–0.25 s) is left to the exit:
+// it leaves nothing on disk.
+func shutdown(rel *tailnets.Relay, pub *serving.Publisher, within time.Duration, logger *slog.Logger) {
 	start := time.Now()
-	rs.StopAccepting()
-	ctx, cancel := context.WithTimeout(context.Background(), nodeShutdownTimeout)
+	rel.Drain()
+	if pub != nil {
+		if _, err := pub.SetReadiness(rel.Readiness()); err != nil {
+			logger.Warn("cannot say in serving.json that the relay is stopping", "err", err)
+		}
+	}
+	rel.Server.StopAccepting()
+	ctx, cancel := context.WithTimeout(context.Background(), max(within, nodeShutdownTimeout))
 	defer cancel()
 	var wg sync.WaitGroup
-	for _, t := range tns {
+	wg.Go(func() {
+		cctx, cancel := context.WithTimeout(ctx, within)
+		defer cancel()
+		if err := rel.Server.Close(cctx); err != nil {
+			logger.Debug("closing the clients", "err", err)
+		}
+	})
+	for _, t := range rel.Tailnets {
 		wg.Go(func() {
 			if err := t.Node.Shutdown(ctx); err != nil {
 				logger.Warn("the known-peers cache may not hold the last network map", "tailnet", t.Name, "err", err)

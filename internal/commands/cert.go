@@ -204,36 +204,39 @@ type PinFollower struct {
 	Logger *slog.Logger
 
 	mu    sync.Mutex
-	sv    *serving.Serving // nil until the server serves
-	write bool             // serving.json is written
+	pub   *serving.Publisher // nil until the server serves
+	relay *relay.Server      // publishes the region at /derpmap.json
 }
 
-// Serving hands over what the server said it serves, and whether it wrote
-// serving.json.
-func (f *PinFollower) Serving(sv *serving.Serving, write bool) {
+// Serving hands over where the server says what it serves (serving.json)
+// and the relay that publishes its region.
+func (f *PinFollower) Serving(pub *serving.Publisher, rs *relay.Server) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	f.sv, f.write = sv, write
+	f.pub, f.relay = pub, rs
 }
 
 // Changed is the relay's OnCertChange.
 func (f *PinFollower) Changed(st relay.CertStatus) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if f.sv == nil || f.Config.Mode() != config.CertSelfSignedIP || f.sv.Region.Nodes[0].CertName == st.CertName {
+	if f.pub == nil || f.Config.Mode() != config.CertSelfSignedIP {
 		return
 	}
-	sv := *f.sv
-	sv.Region = withCertName(f.sv.Region, st.CertName)
-	f.sv = &sv
+	cur := f.pub.Serving().Region
+	if cur.Nodes[0].CertName == st.CertName {
+		return
+	}
+	region := withCertName(cur, st.CertName)
 	f.Logger.Info("serving a new certificate, pinned by a new CertName: clients need the derpMap below", "cert_name", st.CertName,
 		"not_after", st.NotAfter.UTC().Format(time.RFC3339))
-	if err := WriteSnippet(f.Out, f.Config.FleetRegion(sv.Region)); err != nil {
+	if err := WriteSnippet(f.Out, f.Config.FleetRegion(region)); err != nil {
 		f.Logger.Warn("cannot print the derpMap snippet", "err", err)
 	}
-	if f.write {
-		if err := serving.Write(f.Config.ServingPath(), &sv); err != nil {
-			f.Logger.Warn("cannot write serving.json: `tailderp derpmap` and `tailderp check -local` show the previous pin", "err", err)
-		}
+	if err := f.relay.PublishRegion(region); err != nil {
+		f.Logger.Warn("cannot publish the new region at /derpmap.json", "err", err)
+	}
+	if err := f.pub.SetRegion(region); err != nil {
+		f.Logger.Warn("cannot write serving.json: `tailderp derpmap` and `tailderp check -local` show the previous pin", "err", err)
 	}
 }

@@ -30,6 +30,7 @@ import (
 // settings are parsed beside them (they describe this server).
 type checkOpts struct {
 	local       bool
+	liveness    bool
 	json        bool
 	timeout     time.Duration
 	certName    string
@@ -58,7 +59,8 @@ type checkOpts struct {
 
 func defineCheckFlags(fs *flag.FlagSet) *checkOpts {
 	o := &checkOpts{}
-	fs.BoolVar(&o.local, "local", false, "cheap liveness check of the relay on this machine (HTTPS /generate_204 on -a, STUN on -stun-port), configured by the same flags and environment as the server: the Docker HEALTHCHECK")
+	fs.BoolVar(&o.local, "local", false, "check the relay on this machine (the one of -state-dir when given, else the one running here): HTTPS /generate_204 and STUN answer, and it is ready: every tailnet admits its members (a known-peers cache passes with a warning), the admission URL answers, clients accept the certificate, it is not stopping. The Docker HEALTHCHECK and the readiness probe")
+	fs.BoolVar(&o.liveness, "liveness", false, "with -local: only whether the relay serves (HTTPS and STUN answer), what a restart could fix; not its tailnets, which a restart does not fix. The liveness probe")
 	fs.BoolVar(&o.json, "json", false, "print the report as JSON")
 	fs.DurationVar(&o.timeout, "timeout", 30*time.Second, "give up after this long (default for -load: 10m; each of its parts is bounded by -load-duration)")
 	fs.StringVar(&o.certName, "cert-name", "", `the derpMap node's CertName: a "sha256-raw:<hex>" pin of a self-signed certificate (IP mode; "tailderp derpmap" prints it), or the DNS name on the certificate when it is not the URL's host`)
@@ -172,6 +174,10 @@ func Check(args []string, env []string, stdout, stderr io.Writer) int {
 	ctx, cancel := context.WithTimeout(context.Background(), o.timeout)
 	defer cancel()
 
+	if o.liveness && !o.local {
+		fmt.Fprintln(stderr, "tailderp check: -liveness goes with -local (the relay on this machine)")
+		return 2
+	}
 	if o.local {
 		if target != "" {
 			fmt.Fprintln(stderr, "tailderp check: -local checks the relay on this machine by its settings; give either -local or a URL")
@@ -283,8 +289,12 @@ func runLocalCheck(ctx context.Context, o *checkOpts, own *config.Config, stdout
 	lt, from, err := localTarget(own)
 	if err != nil {
 		fmt.Fprintf(stderr, "tailderp check: %v\n", err)
+		if errors.Is(err, serving.ErrNotServing) {
+			return 1 // that relay is down
+		}
 		return 2
 	}
+	lt.Liveness = o.liveness
 	report := check.Local(ctx, lt)
 	if o.json {
 		report.WriteJSON(stdout)
@@ -307,7 +317,7 @@ func localTarget(own *config.Config) (lt check.LocalTarget, from string, err err
 		return lt, "", err
 	}
 	if s != nil {
-		return check.LocalTarget{HTTPSAddr: s.HTTPSAddr, ServerName: s.ServerName, STUNAddr: s.STUNAddr},
+		return check.LocalTarget{HTTPSAddr: s.HTTPSAddr, ServerName: s.ServerName, STUNAddr: s.STUNAddr, Readiness: s.Readiness, ReadinessRequired: true},
 			fmt.Sprintf("pid %d, %s", s.PID, from), nil
 	}
 	if cfg == nil {
@@ -546,7 +556,8 @@ func printCheckUsage(w io.Writer, fs *flag.FlagSet) {
 
 Usage:
   tailderp check [flags] [https://host[:port]]
-  tailderp check -local                 liveness of the relay on this machine (Docker HEALTHCHECK)
+  tailderp check -local                 is the relay on this machine ready (Docker HEALTHCHECK, readiness probe)
+  tailderp check -local -liveness       does it serve at all (liveness probe)
   tailderp check -load [flags] [URL]    bounded load against a relay you own
 
 Without a URL it checks this server's public address, from the same flags
@@ -574,6 +585,23 @@ network map): "all good" means a stranger was refused (or admitted with
 -expect-open) and a member was admitted. An open relay admits any key, so
 with -expect-open members need no key. -json gives the same as "member"
 (admitted, refused, not-tested) and "all_good".
+
+The relay on this machine (-local). The running relay publishes what it
+does in <state-dir>/serving.json, rewritten within a second of a change;
+-local reads it (the relay of -state-dir / STATE_DIR when given, and
+fails if that one is not running; else the one running here), probes
+HTTPS /generate_204 and STUN, and judges each part: ✗ when a tailnet would
+refuse every member (its node logging in, logged out, deleted, refused by
+or unable to reach its control server, with no known peers to admit
+from), when the admission URL is down and admission fails closed, when
+clients refuse the certificate, or when the relay is stopping; ⚠ (passing)
+while a tailnet admits from its known-peers cache. So it fails within a
+second or two of a relay starting whose node cannot log in, naming the
+tailnet, the cause and the fix. Readiness probes and the Docker
+HEALTHCHECK use it: a relay that admits nobody should leave the load
+balancer and show unhealthy. Liveness probes use -local -liveness: a
+restart does not fix a dead control server, so liveness asks only that
+the relay serves.
 
 Exit status 0 when every check passed (members untested included): 1 on
 any ✗ or ⚠ (e.g. a member refused, or a certificate expiring within 30

@@ -10,6 +10,7 @@ import (
 	"tailscale.com/tailcfg"
 
 	"github.com/tailderp/tailderp/internal/config"
+	"github.com/tailderp/tailderp/internal/registercmd"
 	"github.com/tailderp/tailderp/internal/serving"
 	"github.com/tailderp/tailderp/relay"
 )
@@ -63,21 +64,17 @@ func DERPMap(args []string, env []string, stdout, stderr io.Writer) int {
 	for _, n := range cfg.Notes {
 		fmt.Fprintf(stderr, "tailderp derpmap: %s\n", n)
 	}
-	region, note, err := derpMapRegion(cfg)
-	if _, bad := errors.AsType[settingsError](err); bad {
+	region, notes, err := Region(cfg)
+	for _, n := range notes {
+		fmt.Fprintf(stderr, "tailderp derpmap: %s\n", n)
+	}
+	if _, bad := errors.AsType[SettingsError](err); bad {
 		fmt.Fprintf(stderr, "tailderp derpmap: %v\n", err)
 		return 2
 	}
 	if err != nil {
 		fmt.Fprintf(stderr, "tailderp derpmap: %v\n", err)
 		return 1
-	}
-	if note != "" {
-		fmt.Fprintf(stderr, "tailderp derpmap: %s\n", note)
-	}
-	if fleet := cfg.FleetRegion(region); len(fleet.Nodes) > 1 {
-		fmt.Fprintf(stderr, "tailderp derpmap: the fleet's region: this relay and %d peers of %s, in its order (clients use the first node they reach); peers are assumed to serve STUN like this relay\n", len(fleet.Nodes)-1, settingName("mesh-with"))
-		region = fleet
 	}
 	if err := printSnippet(stdout, region); err != nil {
 		fmt.Fprintf(stderr, "tailderp derpmap: %v\n", err)
@@ -86,8 +83,28 @@ func DERPMap(args []string, env []string, stdout, stderr io.Writer) int {
 	return 0
 }
 
-// settingsError is a derpMapRegion error that is the settings' fault.
-type settingsError struct{ error }
+// SettingsError is a Region error that is the settings' fault (exit 2).
+type SettingsError = registercmd.SettingsError
+
+// Region is the region `tailderp derpmap` prints for cfg, and `tailderp
+// register` writes: the running server's (derpMapRegion), with
+// -mesh-with the fleet's; notes are for stderr. An error that is the
+// settings' fault is a SettingsError.
+func Region(cfg *config.Config) (*tailcfg.DERPRegion, []string, error) {
+	region, note, err := derpMapRegion(cfg)
+	if err != nil {
+		return nil, nil, err
+	}
+	var notes []string
+	if note != "" {
+		notes = append(notes, note)
+	}
+	if fleet := cfg.FleetRegion(region); len(fleet.Nodes) > 1 {
+		notes = append(notes, fmt.Sprintf("the fleet's region: this relay and %d peers of %s, in its order (clients use the first node they reach); peers are assumed to serve STUN like this relay", len(fleet.Nodes)-1, settingName("mesh-with")))
+		region = fleet
+	}
+	return region, notes, nil
+}
 
 // derpMapRegion is this relay's derpMap region: as the running server on
 // this machine serves it (its serving.json) when one is found for the same
@@ -99,7 +116,7 @@ func derpMapRegion(cfg *config.Config) (r *tailcfg.DERPRegion, note string, err 
 	}
 	// The node is not started: no auth key is needed to print.
 	if err := cfg.Validate(); err != nil {
-		return nil, "", settingsError{err}
+		return nil, "", SettingsError{Err: err}
 	}
 	httpsPort, stunPort := cfg.ConfiguredPorts()
 	certName := ""

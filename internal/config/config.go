@@ -58,6 +58,12 @@ type Config struct {
 	// Relay: limits against a hostile internet
 	AcceptConnectionLimit float64
 	AcceptConnectionBurst int
+	MaxConnsPerIP         int
+
+	// Relay: shared 443, stopping, local /debug
+	ProxyProtocolFrom string
+	DrainTimeout      time.Duration
+	DebugListen       string
 
 	// Fleet and bootstrap DNS
 	MeshWith                     string
@@ -173,6 +179,14 @@ func settingsFor(c *Config) []setting {
 			usage: `JSON file of per-client rate limits, derper's format: {"PerClientRateLimitBytesPerSec": N, "PerClientRateBurstBytes": N}; read again on SIGHUP and when it changes`},
 		{flag: "accept-connection-limit", env: "ACCEPT_CONNECTION_LIMIT", group: "Relay", bind: floatVar(&c.AcceptConnectionLimit, 0),
 			usage: "new HTTPS connections accepted per second once -accept-connection-burst have been; the rest are closed at once. 0: no limit (as derper)"},
+		{flag: "max-conns-per-ip", env: "MAX_CONNS_PER_IP", group: "Relay", bind: intVar(&c.MaxConnsPerIP, 0),
+			usage: "open HTTPS connections allowed per client address (IPv6: per /64); more are refused before TLS, the top sources warned about once a minute; mesh peers exempt. 0: no cap"},
+		{flag: "proxy-protocol-from", env: "PROXY_PROTOCOL_FROM", group: "Relay", bind: strVar(&c.ProxyProtocolFrom, ""),
+			usage: "comma-separated addresses or CIDRs of TCP proxies sharing port 443 by SNI without terminating TLS (HAProxy mode tcp, nginx stream, Traefik TCP): their connections must start with a PROXY protocol v1/v2 header, whose client address the relay then uses everywhere; a header from any other source is refused"},
+		{flag: "drain-timeout", env: "DRAIN_TIMEOUT", group: "Relay", bind: durationVar(&c.DrainTimeout, DefaultDrainTimeout),
+			usage: "on SIGTERM: readiness turns false at once, no new clients are taken, and the clients are closed so they reconnect to another relay of the region; the process exits within this long (keep it under the stop timeout: docker stop's is 10s)"},
+		{flag: "debug-listen", env: "DEBUG_LISTEN", group: "Relay", bind: strVar(&c.DebugListen, ""),
+			usage: "a loopback address (127.0.0.1:PORT or [::1]:PORT) to serve /debug on too: the metrics of an open relay (-verify-clients=false), which has no tailnet address, or a local Prometheus; never a public address"},
 		{flag: "accept-connection-burst", env: "ACCEPT_CONNECTION_BURST", group: "Relay", bind: intVar(&c.AcceptConnectionBurst, 1000),
 			usage: "new HTTPS connections accepted at once before -accept-connection-limit applies (e.g. every client reconnecting after a restart)"},
 
@@ -359,6 +373,20 @@ func (c *Config) Validate() error {
 	}
 	if c.AcceptConnectionBurst < 1 {
 		return fmt.Errorf("%s %d: want at least 1: how many new connections are accepted at once before %s applies", SettingName("accept-connection-burst"), c.AcceptConnectionBurst, SettingName("accept-connection-limit"))
+	}
+	if c.MaxConnsPerIP < 0 {
+		return fmt.Errorf("%s %d: want a number of connections per address, or 0 for no cap", SettingName("max-conns-per-ip"), c.MaxConnsPerIP)
+	}
+	if c.DrainTimeout < 0 {
+		return fmt.Errorf("%s %v: a duration cannot be negative: give one like 5s, or 0 to exit at once", SettingName("drain-timeout"), c.DrainTimeout)
+	}
+	if _, err := c.ProxyProtocolSources(); err != nil {
+		return fmt.Errorf("%s %q: %v (give addresses or CIDRs of your proxies, e.g. 127.0.0.1 or 10.0.0.0/24)", SettingName("proxy-protocol-from"), c.ProxyProtocolFrom, err)
+	}
+	if c.DebugListen != "" {
+		if err := checkLoopbackAddr(c.DebugListen); err != nil {
+			return fmt.Errorf("%s %q: %v", SettingName("debug-listen"), c.DebugListen, err)
+		}
 	}
 	if c.DebugPort < 1 || c.DebugPort > 65535 {
 		return fmt.Errorf("%s %d: want a port from 1 to 65535", SettingName("debug-port"), c.DebugPort)
@@ -719,6 +747,45 @@ func (c *Config) validateFleet() error {
 	}
 	if n := len(published) + len(unpublished); n > relay.MaxBootstrapDNSNames {
 		return fmt.Errorf("%s and %s name %d names together: at most %d", SettingName("bootstrap-dns-names"), SettingName("unpublished-bootstrap-dns-names"), n, relay.MaxBootstrapDNSNames)
+	}
+	return nil
+}
+
+// DefaultDrainTimeout is how long a stopping relay takes at most: well
+// under docker stop's 10 s and Kubernetes' 30 s grace.
+const DefaultDrainTimeout = 5 * time.Second
+
+// ProxyProtocolSources are the sources -proxy-protocol-from names: each
+// an address (a /32 or /128) or a CIDR.
+func (c *Config) ProxyProtocolSources() ([]netip.Prefix, error) {
+	var out []netip.Prefix
+	for _, e := range splitList(c.ProxyProtocolFrom) {
+		if a, err := netip.ParseAddr(e); err == nil {
+			out = append(out, netip.PrefixFrom(a.Unmap(), a.Unmap().BitLen()))
+			continue
+		}
+		p, err := netip.ParsePrefix(e)
+		if err != nil {
+			return nil, fmt.Errorf("%q is neither an IP address nor a CIDR", e)
+		}
+		out = append(out, p.Masked())
+	}
+	return out, nil
+}
+
+// checkLoopbackAddr checks an address to serve on loopback only: a
+// loopback IP and a port.
+func checkLoopbackAddr(s string) error {
+	host, port, err := net.SplitHostPort(s)
+	if err != nil {
+		return errors.New("want 127.0.0.1:PORT or [::1]:PORT")
+	}
+	a, err := netip.ParseAddr(host)
+	if err != nil || !a.IsLoopback() {
+		return errors.New("the host must be a loopback address (127.0.0.1 or ::1): /debug is never served publicly")
+	}
+	if p, err := strconv.Atoi(port); err != nil || p < 0 || p > 65535 {
+		return errors.New("the port must be a number from 0 to 65535")
 	}
 	return nil
 }

@@ -5,6 +5,7 @@ import (
 	"expvar"
 	"fmt"
 	"log/slog"
+	"net/http"
 	"net/netip"
 	"strconv"
 	"strings"
@@ -35,44 +36,102 @@ type Debug struct {
 	Readiness func() readiness.Readiness
 }
 
-// Serve serves /debug on t's tailnet address once its node is up.
+// Serve serves /debug on t's tailnet address until ctx ends: on the
+// node's listener, and on a new one when the node logged in again as a
+// new node (whose old listener is gone). It says it serves once the node
+// is on the tailnet, not before.
 func (d *Debug) Serve(ctx context.Context, t *Tailnet, logger *slog.Logger) {
-	ln, err := t.Node.Listen(ctx, "tcp", ":"+strconv.Itoa(d.Port))
-	if err != nil {
-		if ctx.Err() == nil {
-			logger.Warn("debug: not served", "tailnet", t.Name, "err", err)
+	h := debugsrv.Handler(d.config(t))
+	said := false
+	for {
+		ln, err := t.Node.Listen(ctx, "tcp", ":"+strconv.Itoa(d.Port))
+		if err != nil {
+			if ctx.Err() == nil {
+				logger.Warn("debug: not served", "tailnet", t.Name, "err", err)
+			}
+			return
 		}
-		return
+		if !said {
+			said = true
+			go d.sayServing(ctx, t, logger)
+		}
+		stop := context.AfterFunc(ctx, func() { ln.Close() })
+		debugsrv.Serve(ln, h)
+		stop()
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(time.Second): // no hot loop if Listen keeps failing
+		}
 	}
+}
+
+// sayServing logs where /debug is served once t's node is on the tailnet.
+func (d *Debug) sayServing(ctx context.Context, t *Tailnet, logger *slog.Logger) {
+	tick := time.NewTicker(250 * time.Millisecond)
+	defer tick.Stop()
+	for t.Node.State() != node.StateRunning {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+	}
+	logger.Info("debug: serving on the tailnet only", "tailnet", t.Name, "port", d.Port)
+}
+
+// config is /debug as viewer's tailnet sees it; nil viewer is the operator
+// on this machine (-debug-listen): the whole relay.
+func (d *Debug) config(viewer *Tailnet) debugsrv.Config {
 	c := debugsrv.Config{
-		Vars: map[string]expvar.Var{
-			"tailderp_relay":     d.Relay.ExpVar(),
-			"tailderp_admission": d.Verifier.ExpVar(),
-			"tailderp_node":      d.Tailnets[0].Node.ExpVar(),
-			"tailderp_tailnet":   d.tailnetVars(),
-		},
-		Status:    func() debugsrv.Status { return d.Status(t) },
-		Recent:    func() []verify.Admission { return d.recent(t) },
-		NodeName:  t.Node.NodeName,
+		Vars:      map[string]expvar.Var{"tailderp_relay": d.Relay.ExpVar()},
+		Status:    func() debugsrv.Status { return d.Status(viewer) },
+		NodeName:  d.nodeName(viewer),
 		Connected: d.Relay.Connected,
 		MeshPeers: d.Relay.MeshPeers,
 	}
-	if len(d.Tailnets) == 1 {
+	if d.Verifier != nil {
+		c.Vars["tailderp_admission"] = d.Verifier.ExpVar()
+		c.Recent = func() []verify.Admission { return d.recent(viewer) }
+	}
+	if len(d.Tailnets) > 0 {
+		c.Vars["tailderp_node"] = d.Tailnets[0].Node.ExpVar()
+		c.Vars["tailderp_tailnet"] = d.tailnetVars()
+	}
+	if viewer == nil || len(d.Tailnets) == 1 {
 		// derpserver's own pages list every client: only where there is
-		// one tailnet.
+		// one tailnet, or for the operator on this machine.
 		c.DERP = d.Relay.DERP()
 	}
-	logger.Info("debug: serving on the tailnet only", "tailnet", t.Name, "port", d.Port)
-	go func() {
-		<-ctx.Done()
-		ln.Close()
-	}()
-	debugsrv.Serve(ln, debugsrv.Handler(c))
+	return c
+}
+
+// LocalHandler is /debug for the operator on this machine
+// (-debug-listen): the whole relay, every tailnet's clients; an open
+// relay's only /debug.
+func (d *Debug) LocalHandler() http.Handler { return debugsrv.Handler(d.config(nil)) }
+
+// nodeName names a client by viewer's tailnet, or any tailnet's for nil.
+func (d *Debug) nodeName(viewer *Tailnet) func(key.NodePublic) string {
+	if viewer != nil {
+		return viewer.Node.NodeName
+	}
+	return func(k key.NodePublic) string {
+		for _, t := range d.Tailnets {
+			if n := t.Node.NodeName(k); n != "" {
+				return n
+			}
+		}
+		return ""
+	}
 }
 
 // owns reports whether k is a node of viewer's tailnet: what its pages
 // may show.
 func owns(viewer *Tailnet, k key.NodePublic) bool {
+	if viewer == nil {
+		return true // the operator on this machine
+	}
 	known, _ := viewer.Node.KnowsNodeKey(k)
 	return known
 }
@@ -81,7 +140,7 @@ func owns(viewer *Tailnet, k key.NodePublic) bool {
 func (d *Debug) recent(viewer *Tailnet) []verify.Admission {
 	var out []verify.Admission
 	for _, a := range d.Verifier.Recent() {
-		if a.Tailnet == viewer.Name || owns(viewer, a.Key) {
+		if owns(viewer, a.Key) || a.Tailnet == viewer.Name {
 			out = append(out, a)
 		}
 	}
@@ -95,7 +154,10 @@ func (d *Debug) Status(viewer *Tailnet) debugsrv.Status {
 		Version: d.Version,
 		Started: d.Started.UTC(),
 		Uptime:  now.Sub(d.Started).Round(time.Second).String(),
-		Tailnet: viewer.Name,
+	}
+	st.Tailnet = "(loopback: the whole relay)"
+	if viewer != nil {
+		st.Tailnet = viewer.Name
 	}
 	var rd readiness.Readiness
 	if d.Readiness != nil {
@@ -127,19 +189,30 @@ func (d *Debug) Status(viewer *Tailnet) debugsrv.Status {
 	st.ClientsTotal = len(clients)
 	for _, c := range clients {
 		if owns(viewer, c.Key) {
-			st.Clients = append(st.Clients, debugsrv.Client{Name: viewer.Node.NodeName(c.Key), Key: c.Key.ShortString(), From: c.From.String(), Since: c.Since.UTC()})
+			st.Clients = append(st.Clients, debugsrv.Client{Name: d.nodeName(viewer)(c.Key), Key: c.Key.ShortString(), From: c.From.String(), Since: c.Since.UTC()})
 		}
 	}
 
+	if d.Verifier != nil {
+		d.admission(&st, viewer)
+	}
+	d.certAndMesh(&st, now)
+	return st
+}
+
+// admission fills in what admission decided, as viewer may see it.
+func (d *Debug) admission(st *debugsrv.Status, viewer *Tailnet) {
 	v := d.Verifier
-	st.Admission = debugsrv.Admission{
-		Admitted: v.AdmittedBy(viewer.Name), AdmittedAll: v.Admitted(),
-		Refused: v.RefusedByReason(), Revoked: v.RevokedBy(viewer.Name),
+	st.Admission = debugsrv.Admission{AdmittedAll: v.Admitted(), Refused: v.RefusedByReason()}
+	if viewer != nil {
+		st.Admission.Admitted, st.Admission.Revoked = v.AdmittedBy(viewer.Name), v.RevokedBy(viewer.Name)
+	} else {
+		st.Admission.Admitted = v.Admitted()
 	}
 	for _, e := range v.Events() {
 		dec := debugsrv.Decision{At: e.At.UTC(), What: e.What, Reason: e.Reason}
 		switch {
-		case e.Tailnet == viewer.Name || owns(viewer, e.Key):
+		case owns(viewer, e.Key) || e.Tailnet == viewer.Name:
 			dec.Name, dec.Key, dec.From = e.Name, e.Key.ShortString(), addrString(e.From)
 		case e.What != "refused":
 			continue // another tailnet's client
@@ -150,7 +223,10 @@ func (d *Debug) Status(viewer *Tailnet) debugsrv.Status {
 		// another tailnet's node, so it is shown without key or address.
 		st.Admission.Recent = append(st.Admission.Recent, dec)
 	}
+}
 
+// certAndMesh fills in the certificate and the mesh, with their problems.
+func (d *Debug) certAndMesh(st *debugsrv.Status, now time.Time) {
 	cs := d.Relay.CertStatus()
 	st.Certificate = debugsrv.Certificate{Serving: cs.Serving, Subject: cs.Subject, CertName: cs.CertName, NotAfter: cs.NotAfter.UTC(),
 		DaysLeft: cs.DaysLeft, Problem: string(cs.Problem), Fix: cs.Fix}
@@ -163,7 +239,6 @@ func (d *Debug) Status(viewer *Tailnet) debugsrv.Status {
 			st.Problems = append(st.Problems, fmt.Sprintf("mesh peer %s not connected for %s: %s (is it up, with the same mesh key?)", m.Peer, now.Sub(m.Since).Round(time.Second), m.LastError))
 		}
 	}
-	return st
 }
 
 // tailnetStatus says how t's node is, and what is wrong with it: its
