@@ -256,6 +256,11 @@ func (d *Debug) tailnetStatus(t *Tailnet, r readiness.Tailnet, now time.Time) de
 	var problems []string
 	if err := t.Failed(); err != nil {
 		problems = append(problems, fmt.Sprintf("stopped: %v; %s", err, t.Advice(node.ProblemLoginRejected)))
+	} else if !ns.Control && now.Sub(ns.ControlSince) > 30*time.Second {
+		// Said even while the answers are still live: the map will not
+		// be for long.
+		problems = append(problems, fmt.Sprintf("control server %s not reachable for %s; %s", ns.ControlURL, now.Sub(ns.ControlSince).Round(time.Second),
+			t.Advice(node.ProblemControlUnreachable)))
 	}
 	for _, f := range (&readiness.Readiness{Tailnets: []readiness.Tailnet{r}}).Judge(now) {
 		if f.Severity != readiness.OK {
