@@ -83,6 +83,15 @@ var depRules = []depRule{
 			module + "/debugsrv":          "commands knows nothing of the status pages",
 			module + "/internal/tailnets": "the server's tailnets are main's to run; a command joins through node",
 		}},
+	{pkg: "/internal/readiness",
+		deps: map[string]string{
+			module + "/...": "readiness is a leaf: the server publishes it, check judges it",
+		}},
+	{pkg: "/policy",
+		deps: map[string]string{
+			module + "/...":       "policy is a client of Tailscale's API only: it knows nothing of the relay",
+			"tailscale.com/tsnet": "policy talks to the API, not the tailnet",
+		}},
 	{pkg: "/internal/relayrules",
 		deps: map[string]string{
 			module + "/...": "relayrules is a leaf: relay and check both import it",

@@ -1,6 +1,7 @@
 package serving
 
 import (
+	"slices"
 	"sync"
 
 	"tailscale.com/tailcfg"
@@ -58,6 +59,12 @@ func (p *Publisher) SetReadiness(r readiness.Readiness) (changed bool, err error
 	defer p.mu.Unlock()
 	if p.sv.Readiness != nil && p.sv.Readiness.Equal(&r) && !p.unwritten {
 		return false, nil
+	}
+	// Kept: not shared with the caller, who may reuse r.
+	r.Tailnets = slices.Clone(r.Tailnets)
+	if r.AdmissionURL != nil {
+		u := *r.AdmissionURL
+		r.AdmissionURL = &u
 	}
 	p.sv.Readiness = &r
 	return true, p.writeLocked()
