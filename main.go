@@ -233,6 +233,7 @@ func run(ctx context.Context, cfg *config.Config, logger *slog.Logger, out io.Wr
 		OnCertChange:                 pins.Changed,
 
 		Hostname:      cfg.Hostname,
+		PublicPort:    cfg.PublicPort,
 		MaxConnsPerIP: cfg.MaxConnsPerIP,
 	}
 	rs.ProxyProtocolFrom, _ = cfg.ProxyProtocolSources() // checked by config.Load
@@ -286,9 +287,13 @@ func run(ctx context.Context, cfg *config.Config, logger *slog.Logger, out io.Wr
 	}
 
 	sv := servingNow(cfg, rs, certs, stunAddr)
-	if err := commands.WriteSnippet(out, cfg.FleetRegion(sv.Region)); err != nil {
+	fleet := cfg.FleetRegion(sv.Region)
+	if err := commands.WriteSnippet(out, fleet); err != nil {
 		return err
 	}
+	// /derpmap.json: this relay's node, and its fleet's as they are heard
+	// of (relay/fleet.go), in the order of the snippet.
+	rs.SetFleetOrder(relay.FleetOrder(fleet))
 	if err := rs.PublishRegion(sv.Region); err != nil {
 		return err
 	}
@@ -411,14 +416,15 @@ func servingNow(cfg *config.Config, rs *relay.Server, certs relay.Certificates, 
 		stunPort, _ = strconv.Atoi(p)
 	}
 	return &serving.Serving{
-		PID:           os.Getpid(),
-		Version:       version,
-		Since:         time.Now().UTC(),
-		HTTPSAddr:     rs.LocalAddr().String(),
-		STUNAddr:      stunAddr,
-		ServerName:    cfg.Hostname,
-		VerifyClients: cfg.VerifyClients,
-		Region:        cfg.DERPRegion(rs.LocalAddr().(*net.TCPAddr).Port, stunPort, certName),
+		PID:               os.Getpid(),
+		Version:           version,
+		Since:             time.Now().UTC(),
+		HTTPSAddr:         rs.LocalAddr().String(),
+		STUNAddr:          stunAddr,
+		ServerName:        cfg.Hostname,
+		VerifyClients:     cfg.VerifyClients,
+		Region:            cfg.DERPRegion(rs.LocalAddr().(*net.TCPAddr).Port, stunPort, certName),
+		ProxyProtocolFrom: rs.ProxyProtocolFrom,
 	}
 }
 

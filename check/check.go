@@ -25,6 +25,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/pires/go-proxyproto"
 	"tailscale.com/net/stun"
 
 	"github.com/tailderp/tailderp/internal/readiness"
@@ -170,6 +171,11 @@ type LocalTarget struct {
 	// answer): what a restart could fix. Readiness problems — a control
 	// server down, a login refused — are not, and are left out.
 	Liveness bool
+	// ProxyProtocolFrom are the relay's PROXY protocol sources
+	// (-proxy-protocol-from): a connection from one of them must start
+	// with a header, so the check sends a v2 LOCAL one (a proxy's own
+	// health check) when it connects from one.
+	ProxyProtocolFrom []netip.Prefix
 	// ReadinessRequired makes a relay that published no readiness a
 	// failure (the server was found, but says nothing of itself: it is
 	// older, or cannot write its state directory).
@@ -186,7 +192,7 @@ type LocalTarget struct {
 // container has no business judging that); `tailderp check URL` does.
 func Local(ctx context.Context, t LocalTarget) Report {
 	var r Report
-	r = append(r, probe204(ctx, loopbackIfUnspecified(t.HTTPSAddr), t.ServerName))
+	r = append(r, probe204(ctx, loopbackIfUnspecified(t.HTTPSAddr), t.ServerName, t.ProxyProtocolFrom))
 	if t.STUNAddr != "" {
 		r = append(r, stunBinding(ctx, loopbackIfUnspecified(t.STUNAddr)))
 	}
@@ -222,11 +228,12 @@ func loopbackIfUnspecified(hostport string) string {
 	return net.JoinHostPort(host, port)
 }
 
-func probe204(ctx context.Context, addr, serverName string) Result {
+func probe204(ctx context.Context, addr, serverName string, proxyFrom []netip.Prefix) Result {
 	tr := &http.Transport{
 		// Liveness only: the certificate is checked by `tailderp check URL`.
 		TLSClientConfig:   &tls.Config{InsecureSkipVerify: true, ServerName: serverName},
 		DisableKeepAlives: true,
+		DialContext:       dialAsProxy(proxyFrom),
 	}
 	defer tr.CloseIdleConnections()
 	return get204(ctx, tr, "https "+addr+" /generate_204", "https://"+addr+"/generate_204")
@@ -341,5 +348,34 @@ func roundDur(d time.Duration) time.Duration {
 		return d.Round(10 * time.Microsecond)
 	default:
 		return d.Round(time.Microsecond)
+	}
+}
+
+// dialAsProxy dials TCP, and when the connection's own address is one of
+// from, writes a PROXY protocol v2 LOCAL header first, as a proxy's
+// health check does: the relay then serves it as itself.
+func dialAsProxy(from []netip.Prefix) func(ctx context.Context, network, addr string) (net.Conn, error) {
+	var d net.Dialer
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		c, err := d.DialContext(ctx, network, addr)
+		if err != nil || len(from) == 0 {
+			return c, err
+		}
+		la, ok := c.LocalAddr().(*net.TCPAddr)
+		if !ok {
+			return c, nil
+		}
+		ip, _ := netip.AddrFromSlice(la.IP)
+		for _, p := range from {
+			if p.Contains(ip.Unmap()) {
+				h := &proxyproto.Header{Version: 2, Command: proxyproto.LOCAL, TransportProtocol: proxyproto.UNSPEC}
+				if _, err := h.WriteTo(c); err != nil {
+					c.Close()
+					return nil, fmt.Errorf("PROXY header: %w", err)
+				}
+				break
+			}
+		}
+		return c, nil
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -27,6 +28,7 @@ type derpMapDoc struct {
 	own      *tailcfg.DERPRegion  // PublishRegion's; nil until then
 	peers    map[string]heardNode // by nodeID; zero time: listed statically
 	ttl      time.Duration        // how long a peer's node is kept
+	order    []string             // node IDs in the fleet's order
 	meshKey  key.DERPMesh         // signs and checks fleet nodes; zero: no fleet
 	body     []byte               // nil until the first Publish
 	etag     string
@@ -62,7 +64,7 @@ func (d *derpMapDoc) remakeLocked(now time.Time) error {
 	}
 	r := d.own
 	if !d.meshKey.IsZero() {
-		r = fleetRegion(d.own, d.peers, now, d.ttl)
+		r = fleetRegion(d.own, d.peers, d.order, now, d.ttl)
 	}
 	b, err := json.MarshalIndent(DERPMapOf(r), "", "  ")
 	if err != nil {
@@ -188,6 +190,18 @@ func (d *derpMapDoc) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	w.Write(body)
+}
+
+// SetFleetOrder sets the order of the fleet's nodes in the published
+// region: FleetOrder of the region `tailderp derpmap` prints, so that the
+// region published equals it once every relay is heard of (nodes not in
+// it come after, sorted).
+func (s *Server) SetFleetOrder(order []string) {
+	d := &s.derpMap
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.order = slices.Clone(order)
+	d.remakeLocked(time.Now())
 }
 
 // PublishRegion sets this relay's own region, served at DERPMapPath: its

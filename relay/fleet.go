@@ -134,9 +134,12 @@ type heardNode struct {
 
 // fleetRegion composes the region to publish: own's nodes (this relay's,
 // as the operator configured it) and every peer node heard of within ttl
-// or listed statically, sorted by host and port so that every relay of
-// the fleet publishes the same region, and named by position.
-func fleetRegion(own *tailcfg.DERPRegion, heard map[string]heardNode, now time.Time, ttl time.Duration) *tailcfg.DERPRegion {
+// or listed statically, in the order of order (node IDs: the fleet as
+// -mesh-with lists it, so the region equals the one `tailderp derpmap`
+// prints once every relay is heard of), the others after it sorted by
+// host and port, so every relay of the fleet publishes the same region;
+// named by position.
+func fleetRegion(own *tailcfg.DERPRegion, heard map[string]heardNode, order []string, now time.Time, ttl time.Duration) *tailcfg.DERPRegion {
 	byID := map[string]*tailcfg.DERPNode{}
 	for _, h := range heard {
 		if h.at.IsZero() || now.Sub(h.at) < ttl {
@@ -148,11 +151,29 @@ func fleetRegion(own *tailcfg.DERPRegion, heard map[string]heardNode, now time.T
 		c := *n
 		byID[nodeID(&c)] = &c // this relay's own word wins
 	}
+	rank := map[string]int{}
+	for i, id := range order {
+		if _, dup := rank[id]; !dup {
+			rank[id] = i
+		}
+	}
 	ids := make([]string, 0, len(byID))
 	for id := range byID {
 		ids = append(ids, id)
 	}
-	slices.Sort(ids)
+	slices.SortFunc(ids, func(a, b string) int {
+		ra, oka := rank[a]
+		rb, okb := rank[b]
+		switch {
+		case oka && okb:
+			return ra - rb
+		case oka:
+			return -1
+		case okb:
+			return 1
+		}
+		return strings.Compare(a, b)
+	})
 	out := *own
 	out.Nodes = nil
 	for i, id := range ids {
@@ -162,6 +183,17 @@ func fleetRegion(own *tailcfg.DERPRegion, heard map[string]heardNode, now time.T
 		out.Nodes = append(out.Nodes, n)
 	}
 	return &out
+}
+
+// FleetOrder is the order of a region's nodes as fleet.go identifies
+// them, for Server.FleetOrder: give it the region `tailderp derpmap`
+// prints (FleetRegion).
+func FleetOrder(r *tailcfg.DERPRegion) []string {
+	var out []string
+	for _, n := range r.Nodes {
+		out = append(out, nodeID(n))
+	}
+	return out
 }
 
 // fleetClient is an HTTP client that reaches peer p as the mesh does:

@@ -189,6 +189,11 @@ type Server struct {
 	FleetPollEvery time.Duration
 	FleetPeerTTL   time.Duration
 
+	// PublicPort, if set, is the HTTPS port clients dial when it is not
+	// the listener's (a TCP proxy or a port mapping in front): port 80
+	// redirects there.
+	PublicPort int
+
 	// certCheckEvery overrides certCheckEvery, for tests.
 	certCheckEvery time.Duration
 
@@ -411,7 +416,11 @@ func (s *Server) redirectToHTTPS(w http.ResponseWriter, r *http.Request) {
 		}
 		host = h
 	}
-	if _, port, _ := net.SplitHostPort(s.lnHTTPS.Addr().String()); port != "443" {
+	_, port, _ := net.SplitHostPort(s.lnHTTPS.Addr().String())
+	if s.PublicPort != 0 {
+		port = strconv.Itoa(s.PublicPort)
+	}
+	if port != "443" {
 		host = net.JoinHostPort(host, port)
 	} else if strings.Contains(host, ":") {
 		host = "[" + host + "]"

@@ -406,6 +406,21 @@ func TestPlainHTTPRedirectsToHTTPS(t *testing.T) {
 	}
 }
 
+// TestRedirectToPublicPort: behind a proxy or a port mapping, port 80
+// redirects to the port clients dial, not the listener's.
+func TestRedirectToPublicPort(t *testing.T) {
+	for _, tt := range []struct {
+		port int
+		want string
+	}{{443, "https://derp.example.com/x"}, {8443, "https://derp.example.com:8443/x"}} {
+		_, hc, bases := bothPorts(t, func(s *relay.Server) { s.Hostname, s.PublicPort = "derp.example.com", tt.port })
+		res, _ := do(t, hc, "GET", bases["http"]+"/x", nil)
+		if got := res.Header.Get("Location"); res.StatusCode != http.StatusFound || got != tt.want {
+			t.Errorf("PublicPort %d: %d %q, want 302 %q", tt.port, res.StatusCode, got, tt.want)
+		}
+	}
+}
+
 func TestBadHostname(t *testing.T) {
 	certs, _ := selfSigned(t)
 	for _, h := range []string{"https://derp.example.com", "derp.example.com/x", "evil.example:8443", "a b"} {

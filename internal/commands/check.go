@@ -317,13 +317,15 @@ func localTarget(own *config.Config) (lt check.LocalTarget, from string, err err
 		return lt, "", err
 	}
 	if s != nil {
-		return check.LocalTarget{HTTPSAddr: s.HTTPSAddr, ServerName: s.ServerName, STUNAddr: s.STUNAddr, Readiness: s.Readiness, ReadinessRequired: true},
+		return check.LocalTarget{HTTPSAddr: s.HTTPSAddr, ServerName: s.ServerName, STUNAddr: s.STUNAddr,
+				ProxyProtocolFrom: s.ProxyProtocolFrom, Readiness: s.Readiness, ReadinessRequired: true},
 			fmt.Sprintf("pid %d, %s", s.PID, from), nil
 	}
 	if cfg == nil {
 		cfg, from = own, "this command's settings: no running server found"
 	}
-	return check.LocalTarget{HTTPSAddr: cfg.Addr, ServerName: cfg.Hostname, STUNAddr: cfg.STUNAddr()}, from, nil
+	proxies, _ := cfg.ProxyProtocolSources() // a bad list fails the server's start: then there is nothing to check
+	return check.LocalTarget{HTTPSAddr: cfg.Addr, ServerName: cfg.Hostname, STUNAddr: cfg.STUNAddr(), ProxyProtocolFrom: proxies}, from, nil
 }
 
 // checkTarget describes what to check: the URL and the check's flags, or,

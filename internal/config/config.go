@@ -103,6 +103,7 @@ type Config struct {
 	RegionName string
 	IPv4       string
 	IPv6       string
+	PublicPort int
 
 	// Tailscale policy file (policy.go)
 	Register          bool
@@ -243,6 +244,8 @@ func settingsFor(c *Config) []setting {
 			usage: "public IPv4 address to put in the derpMap (lets clients skip DNS)"},
 		{flag: "ipv6", env: "DERP_IPV6", group: "derpMap snippet", bind: strVar(&c.IPv6, ""),
 			usage: "public IPv6 address to put in the derpMap"},
+		{flag: "public-port", env: "DERP_PUBLIC_PORT", group: "derpMap snippet", bind: intVar(&c.PublicPort, 0),
+			usage: "the HTTPS port clients dial, for the derpMap, when it is not -a's: a TCP proxy sharing 443 in front of -a :8443, or a published container port (0: -a's port as bound)"},
 
 		{flag: "register", env: "REGISTER", group: "Policy file", bind: boolVar(&c.Register, false),
 			usage: "keep this relay's region written in the Tailscale policy file's derpMap while it runs: at start, when it changes (a new pin, a fleet's relay joining or leaving) and hourly; API errors are retried with a warning and never stop the relay. `tailderp register` writes it once. Needs TAILSCALE_API_KEY, or TAILSCALE_OAUTH_CLIENT_ID and TAILSCALE_OAUTH_CLIENT_SECRET"},
@@ -373,6 +376,9 @@ func (c *Config) Validate() error {
 	}
 	if c.AcceptConnectionBurst < 1 {
 		return fmt.Errorf("%s %d: want at least 1: how many new connections are accepted at once before %s applies", SettingName("accept-connection-burst"), c.AcceptConnectionBurst, SettingName("accept-connection-limit"))
+	}
+	if c.PublicPort < 0 || c.PublicPort > 65535 {
+		return fmt.Errorf("%s %d: want the port clients dial, from 1 to 65535, or 0 for -a's", SettingName("public-port"), c.PublicPort)
 	}
 	if c.MaxConnsPerIP < 0 {
 		return fmt.Errorf("%s %d: want a number of connections per address, or 0 for no cap", SettingName("max-conns-per-ip"), c.MaxConnsPerIP)
@@ -544,6 +550,9 @@ func (c *Config) tailnetHostname() string {
 // httpsPort and stunPort (-1: no STUN) and pinned by certName ("" for a
 // certificate a public CA signed).
 func (c *Config) DERPRegion(httpsPort, stunPort int, certName string) *tailcfg.DERPRegion {
+	if c.PublicPort != 0 {
+		httpsPort = c.PublicPort // clients dial the proxy or the published port
+	}
 	n := relay.NodeInfo{HostName: c.Hostname, IPv4: c.IPv4, IPv6: c.IPv6, DERPPort: httpsPort, STUNPort: stunPort, CertName: certName}
 	if ip := net.ParseIP(c.Hostname); ip != nil {
 		if ip.To4() != nil && n.IPv4 == "" {

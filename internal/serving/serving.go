@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
@@ -32,14 +33,18 @@ import (
 // even when they were given other settings than the server (compose
 // `command:` flags reach the server but not the healthcheck).
 type Serving struct {
-	PID           int                 `json:"pid"`
-	Version       string              `json:"version"`
-	Since         time.Time           `json:"since"`
-	HTTPSAddr     string              `json:"https_addr"`          // the HTTPS listener, as bound
-	STUNAddr      string              `json:"stun_addr,omitempty"` // "" when STUN is off
-	ServerName    string              `json:"server_name"`         // the TLS name (-hostname)
-	VerifyClients bool                `json:"verify_clients"`
-	Region        *tailcfg.DERPRegion `json:"region"` // the derpMap region the snippet shows
+	PID           int       `json:"pid"`
+	Version       string    `json:"version"`
+	Since         time.Time `json:"since"`
+	HTTPSAddr     string    `json:"https_addr"`          // the HTTPS listener, as bound
+	STUNAddr      string    `json:"stun_addr,omitempty"` // "" when STUN is off
+	ServerName    string    `json:"server_name"`         // the TLS name (-hostname)
+	VerifyClients bool      `json:"verify_clients"`
+	// ProxyProtocolFrom are the sources whose connections must start
+	// with a PROXY protocol header (-proxy-protocol-from), so `check
+	// -local` sends one when it connects from one of them.
+	ProxyProtocolFrom []netip.Prefix      `json:"proxy_protocol_from,omitempty"`
+	Region            *tailcfg.DERPRegion `json:"region"` // the derpMap region the snippet shows
 	// Readiness is whether the relay does its job now, part by part; it
 	// is rewritten when it changes (about a second late at most).
 	Readiness *readiness.Readiness `json:"readiness,omitempty"`
