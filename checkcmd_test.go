@@ -393,3 +393,23 @@ func TestCheckMemberRefused(t *testing.T) {
 		t.Errorf("a relay refusing members is \"all good\":\n%s", out)
 	}
 }
+
+// TestCheckLocalBehindProxyProtocol: a relay that requires a PROXY header
+// from loopback (its proxy runs there) still passes its own healthcheck:
+// check -local sends a v2 LOCAL header, as a proxy's health check does.
+// A client from loopback without one is refused.
+func TestCheckLocalBehindProxyProtocol(t *testing.T) {
+	state := t.TempDir()
+	s := ckServe(t, "-dev", "-a", "127.0.0.1:0", "-stun-port", "0", "-state-dir", state, "-proxy-protocol-from", "127.0.0.1/32")
+	for _, args := range [][]string{{"-local", "-state-dir", state}, {"-local", "-liveness", "-state-dir", state}} {
+		code, out, _ := ckCheck(t, nil, args...)
+		if code != 0 || !strings.Contains(out, "✓ https") {
+			t.Errorf("check %s: exit %d:\n%s", strings.Join(args, " "), code, out)
+		}
+	}
+	// Without the header, from a listed source: closed before TLS.
+	code, out, _ := ckCheck(t, nil, "-dev", "-a", "127.0.0.1:"+s.derpPort(), "-stun-port", s.stunPort(), "-pings", "1")
+	if code == 0 || !strings.Contains(out, "✗ ") {
+		t.Errorf("a client from a PROXY source without a header: exit %d:\n%s", code, out)
+	}
+}
