@@ -60,10 +60,20 @@ VOLUME ["/var/lib/tailderp"]
 # 443/tcp DERP over HTTPS; 80/tcp ACME HTTP-01, captive-portal checks and
 # redirect; 3478/udp STUN.
 EXPOSE 80/tcp 443/tcp 3478/udp
-# Liveness of the public side, checked from inside: HTTPS /generate_204 and
-# a STUN binding on the addresses the server's own settings name (the same
-# flags and environment), no curl needed. The start period covers the
-# first certificate from Let's Encrypt.
+# Readiness, checked from inside with the server's own settings (the same
+# flags and environment), no curl needed: HTTPS /generate_204 and a STUN
+# binding answer, and the relay does its job as it publishes it
+# (serving.json): every tailnet admits its members (from the known-peers
+# cache: passes, with a warning), the admission URL answers when admission
+# fails closed, clients accept the certificate, it is not draining. So
+# the container shows "unhealthy" when its tailnet would refuse every
+# member (say, its node cannot log in), not only when it is down. Docker
+# itself restarts nothing for "unhealthy" (restart policies act on exits
+# only); an orchestrator or monitor acting on it should not restart it
+# either: a restart does not fix a dead control server (docs/DEPLOY.md,
+# "Probes: readiness and liveness"; `check -local -liveness` is the
+# restart-worthy question). The start period covers the first
+# certificate from Let's Encrypt.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --retries=3 CMD ["/tailderp", "check", "-local", "-timeout", "5s"]
 ENTRYPOINT ["/tailderp"]
 ARG VERSION=dev

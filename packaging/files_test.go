@@ -11,8 +11,10 @@ import (
 	"path/filepath"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
+	"time"
 )
 
 // TestStaticBinary: the image's binary, built by the Dockerfile's script,
@@ -178,6 +180,11 @@ func TestDockerfile(t *testing.T) {
 	}
 	if img.healthcheck[0] != img.entrypoint[0] || len(img.healthcheck) < 3 || img.healthcheck[1] != "check" || img.healthcheck[2] != "-local" {
 		t.Errorf("HEALTHCHECK CMD %q: want the binary itself: /tailderp check -local", img.healthcheck)
+	}
+	// The HEALTHCHECK is readiness: "unhealthy" when the relay's tailnet
+	// admits nobody or it drains (docker restarts nothing for it).
+	if slices.ContainsFunc(img.healthcheck, func(a string) bool { return strings.HasPrefix(strings.TrimLeft(a, "-"), "liveness") }) {
+		t.Errorf("HEALTHCHECK CMD %q: without -liveness: the container's health is readiness (docs/DEPLOY.md, \"Probes: readiness and liveness\")", img.healthcheck)
 	}
 	for _, e := range dockerfileAll(ins, "ENV") {
 		t.Errorf("Dockerfile:%d: ENV %s: the image needs no environment (settings come from .env)", e.line, e.args)
@@ -416,6 +423,10 @@ func checkComposeService(t *testing.T, doc map[string]any) {
 		t.Errorf("ports %v, want 80/tcp, 443/tcp, 3478/udp", keys)
 	}
 
+	// docker stop waits stop_grace_period (10s when unset) before
+	// SIGKILL: above the drain, DRAIN_TIMEOUT's default.
+	checkStopTimeout(t, "stop_grace_period", fmt.Sprint(svc["stop_grace_period"]))
+
 	// Volumes: only the named volume, at the state directory. No bind
 	// mounts at all, so no docker.sock or tailscaled.sock.
 	vols, _ := svc["volumes"].([]any)
@@ -489,6 +500,9 @@ func TestSystemdUnit(t *testing.T) {
 			t.Errorf("%s=%s, want %s", k, got, want)
 		}
 	}
+	// systemctl stop waits TimeoutStopSec before SIGKILL.
+	checkStopTimeout(t, "TimeoutStopSec", one("TimeoutStopSec"))
+
 	// StateDirectory=tailderp is /var/lib/tailderp: the binary's default.
 	if def := settingByFlag(t, "state-dir").dflt; def != "/var/lib/tailderp" {
 		t.Errorf("StateDirectory=tailderp is /var/lib/tailderp, but the binary's default -state-dir is %q", def)
@@ -582,5 +596,30 @@ func checkPanicExit(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), tc.want) || !strings.Contains(string(out), "boom") {
 			t.Errorf("a panic with GOTRACEBACK=%q: %v, want %s\n%s", tc.traceback, err, tc.want, out)
 		}
+	}
+}
+
+// checkStopTimeout checks a service manager's stop timeout (the wait
+// between SIGTERM and SIGKILL, as "15s" or a number of seconds): at least
+// 5 s above the binary's default -drain-timeout, so the drain on SIGTERM
+// (readiness false, clients closed so they move on, known-peers caches
+// written) is never cut short; and at most 60 s.
+func checkStopTimeout(t *testing.T, name, value string) {
+	t.Helper()
+	drainSetting := settingByFlag(t, "drain-timeout")
+	drain, err := time.ParseDuration(drainSetting.dflt)
+	if err != nil {
+		t.Fatalf("tailderp --help: -drain-timeout default %q: %v", drainSetting.dflt, err)
+	}
+	d, err := time.ParseDuration(value)
+	if n, aerr := strconv.Atoi(value); aerr == nil {
+		d, err = time.Duration(n)*time.Second, nil
+	}
+	if err != nil {
+		t.Errorf("%s %q: want a duration at least 5 s above the drain (%s default %v)", name, value, drainSetting.env, drain)
+		return
+	}
+	if d < drain+5*time.Second || d > time.Minute {
+		t.Errorf("%s %v: want at least 5 s above the drain (%s default %v), and at most 1m", name, d, drainSetting.env, drain)
 	}
 }

@@ -23,6 +23,7 @@ import (
 	policyv1 "k8s.io/api/policy/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	psapi "k8s.io/pod-security-admission/api"
 	"k8s.io/pod-security-admission/policy"
@@ -447,6 +448,18 @@ func TestKubernetesManifests(t *testing.T) {
 		if sts.Spec.UpdateStrategy.Type != appsv1.RollingUpdateStatefulSetStrategyType {
 			t.Errorf("updateStrategy %q, want RollingUpdate", sts.Spec.UpdateStrategy.Type)
 		}
+		// One relay of the region at a time: maxUnavailable written out
+		// as 1 (the default, so nobody raises it unawares), no partition
+		// holding pods back.
+		if ru := sts.Spec.UpdateStrategy.RollingUpdate; ru == nil || ru.MaxUnavailable == nil ||
+			ru.MaxUnavailable.Type != intstr.Int || ru.MaxUnavailable.IntValue() != 1 {
+			t.Errorf("updateStrategy.rollingUpdate %+v: want maxUnavailable: 1 (a rolling upgrade replaces one relay at a time)", ru)
+		} else if ru.Partition != nil && *ru.Partition != 0 {
+			t.Errorf("updateStrategy.rollingUpdate.partition %d: pods below it would never be upgraded", *ru.Partition)
+		}
+		if sts.Spec.MinReadySeconds < 1 {
+			t.Errorf("minReadySeconds %d: want a pause after each relay turns ready, before the next is replaced", sts.Spec.MinReadySeconds)
+		}
 		if p := sts.Spec.PersistentVolumeClaimRetentionPolicy; p != nil && (p.WhenDeleted == appsv1.DeletePersistentVolumeClaimRetentionPolicyType || p.WhenScaled == appsv1.DeletePersistentVolumeClaimRetentionPolicyType) {
 			t.Errorf("persistentVolumeClaimRetentionPolicy %+v: deleting the volumes loses the relays' tailnet logins", p)
 		}
@@ -461,8 +474,29 @@ func TestKubernetesManifests(t *testing.T) {
 		if spec.EnableServiceLinks == nil || *spec.EnableServiceLinks {
 			t.Errorf("enableServiceLinks must be false: Service variables (e.g. DERP_STUN_PORT=udp://… from a Service \"derp-stun\") would be read as settings")
 		}
-		if g := spec.TerminationGracePeriodSeconds; g == nil || *g < 5 || *g > 60 {
-			t.Errorf("terminationGracePeriodSeconds %v: want it set, between 5 (tailderp's shutdown takes up to 3 s) and 60", g)
+		// The drain on SIGTERM ends within DRAIN_TIMEOUT, which the pod
+		// sets explicitly; the kubelet's grace period is above it with
+		// room to spare (at least 5 s), so SIGKILL never cuts a drain or
+		// the known-peers caches being written.
+		drainSetting := settingByFlag(t, "drain-timeout")
+		drainValue, ok := envValue(f.env(t, 0), drainSetting.env)
+		if !ok {
+			t.Errorf("%s not set: set it explicitly, so the grace period above it is visibly right (the default is %s)", drainSetting.env, drainSetting.dflt)
+			drainValue = drainSetting.dflt
+		}
+		drain, err := time.ParseDuration(drainValue)
+		if err != nil {
+			t.Fatalf("%s=%q: %v", drainSetting.env, drainValue, err)
+		}
+		if g := spec.TerminationGracePeriodSeconds; g == nil {
+			t.Errorf("terminationGracePeriodSeconds not set: want it at least 5 s above %s=%v", drainSetting.env, drain)
+		} else if time.Duration(*g)*time.Second < drain+5*time.Second || *g > 120 {
+			t.Errorf("terminationGracePeriodSeconds %d: want at least 5 s above %s=%v, and at most 120", *g, drainSetting.env, drain)
+		}
+		// No preStop: the process turns itself not ready on SIGTERM; a
+		// hook would only delay the drain (and eat into the grace period).
+		if lc := f.container.Lifecycle; lc != nil && lc.PreStop != nil {
+			t.Errorf("preStop %+v: tailderp turns not ready and drains on SIGTERM itself; a hook only delays it (if it adds something, say what in the manifest and change this test)", lc.PreStop)
 		}
 
 		// Identity: the image's user, non-root, fsGroup for the volume.
@@ -777,7 +811,33 @@ func TestKubernetesManifests(t *testing.T) {
 	})
 
 	t.Run("probes", func(t *testing.T) {
+		// Readiness: `check -local`, the relay does its job (its tailnets
+		// admit, not draining): a pod that admits nobody is taken out,
+		// not restarted. Startup and liveness: `check -local -liveness`,
+		// it serves at all: what a restart can fix.
 		want := []string{img.entrypoint[0], "check", "-local"}
+		hasLiveness := func(cmd []string) bool {
+			return slices.Contains(cmd, "-liveness") || slices.Contains(cmd, "--liveness") || slices.Contains(cmd, "-liveness=true")
+		}
+		for name, p := range map[string]*corev1.Probe{
+			"startupProbe":   f.container.StartupProbe,
+			"readinessProbe": f.container.ReadinessProbe,
+			"livenessProbe":  f.container.LivenessProbe,
+		} {
+			if p == nil || p.Exec == nil {
+				continue // said below
+			}
+			if got, wantLive := hasLiveness(p.Exec.Command), name != "readinessProbe"; got != wantLive {
+				if wantLive {
+					t.Errorf("%s %q: want -liveness: a restart does not fix a tailnet that admits nobody (a dead control server), so liveness must not look at it", name, p.Exec.Command)
+				} else {
+					t.Errorf("%s %q: without -liveness: readiness is whether the relay does its job (its tailnets admit, it is not draining)", name, p.Exec.Command)
+				}
+			}
+		}
+		if r, l := f.container.ReadinessProbe, f.container.LivenessProbe; r != nil && l != nil && r.Exec != nil && l.Exec != nil && slices.Equal(r.Exec.Command, l.Exec.Command) {
+			t.Errorf("readiness and liveness probes run the same command %q", r.Exec.Command)
+		}
 		for name, p := range map[string]*corev1.Probe{
 			"startupProbe":   f.container.StartupProbe,
 			"readinessProbe": f.container.ReadinessProbe,
@@ -819,17 +879,10 @@ func TestKubernetesManifests(t *testing.T) {
 		if pdb.Spec.Selector == nil || !labelsMatch(pdb.Spec.Selector.MatchLabels, f.sts.Spec.Template.Labels) {
 			t.Errorf("PodDisruptionBudget %s does not select the relays", pdb.Name)
 		}
-		switch {
-		case pdb.Spec.MaxUnavailable != nil:
-			if v := pdb.Spec.MaxUnavailable.IntValue(); pdb.Spec.MaxUnavailable.Type != 0 || v < 1 || v >= f.replicas {
-				t.Errorf("maxUnavailable %s: want a number from 1 to replicas-1", pdb.Spec.MaxUnavailable.String())
-			}
-		case pdb.Spec.MinAvailable != nil:
-			if v := pdb.Spec.MinAvailable.IntValue(); pdb.Spec.MinAvailable.Type != 0 || v < 1 || v >= f.replicas {
-				t.Errorf("minAvailable %s: want a number from 1 to replicas-1", pdb.Spec.MinAvailable.String())
-			}
-		default:
-			t.Errorf("PodDisruptionBudget %s: neither maxUnavailable nor minAvailable", pdb.Name)
+		// maxUnavailable: 1, like the rolling update: node drains take
+		// one relay of the region at a time, whatever the replicas.
+		if mu := pdb.Spec.MaxUnavailable; mu == nil || mu.Type != intstr.Int || mu.IntValue() != 1 || pdb.Spec.MinAvailable != nil {
+			t.Errorf("PodDisruptionBudget %s: maxUnavailable %v, minAvailable %v: want maxUnavailable: 1 alone (stays right when replicas change)", pdb.Name, pdb.Spec.MaxUnavailable, pdb.Spec.MinAvailable)
 		}
 	})
 }
@@ -946,13 +999,19 @@ func TestKubernetesSettings(t *testing.T) {
 			t.Errorf("pod %d: derpMap node %+v; want HostName %s, RegionID %s, ports %d and %d", i, node, host, wantRegion, https, stun)
 		}
 
-		// The probes' command line parses: exit 2 would be a usage
-		// error. (Nothing serves here, so the check itself fails: exit 1.
-		// It only dials loopback.)
-		if i == 0 && f.container.ReadinessProbe != nil && f.container.ReadinessProbe.Exec != nil {
-			cmd := f.container.ReadinessProbe.Exec.Command
-			if code, _, stderr := runBinary(t, list, cmd[1:]...); code == 2 {
-				t.Errorf("probe command %q: usage error\n%s", cmd, stderr)
+		// The probes' command lines parse: exit 2 would be a usage
+		// error. With the pod's STATE_DIR (an empty directory here) the
+		// check looks at that relay only, and none runs there: exit 1,
+		// whatever else runs on this machine. It only dials loopback.
+		if i == 0 {
+			for _, p := range []*corev1.Probe{f.container.StartupProbe, f.container.ReadinessProbe, f.container.LivenessProbe} {
+				if p == nil || p.Exec == nil {
+					continue
+				}
+				cmd := p.Exec.Command
+				if code, stdout, stderr := runBinary(t, list, cmd[1:]...); code != 1 {
+					t.Errorf("probe command %q with the pod's environment and no relay running: exit %d, want 1 (not running)\n%s%s", cmd, code, stdout, stderr)
+				}
 			}
 		}
 	}
