@@ -1,0 +1,100 @@
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"net/http"
+	"os/exec"
+	"reflect"
+	"testing"
+	"time"
+
+	"tailscale.com/tailcfg"
+
+	"github.com/tailderp/tailderp/internal/testtailnet"
+	"github.com/tailderp/tailderp/relay"
+)
+
+// decodeStrictly decodes b into v, refusing unknown fields and trailing
+// data: a DERPMap as strict a consumer as Headscale would read it.
+func decodeStrictly(t *testing.T, b []byte, v any) {
+	t.Helper()
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		t.Fatalf("decode %s: %v", b, err)
+	}
+	if dec.More() {
+		t.Fatalf("more after the JSON value: %s", b)
+	}
+}
+
+// TestDERPMapJSONIsTheRegion: the running binary's /derpmap.json decodes
+// strictly into a tailcfg.DERPMap, holds exactly the region `tailderp
+// derpmap` prints inside "derpMap", and is all a tailnet needs: clients
+// whose control server hands out only that map (nothing added by hand)
+// reach each other through the relay.
+func TestDERPMapJSONIsTheRegion(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	testtailnet.SetTestEnv(t)
+	p := newRelay(t, relayOpts{args: []string{"-verify-clients=false"}})
+	p.start()
+
+	// Served over HTTPS, decoded strictly.
+	status, body := get(ctx, t, publicClient(), p.url(relay.DERPMapPath))
+	if status != http.StatusOK {
+		t.Fatalf("GET %s: %d %s", relay.DERPMapPath, status, body)
+	}
+	var served tailcfg.DERPMap
+	decodeStrictly(t, []byte(body), &served)
+
+	// The same region as `tailderp derpmap` prints for this relay (it
+	// finds the running server's serving.json in the state directory).
+	cmd := exec.CommandContext(ctx, binary, "derpmap", "-state-dir", p.StateDir, "-hostname", "127.0.0.1", "-certmode", "manual", "-verify-clients=false")
+	cmd.Env = append(cmd.Environ(), "TS_NO_LOGS_NO_SUPPORT=true")
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("tailderp derpmap: %v\n%s", err, out)
+	}
+	var printed struct {
+		DERPMap struct {
+			OmitDefaultRegions bool
+			Regions            map[int]*tailcfg.DERPRegion
+		} `json:"derpMap"`
+	}
+	decodeStrictly(t, out, &printed)
+	if !reflect.DeepEqual(served.Regions, printed.DERPMap.Regions) {
+		t.Fatalf("/derpmap.json serves %s\nbut tailderp derpmap prints %s", body, out)
+	}
+	r := served.Regions[900]
+	if r == nil || len(r.Nodes) != 1 || r.Nodes[0].CertName != p.CertName || r.Nodes[0].DERPPort != p.HTTPSPort || r.Nodes[0].STUNPort != p.STUNPort {
+		t.Fatalf("region 900 %s: want one node with the relay's pin %s, DERP port %d, STUN port %d", body, p.CertName, p.HTTPSPort, p.STUNPort)
+	}
+
+	// A tailnet given only that map: its clients relay through tailderp
+	// (SetTestEnv forces DERP; the map has no other relay).
+	ctl := testtailnet.NewControl(t, &served)
+	a := ctl.NewNode(t, "a")
+	b := ctl.NewNode(t, "b")
+	serveHello(t, a, "a")
+	if err := testtailnet.AwaitPeer(ctx, b, testtailnet.NodeKey(t, a)); err != nil {
+		t.Fatal(err)
+	}
+	if err := sayHello(ctx, b, a, "a"); err != nil {
+		t.Fatal(err)
+	}
+	// Cheap to poll: the ETag answers 304.
+	res, err := publicClient().Do(func() *http.Request {
+		req, _ := http.NewRequestWithContext(ctx, "GET", p.url(relay.DERPMapPath), nil)
+		return req
+	}())
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.Body.Close()
+	if status, _ := get(ctx, t, publicClient(), p.url(relay.DERPMapPath), "If-None-Match", res.Header.Get("ETag")); status != http.StatusNotModified {
+		t.Errorf("GET with the current ETag: %d, want 304", status)
+	}
+}
