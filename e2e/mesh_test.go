@@ -14,6 +14,7 @@ import (
 
 	"github.com/tailderp/tailderp/internal/testtailnet"
 	"github.com/tailderp/tailderp/internal/testutil"
+	"github.com/tailderp/tailderp/relay"
 )
 
 // fleetDERPMap runs `tailderp derpmap` with p's settings and returns the
@@ -131,4 +132,46 @@ func TestMeshedTailderps(t *testing.T) {
 	if !strings.Contains(r1.proc.Output.String(), "mesh: this relay's own entry in -mesh-with is skipped") {
 		t.Error("relay1 did not say it skipped its own -mesh-with entry")
 	}
+
+	// The region assembles itself: each relay's /derpmap.json lists both,
+	// as `tailderp derpmap` prints the fleet (same order, names, hosts,
+	// ports, pins; each node's STUN port is its own relay's, where the
+	// printed one assumes the fleet's are all this relay's), within a
+	// minute (one exchange every 20 s by default).
+	sameNodes := func(a, b *tailcfg.DERPRegion) bool {
+		if a == nil || len(a.Nodes) != len(b.Nodes) {
+			return false
+		}
+		for i, n := range a.Nodes {
+			m := b.Nodes[i]
+			if n.Name != m.Name || n.HostName != m.HostName || n.DERPPort != m.DERPPort || n.CertName != m.CertName || n.IPv4 != m.IPv4 {
+				return false
+			}
+		}
+		return true
+	}
+	stunPorts := map[int]int{r1.HTTPSPort: r1.STUNPort, r2.HTTPSPort: r2.STUNPort}
+	start := time.Now()
+	for _, p := range []*relayProc{r1, r2} {
+		for {
+			var m tailcfg.DERPMap
+			status, body := get(ctx, t, publicClient(), p.url(relay.DERPMapPath))
+			if status == 200 {
+				decodeStrictly(t, []byte(body), &m)
+				if got := m.Regions[testtailnet.RegionID]; sameNodes(got, region) {
+					for _, n := range got.Nodes {
+						if n.STUNPort != stunPorts[n.DERPPort] {
+							t.Errorf("relay on %d publishes node %s with STUN port %d, its relay's is %d", p.HTTPSPort, n.Name, n.STUNPort, stunPorts[n.DERPPort])
+						}
+					}
+					break
+				}
+			}
+			if time.Since(start) > time.Minute {
+				t.Fatalf("relay on %d: %s after %v; want the fleet's region %+v", p.HTTPSPort, body, time.Since(start).Round(time.Second), region)
+			}
+			time.Sleep(250 * time.Millisecond)
+		}
+	}
+	t.Logf("both relays publish the whole region %v after both serve", time.Since(start).Round(time.Millisecond))
 }
