@@ -53,10 +53,18 @@ func (p *Publisher) SetRegion(r *tailcfg.DERPRegion) error {
 }
 
 // SetReadiness sets the readiness and writes the file when it changed;
-// changed says whether it did.
+// changed says whether it did. Once a readiness that says draining is
+// set, one that does not is stale and ignored.
 func (p *Publisher) SetReadiness(r readiness.Readiness) (changed bool, err error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	if p.sv.Readiness != nil && p.sv.Readiness.Draining && !r.Draining {
+		// A process drains once and for good. A readiness that does not
+		// say so was computed before the drain began (the periodic
+		// publisher racing the shutdown): written, it would tell a
+		// readiness probe "ready" again while the listener closes.
+		return false, nil
+	}
 	if p.sv.Readiness != nil && p.sv.Readiness.Equal(&r) && !p.unwritten {
 		return false, nil
 	}
