@@ -7,11 +7,13 @@ import (
 	"net/http"
 	"os/exec"
 	"reflect"
+	"strings"
 	"testing"
 	"time"
 
 	"tailscale.com/tailcfg"
 
+	"github.com/tailderp/tailderp/internal/testpolicy"
 	"github.com/tailderp/tailderp/internal/testtailnet"
 	"github.com/tailderp/tailderp/relay"
 )
@@ -96,5 +98,43 @@ func TestDERPMapJSONIsTheRegion(t *testing.T) {
 	res.Body.Close()
 	if status, _ := get(ctx, t, publicClient(), p.url(relay.DERPMapPath), "If-None-Match", res.Header.Get("ETag")); status != http.StatusNotModified {
 		t.Errorf("GET with the current ETag: %d, want 304", status)
+	}
+}
+
+// TestRegisterKeepsThePolicyFile: a relay started with -register writes
+// its region into the tailnet policy file through the API (a loopback
+// stand-in built from the API's contract), keeping the rest of the file,
+// says so in one line, and never prints the API key.
+func TestRegisterKeepsThePolicyFile(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	api := testpolicy.New(t, testpolicy.PolicyFile)
+	p := newRelay(t, relayOpts{
+		args: []string{"-verify-clients=false", "-register", "-api-url", api.URL(), "-tailnet", testpolicy.Tailnet},
+		env:  []string{"TAILSCALE_API_KEY=" + testpolicy.APIKey},
+	})
+	p.start()
+	p.waitLog("policy file: region 900 written", 30*time.Second)
+
+	status, body := get(ctx, t, publicClient(), p.url(relay.DERPMapPath))
+	if status != http.StatusOK {
+		t.Fatalf("GET %s: %d", relay.DERPMapPath, status)
+	}
+	var served tailcfg.DERPMap
+	decodeStrictly(t, []byte(body), &served)
+	written := testpolicy.Regions(t, []byte(api.File()))["900"]
+	if !reflect.DeepEqual(written, served.Regions[900]) {
+		t.Fatalf("the policy file holds region 900 %+v, the relay serves %s", written, body)
+	}
+	if n := api.Calls("written"); n != 1 {
+		t.Errorf("%d writes, want 1", n)
+	}
+	// Everything else in the file is kept byte for byte: the file is the
+	// stand-in's with region 900 added, which leaves its comments.
+	if !strings.Contains(api.File(), "// Declare static groups of users.") {
+		t.Error("the policy file lost its comments")
+	}
+	if strings.Contains(p.proc.Output.String(), testpolicy.APIKey) {
+		t.Error("the relay's output holds the API key")
 	}
 }
