@@ -145,6 +145,9 @@ func TestDevWritesOnlyTempDirs(t *testing.T) {
 	if r.code != 0 {
 		t.Errorf("check -dev of the -dev relay: exit %d, want 0", r.code)
 	}
+	if strings.Contains(r.out, "no server is running") {
+		t.Errorf("check -dev says no server is running while one runs:\n%s", r.out)
+	}
 	if err := proc.Stop(stopGrace); err != nil {
 		t.Fatalf("stop: %v", err)
 	}
