@@ -9,7 +9,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -18,8 +17,10 @@ import (
 
 // TestWrongInputThroughBinary: wrong input stops the built binary before
 // it writes anything, with exit 2 and one clear line naming the setting;
-// /dev/zero as a -tailnets auth_key_file is read with a bound (no crash,
-// little memory). The rules themselves, and the same exits through
+// /dev/zero as a -tailnets auth_key_file is read with a bound: the
+// error says the bound, at once, and there is no crash. (The child's
+// rusage cannot show its memory: Linux counts the test process's own peak
+// in it at exec.) The rules themselves, and the same exits through
 // realMain, are internal/config's TestInputRules and TestCheckAuthKey and
 // package main's TestWrongInputExitCodes; this is the process as shipped.
 func TestWrongInputThroughBinary(t *testing.T) {
@@ -68,8 +69,7 @@ func TestWrongInputThroughBinary(t *testing.T) {
 			if err != nil && !errors.As(err, &ee) {
 				t.Fatal(err)
 			}
-			rss := maxRSS(cmd.ProcessState)
-			t.Logf("measured: exit %d in %v, max RSS %d MiB:\n%s", cmd.ProcessState.ExitCode(), took.Round(time.Millisecond), rss>>20, out.String())
+			t.Logf("measured: exit %d in %v:\n%s", cmd.ProcessState.ExitCode(), took.Round(time.Millisecond), out.String())
 			if code := cmd.ProcessState.ExitCode(); code != 2 {
 				t.Errorf("exit %d (%v), want 2", code, cmd.ProcessState)
 			}
@@ -90,22 +90,11 @@ func TestWrongInputThroughBinary(t *testing.T) {
 			if strings.Contains(out.String(), "goroutine ") || strings.Contains(out.String(), "panic") || strings.Contains(out.String(), "kE2eInput1") {
 				t.Errorf("a crash or the key in the output:\n%s", out.String())
 			}
-			if rss > 200<<20 {
-				t.Errorf("max RSS %d MiB: a file read without a bound?", rss>>20)
-			}
 			if ents, err := os.ReadDir(state); err == nil {
 				t.Errorf("wrote %d entries in the state directory before saying the input was wrong", len(ents))
 			}
 		})
 	}
-}
-
-// maxRSS is the peak resident memory of an exited process, in bytes.
-func maxRSS(ps *os.ProcessState) int64 {
-	if ru, ok := ps.SysUsage().(*syscall.Rusage); ok {
-		return ru.Maxrss << 10 // kilobytes on Linux
-	}
-	return 0
 }
 
 // TestNearNameWarned: STUN_PROT=3479 (a typo of STUN_PORT) is one WARN
