@@ -125,7 +125,11 @@ type controlWatch struct {
 	problem Problem
 
 	// Re-login after the control server forgot the node.
-	relogins     int       // re-logins started
+	relogins int // re-logins started
+	// relogging: a re-login was asked for and has not yet forgotten the
+	// old node's refusals (resetRefusals); closing the old node takes
+	// a second or two, during which its refusals must not ask again.
+	relogging    bool
 	reloginFail  string    // the last re-login's failure; "" if none
 	reloginWarn  time.Time // when reloginFail was last said
 	reloginNext  time.Duration
@@ -172,6 +176,7 @@ func (c *controlWatch) resetRefusals() {
 	c.refusedSince, c.refusedLast, c.refusedCount, c.refusedWhat, c.refusedMsg = time.Time{}, time.Time{}, 0, "", ""
 	c.refusedWarn, c.refusedNext = time.Time{}, 0
 	c.reloginFail = ""
+	c.relogging = false
 }
 
 // refusalActive reports whether the control server refuses the node now,
@@ -267,7 +272,8 @@ func (n *Node) checkControl() {
 			c.refusedNext = orDefault(min(2*c.refusedNext, maxWarnEvery), c.warnAfter)
 			c.refusedWarn = now
 		}
-		if n.AuthKey != "" && c.reloginFail == "" && c.refusedCount >= 2 && now.Sub(since) >= reloginAfter {
+		if n.AuthKey != "" && c.reloginFail == "" && !c.relogging && c.refusedCount >= 2 && now.Sub(since) >= reloginAfter {
+			c.relogging = true
 			n.requestRelogin()
 		}
 	} else if !c.refusedWarn.IsZero() {

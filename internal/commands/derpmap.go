@@ -128,7 +128,7 @@ func derpMapRegion(cfg *config.Config) (r *tailcfg.DERPRegion, note string, err 
 		}
 		certName = cur.CertName
 	case config.CertDev:
-		note = "-dev makes a new certificate at every start and no server is running: its CertName is in the server's output (or run this while it runs)"
+		note = "-dev makes a new certificate at every start, and no running server was found that says its CertName (a -dev server without -state-dir keeps it in a temporary directory): it is in the server's output, or give both the same -state-dir"
 	}
 	return cfg.DERPRegion(httpsPort, stunPort, certName), note, nil
 }
