@@ -18,6 +18,7 @@ import (
 
 	"tailscale.com/types/key"
 
+	"github.com/tailderp/tailderp/internal/testutil"
 	"github.com/tailderp/tailderp/relay"
 )
 
@@ -27,73 +28,16 @@ import (
 // entry nor an environment variable can hold, so every input stands for a
 // real command line.
 
-// secretMark is appended to every auth key a fuzz target sets, so that a
-// message quoting the key is caught whatever the fuzzer made of the rest of
-// it. It has no placeholder word (see checkAuthKey), no space and no quote,
-// so the key is judged as the fuzzer wrote it.
-const secretMark = "Zq7S3cr3tT0k3n"
+// The fuzz inputs' helpers are testutil's, shared with package main's
+// and internal/commands' fuzz targets.
+var (
+	splitNUL      = testutil.SplitNUL
+	fuzzEnv       = testutil.FuzzEnv
+	markElsewhere = testutil.MarkElsewhere
+	checkMessage  = testutil.CheckMessage
+)
 
-// splitNUL splits a fuzzed NUL-separated list; "" is an empty list.
-func splitNUL(s string) []string {
-	if s == "" {
-		return nil
-	}
-	return strings.Split(s, "\x00")
-}
-
-// fuzzEnv turns a fuzzed environment ("K=V\x00K=V…") into a getenv, with
-// secretMark appended to the auth key variables that are set.
-func fuzzEnv(env string) (list []string, m map[string]string) {
-	m = map[string]string{}
-	for _, kv := range splitNUL(env) {
-		k, v, _ := strings.Cut(kv, "=")
-		m[k] = v
-	}
-	for _, k := range []string{"TAILSCALE_AUTH_KEY", "TS_AUTHKEY"} {
-		if m[k] != "" {
-			m[k] += secretMark
-		}
-	}
-	for k, v := range m {
-		list = append(list, k+"="+v)
-	}
-	return list, m
-}
-
-// markElsewhere reports whether secretMark is in an input other than an
-// auth key, where a message may quote it rightly.
-func markElsewhere(args []string, env map[string]string) bool {
-	for _, a := range args {
-		if strings.Contains(a, secretMark) {
-			return true
-		}
-	}
-	for k, v := range env {
-		if k != "TAILSCALE_AUTH_KEY" && k != "TS_AUTHKEY" && (strings.Contains(v, secretMark) || strings.Contains(k, secretMark)) {
-			return true
-		}
-	}
-	return false
-}
-
-// checkMessage fails t unless msg is made of non-empty lines, each its
-// own log line (the first printed after the program's name, the others
-// starting with "tailderp": one line per thing to change, as explainArgs
-// writes them), and, when checkSecret, does not quote an auth key.
-func checkMessage(t *testing.T, what, msg string, checkSecret bool) {
-	t.Helper()
-	for i, line := range strings.Split(msg, "\n") {
-		if strings.TrimSpace(line) == "" {
-			t.Fatalf("%s: empty line %d in %q", what, i+1, msg)
-		}
-		if strings.ContainsRune(line, '\r') || (i > 0 && !strings.HasPrefix(line, "tailderp")) {
-			t.Fatalf("%s: line %d is not a line of its own: %q", what, i+1, msg)
-		}
-	}
-	if checkSecret && strings.Contains(msg, secretMark) {
-		t.Fatalf("%s: message shows the auth key: %q", what, msg)
-	}
-}
+const secretMark = testutil.SecretMark
 
 // configSeeds are command lines and environments as operators write
 // them, good and bad, derper's included.
