@@ -475,7 +475,9 @@ func shutdown(rel *tailnets.Relay, pub *serving.Publisher, within time.Duration,
 			logger.Warn("cannot say in serving.json that the relay is stopping", "err", err)
 		}
 	}
+	logger.Info("readiness: draining")
 	rel.Server.StopAccepting()
+	logger.Info("listeners closed: new clients go to another relay of the region")
 	ctx, cancel := context.WithTimeout(context.Background(), max(within, nodeShutdownTimeout))
 	defer cancel()
 	var wg sync.WaitGroup

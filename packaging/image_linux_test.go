@@ -156,6 +156,9 @@ func TestSeedsStart(t *testing.T) {
 		before := ctl.Server.NumNodes()
 		p := r.start(t, env, img.entrypoint...)
 		p.WaitOutput(t, "relay: serving DERP over HTTPS", 30*time.Second)
+		// STUN binds just after HTTPS: one packet sent before would be
+		// lost (a flake under load, seen once in CI).
+		p.WaitOutput(t, "stun: serving", 30*time.Second)
 		r.checkUnprivileged(t, p)
 		start := logLine(t, p, "tailderp starting")
 		for _, want := range []string{"hostname=derp.example.com", "certmode=letsencrypt", "addr=:443", "verify_clients=true", "auth_key=set"} {
