@@ -307,7 +307,9 @@ func run(ctx context.Context, cfg *config.Config, logger *slog.Logger, out io.Wr
 	if err != nil {
 		logger.Warn("cannot write serving.json: `tailderp check -local` falls back to the settings it is given", "err", err)
 	}
-	defer pub.Remove()
+	// On any return: stop (which says draining in serving.json) before
+	// the file goes, so no stopped relay's file is left behind.
+	defer func() { stopServing(); pub.Remove() }()
 	pins.Serving(pub, rs)
 	go rel.Publish(ctx, pub, logger)
 	if cfg.Register {
