@@ -251,3 +251,37 @@ func TestFleetNodeNeedsMeshKey(t *testing.T) {
 		t.Fatalf("relay B lists %v, want only itself (%d)", got, pb)
 	}
 }
+
+// TestFleetNodeKeepsOnlyWhatARelaySays: a signed node is taken with its
+// address, ports and pin only: a peer cannot turn off the clients' TLS
+// checks (InsecureForTests) or make itself STUN-only in the region.
+func TestFleetNodeKeepsOnlyWhatARelaySays(t *testing.T) {
+	ca := newFleetCA(t)
+	mk, _ := newMeshKey(t)
+	pa := testutil.FreePort(t, "tcp")
+	a := fleetMember(t, ca, pa, mk, nil, time.Hour, time.Hour)
+	evil := &tailcfg.DERPNode{RegionID: 900, HostName: "127.0.0.9", DERPPort: 443, InsecureForTests: true, STUNOnly: true, CanPort80: true, STUNTestIP: "127.0.0.10"}
+	signed, err := relay.SignFleetNodeForTest(mk, evil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, _ := getDERPMap(t, a, ca.pool, http.MethodGet, map[string]string{relay.FleetNodeHeader: signed})
+	if res.StatusCode != http.StatusOK || res.Header.Get(relay.FleetNodeHeader) == "" {
+		t.Fatalf("a signed node was not taken: %s", res.Status)
+	}
+	_, body := getDERPMap(t, a, ca.pool, http.MethodGet, nil)
+	m := decodeDERPMapStrictly(t, body)
+	var found bool
+	for _, n := range m.Regions[900].Nodes {
+		if n.HostName != "127.0.0.9" {
+			continue
+		}
+		found = true
+		if n.InsecureForTests || n.STUNOnly || n.CanPort80 || n.STUNTestIP != "" {
+			t.Errorf("the peer's node kept fields a relay may not set for others: %+v", n)
+		}
+	}
+	if !found {
+		t.Fatalf("the peer's node is not in the region: %s", body)
+	}
+}

@@ -114,7 +114,14 @@ func verifyNode(mk key.DERPMesh, v string, regionID int, now time.Time) (*tailcf
 	if !validHostName(n.HostName) {
 		return nil, errors.New("no valid host name")
 	}
-	return n, nil
+	if n.CertName != "" && checkCertName(n.CertName) != nil {
+		return nil, errors.New("no valid CertName")
+	}
+	// Only what a relay says of itself in the derpMap: a peer cannot set
+	// InsecureForTests, STUNOnly, STUNTestIP or CanPort80 for the
+	// clients that fetch the region.
+	return &tailcfg.DERPNode{RegionID: n.RegionID, HostName: n.HostName, IPv4: n.IPv4, IPv6: n.IPv6,
+		DERPPort: n.DERPPort, STUNPort: n.STUNPort, CertName: n.CertName}, nil
 }
 
 // nodeID identifies a node within a region: its host and HTTPS port.
