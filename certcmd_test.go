@@ -2,8 +2,11 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -228,6 +231,19 @@ func TestIPCertificateRenewal(t *testing.T) {
 	code, stdout, _ = runMain(t, nil, append([]string{"derpmap"}, settings...)...)
 	if code != 0 || testutil.DERPMapRegion(t, stdout).Nodes[0].CertName != newPin {
 		t.Errorf("derpmap after the switch: exit %d, %s", code, stdout)
+	}
+	// /derpmap.json serves the new pin at once.
+	pinned := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}}
+	defer pinned.CloseIdleConnections()
+	if res, err := pinned.Get("https://" + addr + relay.DERPMapPath); err != nil {
+		t.Errorf("%s after the switch: %v", relay.DERPMapPath, err)
+	} else {
+		var m tailcfg.DERPMap
+		err := json.NewDecoder(res.Body).Decode(&m)
+		res.Body.Close()
+		if err != nil || m.Regions[printed.RegionID] == nil || m.Regions[printed.RegionID].Nodes[0].CertName != newPin {
+			t.Errorf("%s after the switch: %+v, %v; want the new pin %s", relay.DERPMapPath, m.Regions, err, newPin)
+		}
 	}
 	code, out, _ = ckCheck(t, nil, "https://"+addr, "-stun-port", strconv.Itoa(node.STUNPort), "-cert-name", newPin, "-pings", "3", "-expect-open")
 	if line := ckLine(t, out, "certificate"); code != 0 || !strings.HasPrefix(line, "✓ ") {
