@@ -1,10 +1,12 @@
 package relay
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"fmt"
 	"net/http/httptest"
 	"testing"
 	"time"
@@ -148,4 +150,48 @@ func dialTenantKey(t *testing.T, url string, pool *x509.CertPool, k key.NodePriv
 		t.Fatal("first message is not ServerInfo")
 	}
 	return tc
+}
+
+// TestTenantFastStart: a client that knows the server key (Derp-Fast-Start,
+// no 101) sends ClientInfo at once and is served by its tenant; a key no
+// tenant knows is closed before derpserver sees it.
+func TestTenantFastStart(t *testing.T) {
+	priv := key.NewNode()
+	sA := derpserver.New(priv, t.Logf)
+	defer sA.Close()
+	known := key.NewNode()
+	ts := httptest.NewUnstartedServer(TenantHandler(priv.Public(), func(_ string, k key.NodePublic) *derpserver.Server {
+		if k == known.Public() {
+			return sA
+		}
+		return nil
+	}))
+	ts.StartTLS()
+	defer ts.Close()
+	pool := x509.NewCertPool()
+	pool.AddCert(ts.Certificate())
+
+	dial := func(k key.NodePrivate) (derp.ReceivedMessage, error) {
+		conn, err := tls.Dial("tcp", ts.Listener.Addr().String(), &tls.Config{RootCAs: pool, ServerName: "127.0.0.1"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		conn.SetDeadline(time.Now().Add(10 * time.Second))
+		brw := bufio.NewReadWriter(bufio.NewReader(conn), bufio.NewWriter(conn))
+		fmt.Fprintf(brw, "GET /derp HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n%s: 1\r\n\r\n", derp.FastStartHeader)
+		c, err := derp.NewClient(k, conn, brw, logger.Discard, derp.ServerPublicKey(priv.Public()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c.Recv()
+	}
+	if m, err := dial(known); err != nil {
+		t.Fatalf("known key: %v", err)
+	} else if _, ok := m.(derp.ServerInfoMessage); !ok {
+		t.Fatalf("known key got %#v, want ServerInfo", m)
+	}
+	if m, err := dial(key.NewNode()); err == nil {
+		t.Fatalf("unknown key got %#v, want the connection closed", m)
+	}
 }
