@@ -42,7 +42,7 @@ func inNetns(t *testing.T, pid int, ops func()) {
 			errc <- fmt.Errorf("setns: %w", err)
 			return
 		}
-		if err := loopbackUp(); err != nil {
+		if err := testutil.LoopbackUp(); err != nil {
 			errc <- err
 			return
 		}
@@ -52,27 +52,6 @@ func inNetns(t *testing.T, pid int, ops func()) {
 	if err := <-errc; err != nil {
 		t.Fatalf("in the relay's network namespace: %v", err)
 	}
-}
-
-// loopbackUp is `ip link set lo up` in the calling thread's namespace.
-func loopbackUp() error {
-	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		return err
-	}
-	defer unix.Close(fd)
-	ifr, err := unix.NewIfreq("lo")
-	if err != nil {
-		return err
-	}
-	if err := unix.IoctlIfreq(fd, unix.SIOCGIFFLAGS, ifr); err != nil {
-		return fmt.Errorf("SIOCGIFFLAGS lo: %w", err)
-	}
-	ifr.SetUint16(ifr.Uint16() | unix.IFF_UP)
-	if err := unix.IoctlIfreq(fd, unix.SIOCSIFFLAGS, ifr); err != nil {
-		return fmt.Errorf("SIOCSIFFLAGS lo up: %w", err)
-	}
-	return nil
 }
 
 // TestAllAddressesBothFamilies: `-a :PORT` (every address, as an
