@@ -122,7 +122,7 @@ func realMain(args []string, env []string, stdout, stderr io.Writer) int {
 	defer stop()
 	if err := run(ctx, cfg, logger, stdout); err != nil {
 		logger.Error(err.Error())
-		if _, bad := errors.AsType[settingsError](err); bad {
+		if _, bad := errors.AsType[commands.SettingsError](err); bad {
 			return 2 // the settings' fault: a restart changes nothing
 		}
 		return 1
@@ -521,7 +521,7 @@ func makeCerts(cfg *config.Config, logger *slog.Logger) (relay.Certificates, err
 		certs, err := relay.LoadManualCerts(dir, cfg.Hostname, logger)
 		if err != nil {
 			crt, key := relay.CertPaths(dir, cfg.Hostname)
-			return nil, settingsError{fmt.Errorf("-certmode manual (CERTMODE) for %s %s: %w (put a certificate for that name at %s and its key at %s, see %s; or use -certmode letsencrypt)",
+			return nil, commands.SettingsError{Err: fmt.Errorf("-certmode manual (CERTMODE) for %s %s: %w (put a certificate for that name at %s and its key at %s, see %s; or use -certmode letsencrypt)",
 				settingName("hostname"), cfg.Hostname, err, crt, key, settingName("certdir"))}
 		}
 		return certs, nil
@@ -554,9 +554,6 @@ func makeCerts(cfg *config.Config, logger *slog.Logger) (relay.Certificates, err
 		return certs, nil
 	}
 }
-
-// settingsError is an error of run that is the settings' fault (exit 2).
-type settingsError struct{ error }
 
 // loadDERPKey returns the relay's DERP identity from the state directory;
 // -dev without a writable state directory gets a fresh one each start.

@@ -30,7 +30,8 @@ import (
 // SettingsError (exit 2); any other error exits 1.
 type Region func(cfg *config.Config) (region *tailcfg.DERPRegion, notes []string, err error)
 
-// SettingsError marks a Region error as the settings' fault.
+// SettingsError marks an error as the settings' fault (exit 2): a
+// Region error, or the server's (a manual certificate that does not load).
 type SettingsError struct{ Err error }
 
 func (e SettingsError) Error() string { return e.Err.Error() }

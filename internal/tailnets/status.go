@@ -31,8 +31,9 @@ type Debug struct {
 	Relay    *relay.Server
 	Verifier *verify.Verifier
 	Started  time.Time
-	// Readiness is the relay's readiness (Relay.Readiness): the status
-	// page judges it as `tailderp check -local` does.
+	// Readiness is the relay's readiness (Relay.Readiness of the same
+	// Tailnets; required): the status page judges it as `tailderp check
+	// -local` does.
 	Readiness func() readiness.Readiness
 }
 
@@ -159,10 +160,7 @@ func (d *Debug) Status(viewer *Tailnet) debugsrv.Status {
 	if viewer != nil {
 		st.Tailnet = viewer.Name
 	}
-	var rd readiness.Readiness
-	if d.Readiness != nil {
-		rd = d.Readiness()
-	}
+	rd := d.Readiness()
 	st.Readiness = rd.Judge(now)
 	st.Ready = rd.Ready(now)
 	for _, f := range st.Readiness {
@@ -172,13 +170,7 @@ func (d *Debug) Status(viewer *Tailnet) debugsrv.Status {
 		}
 	}
 	for i, t := range d.Tailnets {
-		var r readiness.Tailnet
-		if i < len(rd.Tailnets) {
-			r = rd.Tailnets[i]
-		} else {
-			r = readiness.Tailnet{Name: t.Name, Admits: readiness.Admits(t.Node.Readiness().Admits)}
-		}
-		ts := d.tailnetStatus(t, r, now)
+		ts := d.tailnetStatus(t, rd.Tailnets[i], now) // one part per tailnet, in order
 		st.Tailnets = append(st.Tailnets, ts)
 		if ts.Problem != "" {
 			st.Problems = append(st.Problems, "tailnet "+t.Name+": "+ts.Problem)
