@@ -287,6 +287,22 @@ func run(ctx context.Context, cfg *config.Config, logger *slog.Logger, out io.Wr
 	}
 
 	sv := servingNow(cfg, rs, certs, stunAddr)
+	rd := rel.Readiness()
+	sv.Readiness = &rd
+	path := ""
+	if stateWritable == nil {
+		path = cfg.ServingPath()
+	}
+	// serving.json first: once the snippet is printed, `check -local` and
+	// `derpmap` find what this relay serves.
+	pub, err = serving.NewPublisher(path, *sv)
+	if err != nil {
+		logger.Warn("cannot write serving.json: `tailderp check -local` falls back to the settings it is given", "err", err)
+	}
+	// On any return: stop (which says draining in serving.json) before
+	// the file goes, so no stopped relay's file is left behind.
+	defer func() { stopServing(); pub.Remove() }()
+	pins.Serving(pub, rs)
 	fleet := cfg.FleetRegion(sv.Region)
 	if err := commands.WriteSnippet(out, fleet); err != nil {
 		return err
@@ -297,20 +313,6 @@ func run(ctx context.Context, cfg *config.Config, logger *slog.Logger, out io.Wr
 	if err := rs.PublishRegion(sv.Region); err != nil {
 		return err
 	}
-	rd := rel.Readiness()
-	sv.Readiness = &rd
-	path := ""
-	if stateWritable == nil {
-		path = cfg.ServingPath()
-	}
-	pub, err = serving.NewPublisher(path, *sv)
-	if err != nil {
-		logger.Warn("cannot write serving.json: `tailderp check -local` falls back to the settings it is given", "err", err)
-	}
-	// On any return: stop (which says draining in serving.json) before
-	// the file goes, so no stopped relay's file is left behind.
-	defer func() { stopServing(); pub.Remove() }()
-	pins.Serving(pub, rs)
 	go rel.Publish(ctx, pub, logger)
 	if cfg.Register {
 		pc, err := cfg.PolicyClient() // checked by config.Load

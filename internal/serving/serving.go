@@ -200,7 +200,7 @@ func Running(own *config.Config) (s *Serving, cfg *config.Config, from string, e
 		return s, own, own.ServingPath(), nil
 	case own.Given("state-dir"):
 		if errors.Is(err, os.ErrNotExist) {
-			err = fmt.Errorf("%s: %w", own.ServingPath(), ErrNotServing)
+			err = fmt.Errorf("no %s: %w", own.ServingPath(), ErrNotServing)
 		}
 		return nil, nil, "", fmt.Errorf("no tailderp serves from %s %s: %w (start it, or give the state directory of the relay to check)",
 			config.SettingName("state-dir"), own.StateDir, err)
