@@ -237,7 +237,17 @@ func run(ctx context.Context, cfg *config.Config, logger *slog.Logger, out io.Wr
 		MaxConnsPerIP: cfg.MaxConnsPerIP,
 	}
 	rs.ProxyProtocolFrom, _ = cfg.ProxyProtocolSources() // checked by config.Load
-	if verifier != nil {
+	switch {
+	case len(tns) > 1:
+		// Several tailnets: one DERP server each (see relay/tenants.go).
+		verifier.Isolated = true
+		for _, t := range tns {
+			rs.Tenants = append(rs.Tenants, relay.Tenant{Name: t.Name, Admitter: verifier.ForTailnet(t.Name)})
+		}
+		rs.TenantOf = verifier.TenantOf
+		rs.MaxConnsPerTenant = cfg.MaxConnsPerTailnet
+		verifier.Conns = rs
+	case verifier != nil:
 		rs.Admitter = verifier
 		verifier.Conns = rs
 	}

@@ -33,14 +33,21 @@ import (
 // Config is what the debug pages show. The pages are served to one
 // tailnet: what lists clients lists only that tailnet's.
 type Config struct {
-	// Vars are metric sets published under their names, in addition to
-	// the process-wide expvars (Go runtime, STUN, derpserver globals).
+	// ProcessWide serves what belongs to the whole process: pprof (whose
+	// pages include the command line) and the process-wide expvars (Go
+	// runtime, STUN, derpserver globals, the command line). Only for the
+	// relay's operator: the one tailnet of a relay, the first of several,
+	// or loopback. Another tailnet of a shared relay sees its own pages
+	// only.
+	ProcessWide bool
+	// Vars are metric sets published under their names (after the
+	// process-wide expvars, with ProcessWide).
 	Vars map[string]expvar.Var
 	// Status is the status page's content, built when it is asked for.
 	Status func() Status
-	// DERP, if set, is the relay's server, for /debug/check and
-	// /debug/traffic. They list every client of every tailnet: leave it
-	// nil on a relay that serves several tailnets.
+	// DERP, if set, is the viewer's DERP server, for /debug/check and
+	// /debug/traffic, which list every client of that server: the
+	// relay's, or one tenant's (relay.Server.TenantDERP).
 	DERP *derpserver.Server
 	// Recent, if set, lists the admissions shown at /debug/clients: the
 	// viewing tailnet's.
@@ -57,33 +64,46 @@ type Config struct {
 // Handler returns the debug handler.
 func Handler(c Config) http.Handler {
 	inner := http.NewServeMux()
-	d := tsweb.Debugger(inner)
-	links := []StatusLink{
-		{"/debug/status", "this status as JSON"},
-		{"/debug/pprof/", "Go profiles"},
-		{"/metrics", "Prometheus metrics (also /debug/varz)"},
-		{"/debug/vars", "the metrics as JSON"},
+	links := []StatusLink{{"/debug/status", "this status as JSON"}}
+	handle := func(name, _ string, h http.Handler) { inner.Handle("/debug/"+name, h) }
+	if c.ProcessWide {
+		d := tsweb.Debugger(inner)
+		handle = d.Handle
+		links = append(links, StatusLink{"/debug/pprof/", "Go profiles"})
+	}
+	links = append(links,
+		StatusLink{"/metrics", "Prometheus metrics (also /debug/varz)"},
+		StatusLink{"/debug/vars", "the metrics as JSON"},
+	)
+	// expvars is every metric served: the process's, then ours.
+	expvars := func(f func(expvar.KeyValue)) {
+		if c.ProcessWide {
+			expvar.Do(f)
+		}
+		for name, v := range c.Vars {
+			f(expvar.KeyValue{Key: name, Value: v})
+		}
 	}
 	if c.DERP != nil {
 		links = append(links, StatusLink{"/debug/check", "DERP consistency check"}, StatusLink{"/debug/traffic", "DERP traffic by connection"})
-		d.Handle("check", "DERP consistency check", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		handle("check", "DERP consistency check", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			if err := c.DERP.ConsistencyCheck(); err != nil {
 				http.Error(w, err.Error(), http.StatusInternalServerError)
 				return
 			}
 			io.WriteString(w, "derp.Server ConsistencyCheck okay\n")
 		}))
-		d.Handle("traffic", "DERP traffic by connection", http.HandlerFunc(c.DERP.ServeDebugTraffic))
+		handle("traffic", "DERP traffic by connection", http.HandlerFunc(c.DERP.ServeDebugTraffic))
 	}
 	if c.Recent != nil {
 		links = append(links, StatusLink{"/debug/clients", "recently admitted clients of this tailnet"})
-		d.Handle("clients", "Admitted clients", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		handle("clients", "Admitted clients", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			serveClients(w, c)
 		}))
 	}
 	if c.MeshPeers != nil {
 		links = append(links, StatusLink{"/debug/mesh", "mesh peers"})
-		d.Handle("mesh", "Mesh peers", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		handle("mesh", "Mesh peers", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			w.Header().Set("Content-Type", "text/html; charset=utf-8")
 			io.WriteString(w, "<html><body><h1>Mesh peers</h1>\n")
 			writeMeshTable(w, c.MeshPeers(), time.Now())
@@ -94,12 +114,7 @@ func Handler(c Config) http.Handler {
 	// The Prometheus endpoints must include our sets, which are not
 	// published process-wide (several relays may share a process), so
 	// they are served here ahead of tsweb's /debug/varz.
-	prom := http.HandlerFunc(varz.ExpvarDoHandler(func(f func(expvar.KeyValue)) {
-		expvar.Do(f)
-		for name, v := range c.Vars {
-			f(expvar.KeyValue{Key: name, Value: v})
-		}
-	}))
+	prom := http.HandlerFunc(varz.ExpvarDoHandler(expvars))
 	outer := http.NewServeMux()
 	if c.Status != nil {
 		status := func() Status {
@@ -123,10 +138,7 @@ func Handler(c Config) http.Handler {
 			first = false
 			fmt.Fprintf(w, "\n%q: %s", kv.Key, kv.Value)
 		}
-		expvar.Do(write)
-		for name, v := range c.Vars {
-			write(expvar.KeyValue{Key: name, Value: v})
-		}
+		expvars(write)
 		io.WriteString(w, "\n}\n")
 	}))
 	outer.Handle("/", inner)

@@ -90,7 +90,7 @@ type admissionCtxKey struct{}
 // admissionCtx is what the /derp handler hands the admission RoundTripper
 // through the request context.
 type admissionCtx struct {
-	admitter Admitter
+	admitter Admitter // with Tenants, set by the tenant handler
 	conn     *trackedConn // this connection, to be registered under its key
 	conns    *connTracker
 }
@@ -125,7 +125,9 @@ func (admissionRoundTripper) RoundTrip(req *http.Request) (*http.Response, error
 	// Registered under its key before the decision, so a revocation that
 	// lands while the Admitter is deciding still finds (and closes) it.
 	ac.conns.admitting(ac.conn, ar.NodePublic, ar.Source)
-	allow := ac.admitter.Admit(req.Context(), ar.NodePublic, ar.Source)
+	// No admitter: a tenant relay's connection that no tenant took (the
+	// tenant handler closes those first); refused.
+	allow := ac.admitter != nil && ac.admitter.Admit(req.Context(), ar.NodePublic, ar.Source)
 	if allow {
 		ac.conns.admit(ac.conn)
 	} else {

@@ -17,9 +17,10 @@ import (
 
 // Client is a DERP connection the Admitter admitted.
 type Client struct {
-	Key   key.NodePublic
-	From  netip.Addr
-	Since time.Time // when it was admitted
+	Key    key.NodePublic
+	From   netip.Addr
+	Since  time.Time // when it was admitted
+	Tenant string    // its tenant (tailnet), with Server.Tenants
 }
 
 // connTracker knows the DERP connections that passed (or are passing)
@@ -32,8 +33,9 @@ type Client struct {
 // Mesh peers are admitted by derpserver without asking the Admitter, so
 // they are never tracked and never revoked.
 type connTracker struct {
-	mu    sync.Mutex
-	byKey map[key.NodePublic]map[*trackedConn]struct{}
+	mu       sync.Mutex
+	byKey    map[key.NodePublic]map[*trackedConn]struct{}
+	byTenant map[string]int // connections routed to each tenant, until their request ends
 }
 
 // trackedConn is one /derp request, from the handler until it returns.
@@ -47,6 +49,8 @@ type trackedConn struct {
 	src      netip.Addr
 	since    time.Time // when admitted
 	admitted bool
+	tenant   string // set when routed to a tenant (joinTenant)
+	inTenant bool   // counted in byTenant
 
 	mu     sync.Mutex
 	nc     net.Conn // the hijacked connection
@@ -85,10 +89,39 @@ func (t *connTracker) admit(tc *trackedConn) {
 	tc.admitted, tc.since = true, time.Now()
 }
 
+// joinTenant routes tc to tenant unless max (> 0) of its connections are
+// open already; it reports whether it did.
+func (t *connTracker) joinTenant(tc *trackedConn, tenant string, max int) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if max > 0 && t.byTenant[tenant] >= max {
+		return false
+	}
+	if t.byTenant == nil {
+		t.byTenant = make(map[string]int)
+	}
+	t.byTenant[tenant]++
+	tc.tenant, tc.inTenant = tenant, true
+	return true
+}
+
+// tenantCount is how many connections are routed to tenant now.
+func (t *connTracker) tenantCount(tenant string) int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.byTenant[tenant]
+}
+
 // remove stops tracking tc (refused, or its request ended) and releases
 // its context.
 func (t *connTracker) remove(tc *trackedConn) {
 	t.mu.Lock()
+	if tc.inTenant {
+		tc.inTenant = false
+		if t.byTenant[tc.tenant]--; t.byTenant[tc.tenant] <= 0 {
+			delete(t.byTenant, tc.tenant)
+		}
+	}
 	if set := t.byKey[tc.key]; set != nil {
 		delete(set, tc)
 		if len(set) == 0 {
@@ -131,7 +164,7 @@ func (t *connTracker) clients() []Client {
 	for _, set := range t.byKey {
 		for tc := range set {
 			if tc.admitted {
-				out = append(out, Client{Key: tc.key, From: tc.src, Since: tc.since})
+				out = append(out, Client{Key: tc.key, From: tc.src, Since: tc.since, Tenant: tc.tenant})
 			}
 		}
 	}
@@ -153,6 +186,19 @@ func (t *connTracker) keys() []key.NodePublic {
 		}
 	}
 	return out
+}
+
+// tenantOf is the tenant of k's admitted connections ("" if none, or
+// without tenants).
+func (t *connTracker) tenantOf(k key.NodePublic) string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for tc := range t.byKey[k] {
+		if tc.admitted {
+			return tc.tenant
+		}
+	}
+	return ""
 }
 
 // connected reports whether k has an admitted connection.

@@ -207,7 +207,10 @@ const (
 
 // MeshPeerStatus is one mesh link as Server.MeshPeers reports it.
 type MeshPeerStatus struct {
-	Peer  MeshPeer
+	Peer MeshPeer
+	// Tenant is the tenant (tailnet) whose clients the link carries: a
+	// relay with Tenants has one link per tenant and peer. "" without.
+	Tenant string
 	State MeshState
 	// Since is when State began.
 	Since time.Time
@@ -250,6 +253,7 @@ func meshRetryWait(n int) time.Duration { return retryDelay(n, meshLoopRetry, me
 // client whose watch loop adds and removes packet forwarders.
 type meshLink struct {
 	peer   MeshPeer
+	tenant string // the tenant whose clients it carries ("" with one)
 	derp   *derpserver.Server
 	client *derphttp.Client
 	logger *slog.Logger
@@ -269,13 +273,14 @@ type meshLink struct {
 	pinWarnGap  time.Duration
 }
 
-func newMeshLink(s *Server, p MeshPeer) *meshLink {
+func newMeshLink(s *Server, t *tenant, p MeshPeer) *meshLink {
 	m := &meshLink{
 		peer:    p,
-		derp:    s.derp,
-		logger:  s.Logger.With("mesh_peer", p.String()),
+		tenant:  t.Name,
+		derp:    t.derp,
+		logger:  s.tenantLogger(t.Name).With("mesh_peer", p.String()),
 		present: map[key.NodePublic]bool{},
-		status:  MeshPeerStatus{Peer: p, State: MeshDialing, Since: time.Now()},
+		status:  MeshPeerStatus{Peer: p, Tenant: t.Name, State: MeshDialing, Since: time.Now()},
 	}
 	// The peer as a derpMap node, so it is dialed and its certificate
 	// checked exactly as Tailscale clients check a node (CertName pin,
@@ -292,8 +297,11 @@ func newMeshLink(s *Server, p MeshPeer) *meshLink {
 	logf := logger.RateLimitedFn(func(format string, args ...any) {
 		m.logger.Debug(strings.TrimSpace(fmt.Sprintf(format, args...)), "component", "derphttp")
 	}, time.Minute, 5, 50)
-	m.client = derphttp.NewRegionClient(s.derp.PrivateKey(), logf, netmon.NewStatic(), func() *tailcfg.DERPRegion { return region })
-	m.client.MeshKey = s.derp.MeshKey()
+	m.client = derphttp.NewRegionClient(t.derp.PrivateKey(), logf, netmon.NewStatic(), func() *tailcfg.DERPRegion { return region })
+	// The tenant's own mesh key: the peer hands the link to the same
+	// tenant's server (see tenants.go), and it watches and forwards
+	// within that tenant only.
+	m.client.MeshKey = t.derp.MeshKey()
 	m.client.WatchConnectionChanges = true
 	m.client.TLSConfig = meshTLSConfig(p, s.MeshRootCAs, m.unpinned.Store)
 	return m
@@ -508,31 +516,46 @@ func (m *meshLink) snapshot() MeshPeerStatus {
 	return st
 }
 
-// startMesh dials every peer of s.MeshWith in the background, until ctx
-// ends (and stopBackground closes the clients).
+// startMesh dials every peer of s.MeshWith in the background, one link
+// per tenant, until ctx ends (and stopBackground closes the clients).
 func (s *Server) startMesh(ctx context.Context) {
-	for _, p := range s.MeshWith {
-		m := newMeshLink(s, p)
-		s.mesh = append(s.mesh, m)
-		s.wg.Go(func() { m.run(ctx) })
+	for _, t := range s.tenants {
+		for _, p := range s.MeshWith {
+			m := newMeshLink(s, t, p)
+			t.mesh = append(t.mesh, m)
+			s.wg.Go(func() { m.run(ctx) })
+		}
 	}
 }
 
-// MeshPeers reports each peer of MeshWith, in that order: whether it is
-// connected, since when, and its last error. Empty without MeshWith.
+// MeshPeers reports each link to a peer of MeshWith, in that order (per
+// tenant, in the order of Tenants): whether it is connected, since when,
+// and its last error. Empty without MeshWith.
 func (s *Server) MeshPeers() []MeshPeerStatus {
-	out := make([]MeshPeerStatus, 0, len(s.mesh))
-	for _, m := range s.mesh {
-		out = append(out, m.snapshot())
+	var out []MeshPeerStatus
+	for _, t := range s.tenants {
+		for _, m := range t.mesh {
+			out = append(out, m.snapshot())
+		}
 	}
 	return out
 }
 
 // meshCounts are how many peers are configured (itself left out) and
-// connected, for metrics.
+// connected, over the links of the first tenant (every tenant links to
+// the same peers), for metrics.
 func (s *Server) meshCounts() (peers, connected int) {
-	for _, st := range s.MeshPeers() {
-		switch st.State {
+	if len(s.tenants) == 0 {
+		return 0, 0
+	}
+	return meshCounts(s.tenants[0].mesh)
+}
+
+// meshCounts are how many of links lead to another relay, and how many of
+// those are connected.
+func meshCounts(links []*meshLink) (peers, connected int) {
+	for _, m := range links {
+		switch m.snapshot().State {
 		case MeshSelf:
 		case MeshConnected:
 			peers++

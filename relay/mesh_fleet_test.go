@@ -108,6 +108,16 @@ type fleetRelay struct {
 // startTailderp starts a tailderp relay on port, meshed with peers.
 func startTailderp(t *testing.T, ca *fleetCA, port int, priv key.NodePrivate, mk key.DERPMesh, peers []relay.MeshPeer, adm relay.Admitter) *fleetRelay {
 	t.Helper()
+	return startTailderpWith(t, ca, port, priv, mk, peers, func(s *relay.Server) {
+		if adm != nil {
+			s.Admitter = adm
+		}
+	})
+}
+
+// startTailderpWith is startTailderp with configure applied before Start.
+func startTailderpWith(t *testing.T, ca *fleetCA, port int, priv key.NodePrivate, mk key.DERPMesh, peers []relay.MeshPeer, configure func(*relay.Server)) *fleetRelay {
+	t.Helper()
 	dir := t.TempDir()
 	ca.issue(t, dir, "127.0.0.1")
 	certs, err := relay.LoadManualCerts(dir, "127.0.0.1", nil)
@@ -118,9 +128,7 @@ func startTailderp(t *testing.T, ca *fleetCA, port int, priv key.NodePrivate, mk
 		Addr: loopbackAddr(port), HTTPPort: -1, Certs: certs, PrivateKey: priv,
 		MeshKey: mk, MeshWith: peers, MeshRootCAs: ca.pool, Logger: testLogger(),
 	}
-	if adm != nil {
-		s.Admitter = adm
-	}
+	configure(s)
 	if err := s.Start(); err != nil {
 		t.Fatal(err)
 	}

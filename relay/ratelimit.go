@@ -58,7 +58,11 @@ func parseRateConfig(b []byte) (RateConfig, error) {
 // and returns the limits as applied (the burst may be raised). Call it
 // after Start.
 func (s *Server) SetRateLimits(rc RateConfig) RateConfig {
-	return s.derp.UpdateRateLimits(rc)
+	var applied RateConfig
+	for _, t := range s.tenants {
+		applied = t.derp.UpdateRateLimits(rc) // the same for each
+	}
+	return applied
 }
 
 // DefaultRatePoll is how often a RateConfigFile looks at its file.

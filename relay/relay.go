@@ -86,8 +86,30 @@ type Server struct {
 	PrivateKey key.NodePrivate
 
 	// Admitter decides which clients may relay. Nil admits everyone: an
-	// open relay that anyone who finds it can use.
+	// open relay that anyone who finds it can use. Unused with Tenants.
 	Admitter Admitter
+
+	// Tenants, if set, are the tailnets the relay serves apart from each
+	// other (see tenants.go): one DERP server each, so a client of one
+	// can neither reach nor see the clients of another, here or through
+	// the mesh. Each client goes to the tenant TenantOf names and is
+	// admitted by that tenant's Admitter. The first tenant is the
+	// default: DERP() and the whole relay's metrics are its server's.
+	Tenants []Tenant
+
+	// TenantOf names the tenant of the client announcing node key k from
+	// src (not yet proven: derpserver checks the proof, then the tenant's
+	// Admitter decides), or "" for none: the connection is closed. It may
+	// wait, bounded by ctx, for an answer that is about to arrive (a
+	// tailnet's node has just started). Required with Tenants; see
+	// verify.Verifier.TenantOf.
+	TenantOf func(ctx context.Context, k key.NodePublic, src netip.Addr) string
+
+	// MaxConnsPerTenant caps the client connections of each tenant (its
+	// share of the relay; 0: no cap). Over it, a tenant's new clients are
+	// refused, counted and warned about once a minute; mesh peers are
+	// exempt.
+	MaxConnsPerTenant int
 
 	// Home is what "/" serves: "" a neutral page, "blank" an empty page,
 	// or an http(s) URL to redirect to.
@@ -197,10 +219,10 @@ type Server struct {
 	// certCheckEvery overrides certCheckEvery, for tests.
 	certCheckEvery time.Duration
 
-	derp      *derpserver.Server
+	derp      *derpserver.Server // the first tenant's
+	tenants   []*tenant          // one, unnamed, without Tenants
 	logs      relayLogs
 	conns     connTracker
-	mesh      []*meshLink
 	bootstrap *bootstrapDNS
 	derpMap   derpMapDoc         // served at DERPMapPath; see PublishRegion
 	bgCancel  context.CancelFunc // ends background work: bootstrap DNS, mesh links, the certificate watch
@@ -266,23 +288,16 @@ func (s *Server) Start() (err error) {
 	}
 
 	s.logs = newRelayLogs(s.Logger)
-	s.derp = derpserver.New(s.PrivateKey, derpLogf(s.Logger, s.logs.conn))
 	defer func() {
 		if err != nil {
-			s.derp.Close()
-			s.derp = nil
+			for _, t := range s.tenants {
+				t.derp.Close()
+			}
+			s.tenants, s.derp = nil, nil
 		}
 	}()
-	switch {
-	case s.TCPWriteTimeout > 0:
-		s.derp.SetTCPWriteTimeout(s.TCPWriteTimeout)
-	case s.TCPWriteTimeout < 0:
-		s.derp.SetTCPWriteTimeout(0)
-	}
-	if !s.MeshKey.IsZero() {
-		if err := s.derp.SetMeshKey(s.MeshKey.String()); err != nil {
-			return fmt.Errorf("relay: mesh key: %w", err)
-		}
+	if err := s.startTenants(); err != nil {
+		return err
 	}
 	if len(s.MeshWith) > 0 && s.MeshKey.IsZero() {
 		return errors.New("relay: mesh peers need a mesh key")
@@ -291,12 +306,15 @@ func (s *Server) Start() (err error) {
 	if s.bootstrap, err = newBootstrapDNS(s); err != nil {
 		return err
 	}
-	derpHandler := derpserver.AddWebSocketSupport(s.derp, derpserver.Handler(s.derp))
-	if s.Admitter != nil {
-		if err := useAdmission(s.derp); err != nil {
-			return err
-		}
-		derpHandler = withAdmission(s.Admitter, &s.conns, derpHandler)
+	var derpHandler http.Handler
+	switch {
+	case len(s.Tenants) > 0:
+		// The tenant handler picks each connection's Admitter.
+		derpHandler = withAdmission(nil, &s.conns, s.tenantHandler())
+	case s.Admitter != nil:
+		derpHandler = withAdmission(s.Admitter, &s.conns, derpserver.AddWebSocketSupport(s.derp, derpserver.Handler(s.derp)))
+	default:
+		derpHandler = derpserver.AddWebSocketSupport(s.derp, derpserver.Handler(s.derp))
 	}
 	derpHandler = checkUpgrade(s.logs.request, derpHandler)
 
@@ -439,7 +457,8 @@ func (s *Server) HTTPAddr() string {
 	return s.ln80.Addr().String()
 }
 
-// DERP returns the underlying derpserver, for debug pages and mesh.
+// DERP returns the underlying derpserver (the first tenant's, with
+// Tenants), for debug pages and mesh.
 func (s *Server) DERP() *derpserver.Server { return s.derp }
 
 // ExpVar returns the relay's metrics: derpserver's plus the certificate's
@@ -470,6 +489,14 @@ func (s *Server) ExpVar() expvar.Var {
 	m.Set("counter_bootstrap_dns_hits", &s.bootstrap.hits)
 	m.Set("counter_bootstrap_dns_misses", &s.bootstrap.misses)
 	m.Set("gauge_cert_problem", expvar.Func(s.certProblemGauge))
+	if len(s.Tenants) > 0 {
+		// "derp" above is the first tenant's; each tenant's own set.
+		tenants := new(metrics.Set)
+		for _, t := range s.tenants {
+			tenants.Set(t.Name, s.TenantExpVar(t.Name))
+		}
+		m.Set("tenant", tenants)
+	}
 	return m
 }
 
@@ -484,6 +511,10 @@ func (s *Server) Clients() []Client { return s.conns.clients() }
 
 // ConnectedKeys lists the clients with an admitted connection open.
 func (s *Server) ConnectedKeys() []key.NodePublic { return s.conns.keys() }
+
+// ConnectedTenant is the tenant of the client k's admitted connection ("" if
+// it has none, or without Tenants).
+func (s *Server) ConnectedTenant(k key.NodePublic) string { return s.conns.tenantOf(k) }
 
 // Connected reports whether the client k has an admitted connection open.
 func (s *Server) Connected(k key.NodePublic) bool { return s.conns.connected(k) }
@@ -521,8 +552,10 @@ func (s *Server) StopAccepting() {
 // return promptly).
 func (s *Server) stopBackground() {
 	s.bgCancel()
-	for _, m := range s.mesh {
-		m.client.Close()
+	for _, t := range s.tenants {
+		for _, m := range t.mesh {
+			m.client.Close()
+		}
 	}
 }
 
@@ -556,7 +589,10 @@ func (s *Server) Close(ctx context.Context) error {
 	// NotReadyWait) returns when the request context ends; derp.Close
 	// waits for every connection's handler.
 	s.conns.cancelAll()
-	err := s.derp.Close()
+	var err error
+	for _, t := range s.tenants {
+		err = errors.Join(err, t.derp.Close())
+	}
 	wg.Wait()
 	s.wg.Wait()
 	s.logs.flush()

@@ -78,6 +78,15 @@ type Conns interface {
 	ConnectedKeys() []key.NodePublic
 }
 
+// TenantConns is optionally implemented by a Conns that keeps tailnets
+// apart (relay.Server with Tenants): it says which tailnet a client's
+// connection was given to.
+type TenantConns interface {
+	// ConnectedTenant is the tailnet of k's admitted connection, "" if
+	// none.
+	ConnectedTenant(k key.NodePublic) string
+}
+
 // Tailnet is one tailnet whose clients are admitted.
 type Tailnet struct {
 	// Name labels the tailnet's metrics and log lines ("default" for the
@@ -93,6 +102,9 @@ const (
 	ReasonTailnetNotReady = "tailnet_not_ready"
 	ReasonURLDenied       = "url_denied"
 	ReasonURLUnreachable  = "url_unreachable"
+	// ReasonTwoTailnets: with Isolated, two tailnets know the key, so
+	// neither can be sure the client is its own.
+	ReasonTwoTailnets = "in_two_tailnets"
 )
 
 // Reasons the sweep closes a connection (Revoke takes the caller's).
@@ -127,6 +139,13 @@ type Verifier struct {
 	// Tailnets are the tailnets whose clients are admitted: a key any of
 	// them knows is admitted. Empty means no tailnet check (only URL).
 	Tailnets []Tailnet
+
+	// Isolated says the relay keeps the tailnets apart (one DERP server
+	// each, relay.Server.Tenants): a client is admitted only by the one
+	// tailnet it is routed to (TenantOf, ForTailnet), a key two tailnets
+	// know is admitted by neither, and Revoke and Sweep close a client
+	// that the tailnet it was given to no longer knows.
+	Isolated bool
 
 	// URL, if non-empty, is an admission controller in derper's format:
 	// it is POSTed a tailcfg.DERPAdmitClientRequest and must answer 200
@@ -221,16 +240,29 @@ func (v *Verifier) setup() {
 }
 
 // lookup asks the tailnets about k: the first that knows it, and whether
-// any could answer.
+// any could answer. With Isolated, a key two tailnets know is known by
+// none (twice is then true).
 func (v *Verifier) lookup(k key.NodePublic) (tn *Tailnet, anyReady bool) {
+	tn, anyReady, _ = v.lookupAll(k)
+	return tn, anyReady
+}
+
+func (v *Verifier) lookupAll(k key.NodePublic) (tn *Tailnet, anyReady, twice bool) {
 	for i := range v.Tailnets {
 		known, ready := v.Tailnets[i].Keys.KnowsNodeKey(k)
-		if known {
-			return &v.Tailnets[i], true
+		anyReady = anyReady || ready || known
+		if !known {
+			continue
 		}
-		anyReady = anyReady || ready
+		if tn != nil {
+			return nil, true, true
+		}
+		tn = &v.Tailnets[i]
+		if !v.Isolated {
+			return tn, true, false
+		}
 	}
-	return nil, anyReady
+	return tn, anyReady, false
 }
 
 // name is k's tailnet name, from the first tailnet that names it.
@@ -246,19 +278,35 @@ func (v *Verifier) name(k key.NodePublic) string {
 }
 
 // Admit reports whether the client holding clientKey, connecting from
-// src, may use the relay.
+// src, may use the relay: a node of any of the tailnets (with Isolated,
+// of exactly one), then the URL.
 func (v *Verifier) Admit(ctx context.Context, clientKey key.NodePublic, src netip.Addr) bool {
+	return v.admit(ctx, clientKey, src, "")
+}
+
+// admit is Admit; only, if set, is the one tailnet that may admit.
+func (v *Verifier) admit(ctx context.Context, clientKey key.NodePublic, src netip.Addr, only string) bool {
 	v.init()
 	tailnet := ""
 	if len(v.Tailnets) > 0 {
-		tn, anyReady := v.lookup(clientKey)
-		if tn == nil {
+		tn, anyReady, twice := v.lookupAll(clientKey)
+		if tn == nil && !twice {
 			// Not admitted now; maybe once a tailnet's answers arrive.
 			tn, anyReady = v.hold(ctx, clientKey, anyReady)
+			if tn == nil {
+				_, _, twice = v.lookupAll(clientKey)
+			}
 		}
 		switch {
-		case tn != nil:
+		case tn != nil && (only == "" || tn.Name == only):
 			tailnet = tn.Name
+		case tn != nil:
+			// Routed to another tailnet than the one that knows it.
+			v.refuse(clientKey, src, ReasonNotInTailnet, nil)
+			return false
+		case twice:
+			v.refuse(clientKey, src, ReasonTwoTailnets, nil)
+			return false
 		case !anyReady && v.FailOpen:
 			v.admitFailOpen(clientKey, src, "tailnet membership not known yet", nil)
 		case !anyReady:
@@ -283,9 +331,81 @@ func (v *Verifier) Admit(ctx context.Context, clientKey key.NodePublic, src neti
 			return false
 		}
 	}
+	if tailnet == "" {
+		tailnet = only // admitted unverified (fail-open) into it
+	}
 	v.admitted.Add(tailnet, 1)
 	v.noteAdmitted(clientKey, src, tailnet)
 	return true
+}
+
+// TenantOf names the tailnet of the client announcing clientKey from src,
+// for a relay that keeps the tailnets apart (relay.Server.TenantOf, with
+// Isolated): the one tailnet that knows the key, holding the client as
+// Admit does while answers settle. "" closes the connection: no tailnet
+// knows the key, two do, or none can answer (then, with FailOpen, the
+// first tailnet takes it unverified); the refusal is counted and logged
+// as Admit's are. The chosen tailnet's Admitter (ForTailnet) then decides,
+// with the URL.
+func (v *Verifier) TenantOf(ctx context.Context, clientKey key.NodePublic, src netip.Addr) string {
+	v.init()
+	if len(v.Tailnets) == 0 {
+		return ""
+	}
+	tn, anyReady, twice := v.lookupAll(clientKey)
+	if tn == nil && !twice {
+		tn, anyReady = v.hold(ctx, clientKey, anyReady)
+		if tn == nil {
+			_, _, twice = v.lookupAll(clientKey)
+		}
+	}
+	switch {
+	case tn != nil:
+		return tn.Name
+	case twice:
+		v.refuse(clientKey, src, ReasonTwoTailnets, nil)
+	case !anyReady && v.FailOpen:
+		return v.Tailnets[0].Name // admitted unverified by its Admitter
+	case !anyReady:
+		v.refuse(clientKey, src, ReasonTailnetNotReady, nil)
+	default:
+		v.refuse(clientKey, src, ReasonNotInTailnet, nil)
+	}
+	return ""
+}
+
+// TailnetAdmitter admits the clients of one tailnet of a Verifier: a
+// relay.Tenant's Admitter.
+type TailnetAdmitter struct {
+	v    *Verifier
+	name string
+}
+
+// ForTailnet is the Admitter of the tailnet called name, for a relay that
+// keeps the tailnets apart (Isolated): it admits a client only if that
+// tailnet, and no other, knows its key, and then asks the URL as Admit
+// does.
+func (v *Verifier) ForTailnet(name string) *TailnetAdmitter { return &TailnetAdmitter{v: v, name: name} }
+
+// Admit reports whether the client may relay as a member of the tailnet.
+func (a *TailnetAdmitter) Admit(ctx context.Context, clientKey key.NodePublic, src netip.Addr) bool {
+	return a.v.admit(ctx, clientKey, src, a.name)
+}
+
+// stillAdmissible reports whether k's connections may stay: some tailnet
+// knows k (with Isolated: exactly one, the one its connection was given
+// to), or none can answer and FailOpen admits.
+func (v *Verifier) stillAdmissible(k key.NodePublic) (ok, anyReady bool) {
+	tn, anyReady := v.lookup(k)
+	if tn == nil {
+		return !anyReady && v.FailOpen, anyReady
+	}
+	if tc, isTenants := v.Conns.(TenantConns); v.Isolated && isTenants {
+		if got := tc.ConnectedTenant(k); got != "" && got != tn.Name {
+			return false, true
+		}
+	}
+	return true, true
 }
 
 // hold waits, while some tailnet's answers are settling, until one admits
@@ -466,12 +586,8 @@ func (v *Verifier) Revoke(r Revocation) int {
 	if v.Conns == nil {
 		return 0
 	}
-	tn, anyReady := v.lookup(r.Key)
-	if tn != nil {
-		return 0 // still a node of some tailnet
-	}
-	if !anyReady && v.FailOpen {
-		return 0 // nobody can say no: fail-open admits
+	if ok, _ := v.stillAdmissible(r.Key); ok {
+		return 0 // still a node of some tailnet (its own), or fail-open
 	}
 	return v.closeConns(r)
 }
@@ -512,12 +628,10 @@ func (v *Verifier) Sweep() int {
 	v.suspicious = make(map[key.NodePublic]bool)
 	closed := 0
 	for _, k := range v.Conns.ConnectedKeys() {
-		tn, anyReady := v.lookup(k)
+		ok, anyReady := v.stillAdmissible(k)
 		reason := RevokeNotAdmissible
 		switch {
-		case tn != nil:
-			continue
-		case !anyReady && v.FailOpen:
+		case ok:
 			continue
 		case !anyReady:
 			reason = RevokeNoAnswer
@@ -710,6 +824,17 @@ func (v *Verifier) ExpVar() expvar.Var {
 	m.Set("gauge_holding", expvar.Func(func() any { return v.holding.Load() }))
 	m.Set("counter_held", &v.held)
 	m.Set("counter_not_held_max", &v.heldOver)
+	return m
+}
+
+// TailnetExpVar is the admission counters of one tailnet, for its own
+// /debug on a relay that keeps tailnets apart: its admissions (its
+// revocations are on its status page). Refusals are not in it: a refused
+// key belongs to no tailnet (or to two), so whose they are cannot be told.
+func (v *Verifier) TailnetExpVar(name string) expvar.Var {
+	v.init()
+	m := new(metrics.Set)
+	m.Set("counter_admitted", expvar.Func(func() any { return v.AdmittedBy(name) }))
 	return m
 }
 

@@ -59,6 +59,7 @@ type Config struct {
 	AcceptConnectionLimit float64
 	AcceptConnectionBurst int
 	MaxConnsPerIP         int
+	MaxConnsPerTailnet    int
 
 	// Relay: shared 443, stopping, local /debug
 	ProxyProtocolFrom string
@@ -182,6 +183,8 @@ func settingsFor(c *Config) []setting {
 			usage: "new HTTPS connections accepted per second once -accept-connection-burst have been; the rest are closed at once. 0: no limit (as derper)"},
 		{flag: "max-conns-per-ip", env: "MAX_CONNS_PER_IP", group: "Relay", bind: intVar(&c.MaxConnsPerIP, 0),
 			usage: "open HTTPS connections allowed per client address (IPv6: per /64); more are refused before TLS, the top sources warned about once a minute; mesh peers exempt. 0: no cap"},
+		{flag: "max-conns-per-tailnet", env: "MAX_CONNS_PER_TAILNET", group: "Relay", bind: intVar(&c.MaxConnsPerTailnet, 0),
+			usage: "with several tailnets: client connections each tailnet may hold at once (its share of the relay); more of its clients are refused, counted, and warned about once a minute; mesh peers exempt. 0: no cap"},
 		{flag: "proxy-protocol-from", env: "PROXY_PROTOCOL_FROM", group: "Relay", bind: strVar(&c.ProxyProtocolFrom, ""),
 			usage: "comma-separated addresses or CIDRs of TCP proxies sharing port 443 by SNI without terminating TLS (HAProxy mode tcp, nginx stream, Traefik TCP): their connections must start with a PROXY protocol v1/v2 header, whose client address the relay then uses everywhere; a header from any other source is refused"},
 		{flag: "drain-timeout", env: "DRAIN_TIMEOUT", group: "Relay", bind: durationVar(&c.DrainTimeout, DefaultDrainTimeout),
@@ -382,6 +385,13 @@ func (c *Config) Validate() error {
 	}
 	if c.MaxConnsPerIP < 0 {
 		return fmt.Errorf("%s %d: want a number of connections per address, or 0 for no cap", SettingName("max-conns-per-ip"), c.MaxConnsPerIP)
+	}
+	if c.MaxConnsPerTailnet < 0 {
+		return fmt.Errorf("%s %d: want a number of connections per tailnet, or 0 for no cap", SettingName("max-conns-per-tailnet"), c.MaxConnsPerTailnet)
+	}
+	if c.MaxConnsPerTailnet > 0 && (len(c.extraTailnets) == 0 || !c.VerifyClients) {
+		return fmt.Errorf("%s %d: a tailnet's share applies when the relay serves several tailnets (%s); with one, bound the relay with %s or %s instead",
+			SettingName("max-conns-per-tailnet"), c.MaxConnsPerTailnet, SettingName("tailnets"), SettingName("max-conns-per-ip"), SettingName("accept-connection-limit"))
 	}
 	if c.DrainTimeout < 0 {
 		return fmt.Errorf("%s %v: a duration cannot be negative: give one like 5s, or 0 to exit at once", SettingName("drain-timeout"), c.DrainTimeout)

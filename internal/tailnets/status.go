@@ -83,28 +83,63 @@ func (d *Debug) sayServing(ctx context.Context, t *Tailnet, logger *slog.Logger)
 
 // config is /debug as viewer's tailnet sees it; nil viewer is the operator
 // on this machine (-debug-listen): the whole relay.
+//
+// A relay of one tailnet shows it everything. On a relay of several
+// (which keeps them apart: one DERP server each), a tailnet's pages show
+// that tailnet only: its DERP server, its clients, its node, its mesh
+// links, its admissions; the process-wide pages (pprof, Go runtime, the
+// command line) are the first tailnet's and loopback's, the operator's.
 func (d *Debug) config(viewer *Tailnet) debugsrv.Config {
+	whole := viewer == nil || len(d.Tailnets) <= 1
 	c := debugsrv.Config{
-		Vars:      map[string]expvar.Var{"tailderp_relay": d.Relay.ExpVar()},
-		Status:    func() debugsrv.Status { return d.Status(viewer) },
-		NodeName:  d.nodeName(viewer),
-		Connected: d.Relay.Connected,
-		MeshPeers: d.Relay.MeshPeers,
+		ProcessWide: viewer == nil || viewer == d.Tailnets[0],
+		Vars:        map[string]expvar.Var{},
+		Status:      func() debugsrv.Status { return d.Status(viewer) },
+		NodeName:    d.nodeName(viewer),
+		Connected:   d.Relay.Connected,
+		MeshPeers:   func() []relay.MeshPeerStatus { return d.meshPeers(viewer) },
 	}
 	if d.Verifier != nil {
-		c.Vars["tailderp_admission"] = d.Verifier.ExpVar()
 		c.Recent = func() []verify.Admission { return d.recent(viewer) }
 	}
-	if len(d.Tailnets) > 0 {
-		c.Vars["tailderp_node"] = d.Tailnets[0].Node.ExpVar()
-		c.Vars["tailderp_tailnet"] = d.tailnetVars()
-	}
-	if viewer == nil || len(d.Tailnets) == 1 {
-		// derpserver's own pages list every client: only where there is
-		// one tailnet, or for the operator on this machine.
+	if whole {
+		c.Vars["tailderp_relay"] = d.Relay.ExpVar()
 		c.DERP = d.Relay.DERP()
+		if d.Verifier != nil {
+			c.Vars["tailderp_admission"] = d.Verifier.ExpVar()
+		}
+		if len(d.Tailnets) > 0 {
+			c.Vars["tailderp_node"] = d.Tailnets[0].Node.ExpVar()
+			c.Vars["tailderp_tailnet"] = d.tailnetVars(d.Tailnets)
+		}
+		return c
 	}
+	c.Vars["tailderp_relay"] = d.Relay.TenantExpVar(viewer.Name)
+	c.DERP = d.Relay.TenantDERP(viewer.Name)
+	c.Vars["tailderp_admission"] = d.Verifier.TailnetExpVar(viewer.Name)
+	c.Vars["tailderp_node"] = viewer.Node.ExpVar()
+	c.Vars["tailderp_tailnet"] = d.tailnetVars([]*Tailnet{viewer})
 	return c
+}
+
+// isolated reports whether viewer sees only its own tailnet: one of
+// several, on its own address.
+func (d *Debug) isolated(viewer *Tailnet) bool { return viewer != nil && len(d.Tailnets) > 1 }
+
+// meshPeers are the mesh links viewer may see: its tailnet's, on a relay
+// of several.
+func (d *Debug) meshPeers(viewer *Tailnet) []relay.MeshPeerStatus {
+	all := d.Relay.MeshPeers()
+	if !d.isolated(viewer) {
+		return all
+	}
+	var out []relay.MeshPeerStatus
+	for _, m := range all {
+		if m.Tenant == viewer.Name {
+			out = append(out, m)
+		}
+	}
+	return out
 }
 
 // LocalHandler is /debug for the operator on this machine
@@ -161,15 +196,26 @@ func (d *Debug) Status(viewer *Tailnet) debugsrv.Status {
 		st.Tailnet = viewer.Name
 	}
 	rd := d.Readiness()
+	shown := d.Tailnets
+	if d.isolated(viewer) {
+		// Its own tailnet's part only; the relay's (certificate, URL,
+		// draining) are everyone's.
+		for i, t := range d.Tailnets {
+			if t == viewer {
+				rd.Tailnets = rd.Tailnets[i : i+1]
+			}
+		}
+		shown = []*Tailnet{viewer}
+	}
 	st.Readiness = rd.Judge(now)
 	st.Ready = rd.Ready(now)
 	for _, f := range st.Readiness {
 		// The tailnets' and the certificate's problems are said below.
-		if f.Severity != readiness.OK && (f.Name == "admission URL" || f.Name == "draining") {
+		if f.Severity != readiness.OK && (f.Name == "admission URL" || f.Name == "draining" || f.Name == "mesh") {
 			st.Problems = append(st.Problems, f.Name+": "+f.Text)
 		}
 	}
-	for i, t := range d.Tailnets {
+	for i, t := range shown {
 		ts := d.tailnetStatus(t, rd.Tailnets[i], now) // one part per tailnet, in order
 		st.Tailnets = append(st.Tailnets, ts)
 		if ts.Problem != "" {
@@ -178,17 +224,20 @@ func (d *Debug) Status(viewer *Tailnet) debugsrv.Status {
 	}
 
 	clients := d.Relay.Clients()
-	st.ClientsTotal = len(clients)
 	for _, c := range clients {
-		if owns(viewer, c.Key) {
+		if owns(viewer, c.Key) && (!d.isolated(viewer) || c.Tenant == viewer.Name) {
 			st.Clients = append(st.Clients, debugsrv.Client{Name: d.nodeName(viewer)(c.Key), Key: c.Key.ShortString(), From: c.From.String(), Since: c.Since.UTC()})
 		}
+	}
+	st.ClientsTotal = len(clients)
+	if d.isolated(viewer) {
+		st.ClientsTotal = len(st.Clients)
 	}
 
 	if d.Verifier != nil {
 		d.admission(&st, viewer)
 	}
-	d.certAndMesh(&st, now)
+	d.certAndMesh(&st, viewer, now)
 	return st
 }
 
@@ -196,14 +245,21 @@ func (d *Debug) Status(viewer *Tailnet) debugsrv.Status {
 func (d *Debug) admission(st *debugsrv.Status, viewer *Tailnet) {
 	v := d.Verifier
 	st.Admission = debugsrv.Admission{AdmittedAll: v.Admitted(), Refused: v.RefusedByReason()}
-	if viewer != nil {
+	switch {
+	case d.isolated(viewer):
+		// The relay's totals would tell of the other tailnets.
+		st.Admission.AdmittedAll, st.Admission.Refused = v.AdmittedBy(viewer.Name), nil
 		st.Admission.Admitted, st.Admission.Revoked = v.AdmittedBy(viewer.Name), v.RevokedBy(viewer.Name)
-	} else {
+	case viewer != nil:
+		st.Admission.Admitted, st.Admission.Revoked = v.AdmittedBy(viewer.Name), v.RevokedBy(viewer.Name)
+	default:
 		st.Admission.Admitted = v.Admitted()
 	}
 	for _, e := range v.Events() {
 		dec := debugsrv.Decision{At: e.At.UTC(), What: e.What, Reason: e.Reason}
 		switch {
+		case d.isolated(viewer) && e.Tailnet != "" && e.Tailnet != viewer.Name:
+			continue // another tailnet's decision
 		case owns(viewer, e.Key) || e.Tailnet == viewer.Name:
 			dec.Name, dec.Key, dec.From = e.Name, e.Key.ShortString(), addrString(e.From)
 		case e.What != "refused":
@@ -218,14 +274,14 @@ func (d *Debug) admission(st *debugsrv.Status, viewer *Tailnet) {
 }
 
 // certAndMesh fills in the certificate and the mesh, with their problems.
-func (d *Debug) certAndMesh(st *debugsrv.Status, now time.Time) {
+func (d *Debug) certAndMesh(st *debugsrv.Status, viewer *Tailnet, now time.Time) {
 	cs := d.Relay.CertStatus()
 	st.Certificate = debugsrv.Certificate{Serving: cs.Serving, Subject: cs.Subject, CertName: cs.CertName, NotAfter: cs.NotAfter.UTC(),
 		DaysLeft: cs.DaysLeft, Problem: string(cs.Problem), Fix: cs.Fix}
 	if cs.Serving && cs.Problem != relay.CertOK {
 		st.Problems = append(st.Problems, fmt.Sprintf("certificate %s (valid until %s): %s; %s", cs.Subject, cs.NotAfter.UTC().Format(time.RFC3339), cs.Problem, cs.Fix))
 	}
-	for _, m := range d.Relay.MeshPeers() {
+	for _, m := range d.meshPeers(viewer) {
 		st.Mesh = append(st.Mesh, debugsrv.MeshPeer{Peer: m.Peer.String(), State: string(m.State), Since: m.Since.UTC(), LastError: m.LastError})
 		if m.State == relay.MeshDialing && now.Sub(m.Since) > time.Minute {
 			st.Problems = append(st.Problems, fmt.Sprintf("mesh peer %s not connected for %s: %s (is it up, with the same mesh key?)", m.Peer, now.Sub(m.Since).Round(time.Second), m.LastError))
@@ -273,7 +329,7 @@ func addrString(a netip.Addr) string {
 // tailnetVars are the tailnets' node metrics, labelled by tailnet: peers
 // seen, whether control answers, the age of the network map, where
 // admission answers come from, and whether the node stopped.
-func (d *Debug) tailnetVars() expvar.Var {
+func (d *Debug) tailnetVars(tns []*Tailnet) expvar.Var {
 	type tn struct {
 		Tailnet string `prom:"tailnet"`
 	}
@@ -286,7 +342,7 @@ func (d *Debug) tailnetVars() expvar.Var {
 	age := &metrics.MultiLabelMap[tn]{Type: "gauge", Help: "seconds since the network map behind admission arrived; -1 before one"}
 	stopped := &metrics.MultiLabelMap[tn]{Type: "gauge", Help: "1 once the tailnet's node stopped for good (login rejected)"}
 	source := &metrics.MultiLabelMap[tnSource]{Type: "gauge", Help: "1 for where admission answers come from: live, cache or none"}
-	for _, t := range d.Tailnets {
+	for _, t := range tns {
 		k := tn{t.Name}
 		peers.Set(k, expvar.Func(func() any { return t.Node.PeerCount() }))
 		control.Set(k, expvar.Func(func() any { return b2i(t.Node.Status().Control) }))
