@@ -259,7 +259,7 @@ func run(ctx context.Context, cfg *config.Config, logger *slog.Logger, out io.Wr
 	// Stopping the relay and the node (once started below) is the first
 	// thing done on SIGTERM (see the loop at the end), and on any error
 	// return, after the deferred calls below.
-	rel := &tailnets.Relay{Tailnets: tns, Verifier: verifier, Server: rs, URLFailOpen: cfg.VerifyClientURLFailOpen}
+	rel := &tailnets.Relay{Tailnets: tns, Verifier: verifier, Server: rs, URLFailOpen: cfg.VerifyClientURLFailOpen, Started: time.Now()}
 	var pub *serving.Publisher // set once serving; stopping before that publishes nothing
 	stopServing := sync.OnceFunc(func() { shutdown(rel, pub, cfg.DrainTimeout, logger) })
 	defer stopServing()
