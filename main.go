@@ -4,7 +4,7 @@
 // the tailnet alone. See README.md.
 //
 // This file dispatches the subcommands (internal/commands: check,
-// derpmap, cert renew) and wires the server together; internal/config
+// derpmap, cert renew, drain) and wires the server together; internal/config
 // turns flags, environment and files into one Config; the work is done in
 // relay, stun, node, verify and debugsrv.
 package main
@@ -75,6 +75,8 @@ func realMain(args []string, env []string, stdout, stderr io.Writer) int {
 			return commands.Check(args[1:], env, stdout, stderr)
 		case "cert":
 			return commands.Cert(args[1:], env, stdout, stderr)
+		case "drain":
+			return commands.Drain(args[1:], env, stdout, stderr)
 		case "register":
 			return registercmd.Run(args[1:], env, stdout, stderr, commands.Region)
 		}
@@ -429,6 +431,7 @@ func servingNow(cfg *config.Config, rs *relay.Server, certs relay.Certificates, 
 		VerifyClients:     cfg.VerifyClients,
 		Region:            cfg.DERPRegion(rs.LocalAddr().(*net.TCPAddr).Port, stunPort, certName),
 		ProxyProtocolFrom: rs.ProxyProtocolFrom,
+		DrainTimeout:      cfg.DrainTimeout,
 	}
 }
 
