@@ -4,7 +4,7 @@
 // the tailnet alone. See README.md.
 //
 // This file dispatches the subcommands (internal/commands: check,
-// derpmap, cert renew) and wires the server together; internal/config
+// derpmap, cert renew, drain) and wires the server together; internal/config
 // turns flags, environment and files into one Config; the work is done in
 // relay, stun, node, verify and debugsrv.
 package main
@@ -75,6 +75,8 @@ func realMain(args []string, env []string, stdout, stderr io.Writer) int {
 			return commands.Check(args[1:], env, stdout, stderr)
 		case "cert":
 			return commands.Cert(args[1:], env, stdout, stderr)
+		case "drain":
+			return commands.Drain(args[1:], env, stdout, stderr)
 		case "register":
 			return registercmd.Run(args[1:], env, stdout, stderr, commands.Region)
 		}
@@ -269,7 +271,7 @@ func run(ctx context.Context, cfg *config.Config, logger *slog.Logger, out io.Wr
 	// Stopping the relay and the node (once started below) is the first
 	// thing done on SIGTERM (see the loop at the end), and on any error
 	// return, after the deferred calls below.
-	rel := &tailnets.Relay{Tailnets: tns, Verifier: verifier, Server: rs, URLFailOpen: cfg.VerifyClientURLFailOpen}
+	rel := &tailnets.Relay{Tailnets: tns, Verifier: verifier, Server: rs, URLFailOpen: cfg.VerifyClientURLFailOpen, Started: time.Now()}
 	var pub *serving.Publisher // set once serving; stopping before that publishes nothing
 	stopServing := sync.OnceFunc(func() { shutdown(rel, pub, cfg.DrainTimeout, logger) })
 	defer stopServing()
@@ -439,6 +441,7 @@ func servingNow(cfg *config.Config, rs *relay.Server, certs relay.Certificates, 
 		VerifyClients:     cfg.VerifyClients,
 		Region:            cfg.DERPRegion(rs.LocalAddr().(*net.TCPAddr).Port, stunPort, certName),
 		ProxyProtocolFrom: rs.ProxyProtocolFrom,
+		DrainTimeout:      cfg.DrainTimeout,
 	}
 }
 

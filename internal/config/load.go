@@ -288,4 +288,4 @@ func (c *Config) validateLogin() error {
 
 // Subcommands are the first arguments that are not a server's: a process
 // started with one is no server (internal/serving skips it).
-var Subcommands = []string{"derpmap", "check", "cert", "register"}
+var Subcommands = []string{"derpmap", "check", "cert", "register", "drain"}

@@ -167,6 +167,8 @@ Usage:
                               renew an IP-only server's self-signed certificate (see tailderp cert -h)
   tailderp register [-dry-run] [-remove] [flags]
                               write this relay's region into the Tailscale policy file (see tailderp register -h)
+  tailderp drain [-wait D] [flags]
+                              stop the relay on this machine gracefully (SIGTERM) and wait for its exit (see tailderp drain -h)
   tailderp -version           print the version and exit
 
 Every flag can also be set by the environment variable shown beside it;

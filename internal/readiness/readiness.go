@@ -1,8 +1,8 @@
 // Package readiness is what a running relay says about whether it does
 // its job, in one value: per tailnet, whether its members are admitted
 // (from a live network map, from the known-peers cache, or not at all,
-// and why); whether the admission URL answers; the certificate's dates;
-// whether the relay is draining. The server publishes it (serving.json
+// and why); whether the admission URL answers; with -mesh-with, whether
+// the mesh is up; the certificate's dates; whether the relay is draining. The server publishes it (serving.json
 // beside its state, /debug/status), and `tailderp check -local` judges it
 // by the one rule here (Judge), so the container's healthcheck, the
 // Kubernetes probes and the status page can never disagree.
@@ -14,6 +14,7 @@ package readiness
 import (
 	"fmt"
 	"reflect"
+	"strings"
 	"time"
 )
 
@@ -59,6 +60,35 @@ type Cert struct {
 	Fix      string    `json:"fix,omitempty"`
 }
 
+// MeshReadyWait is how long a relay with mesh peers (-mesh-with) waits,
+// from its start, for each of them to connect before it says ready
+// anyway. Until each peer has connected, packets for that peer's clients
+// cannot be relayed, so a relay taking clients before would drop some;
+// but a dead peer must not keep the whole fleet unready, so after this
+// long a peer that never connected is a warning. Peers of a fleet
+// started together connect within a second or two on a LAN.
+const MeshReadyWait = 15 * time.Second
+
+// Mesh is the mesh's part (-mesh-with): each peer's link, and when the
+// relay started, from which MeshReadyWait counts (zero: peers are not
+// waited for).
+type Mesh struct {
+	Started time.Time  `json:"started,omitzero"`
+	Peers   []MeshPeer `json:"peers"`
+}
+
+// MeshPeer is one mesh link. A peer that turned out to be this relay
+// itself is left out by the server.
+type MeshPeer struct {
+	Peer string `json:"peer"` // as -mesh-with names it
+	// Connected: the link is up now (the peer has listed its clients).
+	Connected bool `json:"connected"`
+	// ConnectedOnce: the link has been up at least once since the start.
+	ConnectedOnce bool      `json:"connected_once"`
+	Since         time.Time `json:"since"` // when Connected last changed (or the link began)
+	Err           string    `json:"err,omitempty"`
+}
+
 // Readiness is the relay's whole answer.
 type Readiness struct {
 	// Open: no tailnet check (-verify-clients=false): anyone is admitted
@@ -66,7 +96,9 @@ type Readiness struct {
 	Open         bool      `json:"open"`
 	Tailnets     []Tailnet `json:"tailnets,omitempty"`
 	AdmissionURL *URL      `json:"admission_url,omitempty"`
-	Cert         Cert      `json:"cert"`
+	// Mesh is nil without mesh peers.
+	Mesh *Mesh `json:"mesh,omitempty"`
+	Cert Cert  `json:"cert"`
 	// Draining: the relay is stopping (SIGTERM): it takes no new clients.
 	Draining      bool      `json:"draining,omitempty"`
 	DrainingSince time.Time `json:"draining_since,omitzero"`
@@ -98,8 +130,11 @@ type Finding struct {
 // tailnet that admits nobody fails (every member would be refused); one
 // admitting from the known-peers cache warns (members are admitted, but
 // from a map that is not live, until Until); an unreachable admission URL
-// that fails closed fails; a certificate clients refuse fails, one close
-// to its end warns; draining fails.
+// that fails closed fails; with mesh peers, a peer that has never
+// connected fails for MeshReadyWait from the start and warns after (a
+// dead peer must not keep a fleet unready), one connected before but not
+// now warns; a certificate clients refuse fails, one close to its end
+// warns; draining fails.
 func (r *Readiness) Judge(now time.Time) []Finding {
 	var out []Finding
 	if r.Draining {
@@ -137,6 +172,9 @@ func (r *Readiness) Judge(now time.Time) []Finding {
 			out = append(out, Finding{Fail, "admission URL", "unreachable for " + ago(now, u.Since) + ": every client is refused: " + u.Err})
 		}
 	}
+	if f, ok := r.Mesh.judge(now); ok {
+		out = append(out, f)
+	}
 	switch r.Cert.Problem {
 	case "":
 	case "expiring":
@@ -155,6 +193,50 @@ func (r *Readiness) Ready(now time.Time) bool {
 		}
 	}
 	return true
+}
+
+// judge is the mesh's finding; none without peers.
+func (m *Mesh) judge(now time.Time) (Finding, bool) {
+	if m == nil || len(m.Peers) == 0 {
+		return Finding{}, false
+	}
+	var never, down []string
+	lastErr := ""
+	for _, p := range m.Peers {
+		switch {
+		case p.Connected:
+			continue
+		case !p.ConnectedOnce:
+			never = append(never, p.Peer)
+		default:
+			down = append(down, p.Peer+" (down for "+ago(now, p.Since)+")")
+		}
+		if lastErr == "" && p.Err != "" {
+			lastErr = "; last error: " + p.Err
+		}
+	}
+	up := len(m.Peers) - len(never) - len(down)
+	const name = "mesh"
+	switch {
+	case len(never) > 0 && !m.Started.IsZero() && now.Sub(m.Started) < MeshReadyWait:
+		return Finding{Fail, name, fmt.Sprintf("%d of %d peers connected; waiting for %s to connect (for %s of at most %s after the start: packets for their clients are not relayed until then)%s",
+			up, len(m.Peers), strings.Join(never, ", "), ago(now, m.Started), MeshReadyWait, lastErr)}, true
+	case len(never) > 0:
+		within := ""
+		if !m.Started.IsZero() {
+			within = " in " + ago(now, m.Started)
+		}
+		text := fmt.Sprintf("%d of %d peers connected; %s never connected%s: ready anyway, but packets for their clients are not relayed; check that they run and are reachable, have the same mesh key, and that their certificates are trusted",
+			up, len(m.Peers), strings.Join(never, ", "), within)
+		if len(down) > 0 {
+			text += "; not connected now: " + strings.Join(down, ", ")
+		}
+		return Finding{Warn, name, text + lastErr}, true
+	case len(down) > 0:
+		return Finding{Warn, name, fmt.Sprintf("%d of %d peers connected; not connected now: %s: packets for their clients are not relayed until they are back%s",
+			up, len(m.Peers), strings.Join(down, ", "), lastErr)}, true
+	}
+	return Finding{OK, name, fmt.Sprintf("connected to every peer (%d)", len(m.Peers))}, true
 }
 
 // problemText says a node.Problem in words.

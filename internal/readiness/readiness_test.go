@@ -16,6 +16,16 @@ func TestJudge(t *testing.T) {
 	nobody := Tailnet{Name: "staging", ControlURL: "http://127.0.0.1:1", Admits: AdmitsNobody, Problem: "control-unreachable",
 		Since: now.Add(-7 * time.Second), Fix: "check that this server reaches http://127.0.0.1:1"}
 
+	up := func(p string) MeshPeer {
+		return MeshPeer{Peer: p, Connected: true, ConnectedOnce: true, Since: now.Add(-time.Second)}
+	}
+	never := func(p string) MeshPeer {
+		return MeshPeer{Peer: p, Since: now.Add(-3 * time.Second), Err: "connection refused"}
+	}
+	lost := func(p string) MeshPeer {
+		return MeshPeer{Peer: p, ConnectedOnce: true, Since: now.Add(-2 * time.Second), Err: "EOF"}
+	}
+
 	tests := []struct {
 		name  string
 		r     Readiness
@@ -38,6 +48,16 @@ func TestJudge(t *testing.T) {
 			[]string{"ok tailnet default:", "fail certificate: expired: clients refuse it"}},
 		{"certificate expiring", Readiness{Tailnets: []Tailnet{live}, Cert: Cert{Problem: "expiring", NotAfter: now.Add(48 * time.Hour)}}, true,
 			[]string{"ok tailnet default:", "warn certificate: expires 2026-12-08T12:00:00Z"}},
+		{"mesh up", Readiness{Tailnets: []Tailnet{live}, Mesh: &Mesh{Started: now.Add(-time.Second), Peers: []MeshPeer{up("a"), up("b")}}}, true,
+			[]string{"ok tailnet default:", "ok mesh: connected to every peer (2)"}},
+		{"mesh peer not yet connected", Readiness{Tailnets: []Tailnet{live}, Mesh: &Mesh{Started: now.Add(-3 * time.Second), Peers: []MeshPeer{up("a"), never("b")}}}, false,
+			[]string{"ok tailnet default:", "fail mesh: 1 of 2 peers connected; waiting for b to connect (for 3s of at most 15s", "fail mesh: last error: connection refused"}},
+		{"mesh peer never connected, after the wait", Readiness{Tailnets: []Tailnet{live}, Mesh: &Mesh{Started: now.Add(-MeshReadyWait), Peers: []MeshPeer{never("a"), never("b")}}}, true,
+			[]string{"ok tailnet default:", "warn mesh: 0 of 2 peers connected; a, b never connected in 15s: ready anyway"}},
+		{"mesh peer lost after connecting, within the wait", Readiness{Tailnets: []Tailnet{live}, Mesh: &Mesh{Started: now.Add(-5 * time.Second), Peers: []MeshPeer{up("a"), lost("b")}}}, true,
+			[]string{"ok tailnet default:", "warn mesh: 1 of 2 peers connected; not connected now: b (down for 2s)"}},
+		{"mesh of itself only", Readiness{Tailnets: []Tailnet{live}, Mesh: &Mesh{Started: now}}, true,
+			[]string{"ok tailnet default:"}},
 		{"draining", Readiness{Tailnets: []Tailnet{live}, Draining: true, DrainingSince: now.Add(-2 * time.Second)}, false,
 			[]string{"fail draining: the relay is stopping (for 2s)", "ok tailnet default:"}},
 	}
@@ -76,7 +96,8 @@ func TestJudge(t *testing.T) {
 func TestJSONRoundTrip(t *testing.T) {
 	now := time.Now().UTC().Truncate(time.Second)
 	r := Readiness{Tailnets: []Tailnet{{Name: "a", ControlURL: "u", Admits: AdmitsFromCache, Problem: "node-removed", Since: now, Netmap: now, Until: now.Add(time.Hour), Fix: "f"}},
-		AdmissionURL: &URL{Asked: true, Since: now, Err: "e"}, Cert: Cert{Problem: "expiring", NotAfter: now}, Draining: true, DrainingSince: now}
+		AdmissionURL: &URL{Asked: true, Since: now, Err: "e"},
+		Mesh:         &Mesh{Started: now, Peers: []MeshPeer{{Peer: "p:1", ConnectedOnce: true, Since: now, Err: "x"}}}, Cert: Cert{Problem: "expiring", NotAfter: now}, Draining: true, DrainingSince: now}
 	b, err := json.Marshal(r)
 	if err != nil {
 		t.Fatal(err)

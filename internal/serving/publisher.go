@@ -74,6 +74,11 @@ func (p *Publisher) SetReadiness(r readiness.Readiness) (changed bool, err error
 		u := *r.AdmissionURL
 		r.AdmissionURL = &u
 	}
+	if r.Mesh != nil {
+		m := *r.Mesh
+		m.Peers = slices.Clone(m.Peers)
+		r.Mesh = &m
+	}
 	p.sv.Readiness = &r
 	return true, p.writeLocked()
 }

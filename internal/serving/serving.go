@@ -45,6 +45,10 @@ type Serving struct {
 	// -local` sends one when it connects from one of them.
 	ProxyProtocolFrom []netip.Prefix      `json:"proxy_protocol_from,omitempty"`
 	Region            *tailcfg.DERPRegion `json:"region"` // the derpMap region the snippet shows
+	// DrainTimeout is the relay's -drain-timeout: how long it takes at
+	// most to stop after SIGTERM (`tailderp drain` waits that long and a
+	// margin). 0 in a file of a relay that predates it.
+	DrainTimeout time.Duration `json:"drain_timeout_ns,omitempty"`
 	// Readiness is whether the relay does its job now, part by part; it
 	// is rewritten when it changes (about a second late at most).
 	Readiness *readiness.Readiness `json:"readiness,omitempty"`

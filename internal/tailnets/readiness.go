@@ -23,6 +23,10 @@ type Relay struct {
 	// URLFailOpen: clients are admitted unverified while the admission
 	// URL is unreachable.
 	URLFailOpen bool
+	// Started is when the relay started: mesh peers (Server.MeshWith) are
+	// waited for from then, at most readiness.MeshReadyWait. Zero: not
+	// waited for.
+	Started time.Time
 
 	mu            sync.Mutex
 	drainingSince time.Time
@@ -53,7 +57,8 @@ func (r *Relay) kickLocked() chan struct{} {
 
 // Readiness is the relay's readiness now, part by part: each tailnet's
 // node (its Readiness, with the fix in the settings' words), the
-// admission URL as its last calls showed it, the certificate, draining.
+// admission URL as its last calls showed it, the mesh links, the
+// certificate, draining.
 func (r *Relay) Readiness() readiness.Readiness {
 	var out readiness.Readiness
 	out.Open = len(r.Tailnets) == 0
@@ -78,6 +83,7 @@ func (r *Relay) Readiness() readiness.Readiness {
 		out.AdmissionURL = &readiness.URL{Asked: h.Asked, Reachable: h.Reachable, Since: h.Since.UTC(), Err: h.Err,
 			FailOpen: r.URLFailOpen || r.Verifier.FailOpen}
 	}
+	out.Mesh = r.mesh()
 	if cs := r.Server.CertStatus(); cs.Serving {
 		out.Cert = readiness.Cert{Problem: string(cs.Problem), NotAfter: cs.NotAfter.UTC(), Fix: cs.Fix}
 	}
@@ -85,6 +91,34 @@ func (r *Relay) Readiness() readiness.Readiness {
 	out.Draining, out.DrainingSince = !r.drainingSince.IsZero(), r.drainingSince.UTC()
 	r.mu.Unlock()
 	return out
+}
+
+// mesh is the mesh links' part: nil without peers. A peer that turned
+// out to be this relay is left out. "Connected once" is read from the
+// link's ServerKey, which relay sets when the link first comes up and
+// never clears.
+func (r *Relay) mesh() *readiness.Mesh {
+	peers := r.Server.MeshPeers()
+	if len(peers) == 0 {
+		return nil
+	}
+	m := &readiness.Mesh{Started: r.Started.UTC()}
+	for _, p := range peers {
+		if p.State == relay.MeshSelf {
+			continue
+		}
+		m.Peers = append(m.Peers, readiness.MeshPeer{
+			Peer:          p.Peer.String(),
+			Connected:     p.State == relay.MeshConnected,
+			ConnectedOnce: !p.ServerKey.IsZero(),
+			Since:         p.Since.UTC(),
+			Err:           p.LastError,
+		})
+	}
+	if len(m.Peers) == 0 {
+		return nil // its only peer is itself
+	}
+	return m
 }
 
 // PublishEvery is how often the relay's readiness is looked at and, when
