@@ -887,6 +887,8 @@ func TestBadSettingsAreStartupErrors(t *testing.T) {
 		{"quoted placeholder", []string{`TAILSCALE_AUTH_KEY="your-key-here"`}, []string{"-verify-clients=true"}, []string{"TAILSCALE_AUTH_KEY", "placeholder"}},
 		{"negative cache age", nil, []string{"-verify-clients-cache-max-age", "-1h"}, []string{"-verify-clients-cache-max-age"}},
 		{"tailnet port out of range", nil, []string{"-tailnet-port", "70000"}, []string{"-tailnet-port", "70000"}},
+		{"negative tailnet share", nil, []string{"-max-conns-per-tailnet", "-1"}, []string{"-max-conns-per-tailnet", "-1"}},
+		{"tailnet share with one tailnet", nil, []string{"-max-conns-per-tailnet", "100"}, []string{"-max-conns-per-tailnet", "several tailnets", "-tailnets", "-max-conns-per-ip"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

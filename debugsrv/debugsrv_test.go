@@ -2,6 +2,7 @@ package debugsrv
 
 import (
 	"context"
+	"expvar"
 	"io"
 	"net"
 	"net/http"
@@ -13,6 +14,7 @@ import (
 	"tailscale.com/types/key"
 
 	"github.com/tailderp/tailderp/relay"
+	"github.com/tailderp/tailderp/verify"
 )
 
 // TestMeshPage: /debug/mesh lists a relay's mesh peers as relay reports
@@ -55,7 +57,7 @@ func TestMeshPage(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 
-	srv := httptest.NewServer(Handler(Config{MeshPeers: s.MeshPeers}))
+	srv := httptest.NewServer(Handler(Config{ProcessWide: true, MeshPeers: s.MeshPeers}))
 	defer srv.Close()
 	res, err := http.Get(srv.URL + "/debug/mesh")
 	if err != nil {
@@ -95,7 +97,7 @@ func TestMeshPage(t *testing.T) {
 // answers there (IPv4 and IPv6); every address that is not a loopback IP
 // address is refused with an error naming it.
 func TestListenLoopback(t *testing.T) {
-	h := Handler(Config{Status: func() Status { return Status{} }})
+	h := Handler(Config{ProcessWide: true, Status: func() Status { return Status{} }})
 	for _, addr := range []string{"127.0.0.1:0", "[::1]:0"} {
 		ln, err := ListenLoopback(addr)
 		if err != nil {
@@ -127,5 +129,49 @@ func TestListenLoopback(t *testing.T) {
 		if !strings.Contains(err.Error(), "loopback") || !strings.Contains(err.Error(), `"`+addr+`"`) {
 			t.Errorf("ListenLoopback(%q): error %q should name the address and say it must be loopback", addr, err)
 		}
+	}
+}
+
+// TestProcessWidePages: pprof and the process's own expvars (Go runtime,
+// the command line) are served only with ProcessWide; without it, the
+// status page, the metrics given in Vars and the named pages still are.
+func TestProcessWidePages(t *testing.T) {
+	for _, processWide := range []bool{true, false} {
+		h := Handler(Config{
+			ProcessWide: processWide,
+			Status:      func() Status { return Status{Tailnet: "b"} },
+			Vars:        map[string]expvar.Var{"tailderp_tenant_probe": expvar.Func(func() any { return 42 })},
+			Recent:      func() []verify.Admission { return nil },
+		})
+		srv := httptest.NewServer(h)
+		get := func(path string) (int, string) {
+			res, err := http.Get(srv.URL + path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer res.Body.Close()
+			b, _ := io.ReadAll(res.Body)
+			return res.StatusCode, string(b)
+		}
+		code, _ := get("/debug/pprof/")
+		if (code == http.StatusOK) != processWide {
+			t.Errorf("ProcessWide=%v: /debug/pprof/ status %d", processWide, code)
+		}
+		for _, path := range []string{"/debug/vars", "/metrics"} {
+			_, body := get(path)
+			if !strings.Contains(body, "tailderp_tenant_probe") {
+				t.Errorf("ProcessWide=%v: %s lacks the given metrics", processWide, path)
+			}
+			if got := strings.Contains(body, "memstats") || strings.Contains(body, "cmdline"); got != processWide {
+				t.Errorf("ProcessWide=%v: %s shows the process's expvars: %v", processWide, path, got)
+			}
+		}
+		if code, body := get("/debug/"); code != http.StatusOK || strings.Contains(body, "pprof") != processWide {
+			t.Errorf("ProcessWide=%v: /debug/ status %d, links pprof: %v", processWide, code, strings.Contains(body, "pprof"))
+		}
+		if code, _ := get("/debug/clients"); code != http.StatusOK {
+			t.Errorf("ProcessWide=%v: /debug/clients status %d", processWide, code)
+		}
+		srv.Close()
 	}
 }

@@ -42,7 +42,34 @@ type Status struct {
 	Admission    Admission    `json:"admission"`
 	Certificate  Certificate  `json:"certificate"`
 	Mesh         []MeshPeer   `json:"mesh_peers,omitempty"`
+	Caps         Caps         `json:"caps"`
 	Links        []StatusLink `json:"-"`
+}
+
+// Caps are the connection caps and what they refused, as the viewer may
+// see them: on a relay of several tailnets a tailnet sees its own share
+// only, not the sources (addresses of every tailnet's clients).
+type Caps struct {
+	MaxConnsPerIP      int            `json:"max_conns_per_ip"` // 0: no cap
+	RefusedPerIP       int64          `json:"refused_per_ip"`
+	TopSources         []SourceConns  `json:"top_sources,omitempty"`
+	MaxConnsPerTailnet int            `json:"max_conns_per_tailnet"` // 0: no cap
+	Tailnets           []TailnetConns `json:"tailnets,omitempty"`
+}
+
+// SourceConns is a client source (an address, or an IPv6 prefix) and its
+// open connections.
+type SourceConns struct {
+	Source string `json:"source"`
+	Conns  int    `json:"conns"`
+}
+
+// TailnetConns is a tailnet's share of the relay: its client connections
+// open, and those refused because its share was used up.
+type TailnetConns struct {
+	Name        string `json:"name"`
+	Conns       int    `json:"conns"`
+	RefusedFull int64  `json:"refused_full"`
 }
 
 // TailnetStatus is one tailnet's embedded node, as an operator needs it.
@@ -180,7 +207,9 @@ func serveStatusPage(w http.ResponseWriter, st Status) {
 
 	a := st.Admission
 	p("<h2>Admission</h2>\n<p>admitted: %d of tailnet %s (%d in all)</p>\n", a.Admitted, e(st.Tailnet), a.AdmittedAll)
-	writeCounts(w, "refused (all tailnets)", a.Refused)
+	if a.Refused != nil {
+		writeCounts(w, "refused (all tailnets)", a.Refused)
+	}
 	writeCounts(w, "connections closed when their key stopped being admissible", a.Revoked)
 	if len(a.Recent) > 0 {
 		p("<table border=1><tr><th>when</th><th>what</th><th>reason</th><th>node</th><th>key</th><th>from</th></tr>\n")
@@ -204,6 +233,23 @@ func serveStatusPage(w http.ResponseWriter, st Status) {
 			p("<tr><td>%s</td><td>%s</td><td>%s</td><td>%s</td></tr>\n", e(m.Peer), e(m.State), m.Since.UTC().Format(time.RFC3339), e(m.LastError))
 		}
 		p("</table>\n")
+	}
+	if cp := st.Caps; cp.MaxConnsPerIP > 0 || cp.MaxConnsPerTailnet > 0 {
+		p("<h2>Caps</h2>\n")
+		if cp.MaxConnsPerIP > 0 {
+			p("<p>%d connections per address: %d refused over it.", cp.MaxConnsPerIP, cp.RefusedPerIP)
+			for _, src := range cp.TopSources {
+				p(" %s %d;", e(src.Source), src.Conns)
+			}
+			p("</p>\n")
+		}
+		if cp.MaxConnsPerTailnet > 0 {
+			p("<p>%d connections per tailnet:", cp.MaxConnsPerTailnet)
+			for _, tc := range cp.Tailnets {
+				p(" %s %d open, %d refused over it;", e(tc.Name), tc.Conns, tc.RefusedFull)
+			}
+			p("</p>\n")
+		}
 	}
 	p("<h2>More</h2>\n<ul>\n")
 	for _, l := range st.Links {

@@ -23,6 +23,8 @@ import (
 	"tailscale.com/derp/derphttp"
 	"tailscale.com/tailcfg"
 	"tailscale.com/types/key"
+
+	"github.com/tailderp/tailderp/debugsrv"
 )
 
 // The relay's edge, through the binary: the caps per address and the
@@ -149,6 +151,15 @@ func TestMaxConnsPerIP(t *testing.T) {
 	_, varz := get(ctx, t, http.DefaultClient, "http://"+debugAddr+"/debug/varz")
 	if got := metric(varz, "tailderp_relay_tls_listener_rejected_connections_per_ip"); got != 2 {
 		t.Errorf("tailderp_relay_tls_listener_rejected_connections_per_ip = %v, want 2 (the raw 11th and the DERP client)", got)
+	}
+	// And on the status page: the cap, the refusals, the top source.
+	_, body := get(ctx, t, http.DefaultClient, "http://"+debugAddr+"/debug/status")
+	var st debugsrv.Status
+	if err := json.Unmarshal([]byte(body), &st); err != nil {
+		t.Fatal(err)
+	}
+	if c := st.Caps; c.MaxConnsPerIP != 10 || c.RefusedPerIP != 2 || len(c.TopSources) == 0 || c.TopSources[0] != (debugsrv.SourceConns{Source: "127.0.0.1/32", Conns: 10}) {
+		t.Errorf("status caps %+v, want 10 per address, 2 refused, 127.0.0.1/32 with 10 open first", c)
 	}
 
 	// One of the ten leaves: its slot is free again.

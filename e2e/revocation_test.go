@@ -28,9 +28,10 @@ import (
 type derpPeer struct {
 	key    key.NodePrivate
 	c      *derphttp.Client
-	from   atomic.Int64  // packets received
-	closed chan struct{} // closed when the connection ends
-	err    error         // why, once closed
+	from   atomic.Int64              // packets received
+	msgs   chan derp.ReceivedMessage // packets (their sources) and PeerGone answers, while there is room
+	closed chan struct{}             // closed when the connection ends
+	err    error                     // why, once closed
 }
 
 // dialDERP connects a client with k to p and waits until the relay
@@ -40,7 +41,7 @@ func dialDERP(ctx context.Context, t *testing.T, p *relayProc, k key.NodePrivate
 	t.Helper()
 	region := testtailnet.DERPRegion(p.HTTPSPort, p.STUNPort, p.CertName).Regions[testtailnet.RegionID]
 	c := derphttp.NewRegionClient(k, logger.Discard, netmon.NewStatic(), func() *tailcfg.DERPRegion { return region })
-	dp = &derpPeer{key: k, c: c, closed: make(chan struct{})}
+	dp = &derpPeer{key: k, c: c, closed: make(chan struct{}), msgs: make(chan derp.ReceivedMessage, 64)}
 	t.Cleanup(func() { c.Close() })
 	// derphttp's Connect ends before the relay decides (a refusal shows
 	// in Recv): an error here is the dial or TLS failing, not a refusal.
@@ -74,6 +75,17 @@ func dialDERP(ctx context.Context, t *testing.T, p *relayProc, k key.NodePrivate
 				}
 			case derp.ReceivedPacket:
 				dp.from.Add(1)
+				m := m.(derp.ReceivedPacket)
+				m.Data = nil // aliases the client's buffer
+				select {
+				case dp.msgs <- m:
+				default:
+				}
+			case derp.PeerGoneMessage:
+				select {
+				case dp.msgs <- m:
+				default:
+				}
 			}
 		}
 	}()

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -15,6 +16,7 @@ import (
 
 	"github.com/tailderp/tailderp/debugsrv"
 	"github.com/tailderp/tailderp/internal/testtailnet"
+	"github.com/tailderp/tailderp/internal/testutil"
 )
 
 // TestSeveralTailnets: one relay, three tailnets, each with its own
@@ -22,15 +24,28 @@ import (
 // -tailnets file; C's auth key is one its control server rejects).
 //   - A's clients talk to each other through the relay, and so do B's, at
 //     the same time; a key of neither is refused;
-//   - /debug over A lists A's clients and not B's, and the reverse;
+//   - /debug over A lists A's clients and not B's, and the reverse, and
+//     counts only its own (the relay keeps the tailnets apart);
 //   - C's rejected key is C's problem: the relay and A and B go on, and
-//     the status page says what is wrong with C; stopping B's control
-//     server leaves A's admission untouched and the status page says so.
+//     the operator's status page (-debug-listen, the whole relay) says
+//     what is wrong with C; stopping B's control server leaves A's
+//     admission untouched and the operator's page and B's say so.
 func TestSeveralTailnets(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
 	defer cancel()
 	testtailnet.SetTestEnv(t)
-	p := newRelay(t, relayOpts{})
+	debugPort := testutil.FreePort(t, "tcp")
+	p := newRelay(t, relayOpts{args: []string{"-debug-listen", fmt.Sprintf("127.0.0.1:%d", debugPort)}})
+	// The operator's /debug on this machine: the whole relay.
+	operatorStatus := func() debugsrv.Status {
+		t.Helper()
+		var st debugsrv.Status
+		_, body := get(ctx, t, http.DefaultClient, fmt.Sprintf("http://127.0.0.1:%d/debug/status", debugPort))
+		if err := json.Unmarshal([]byte(body), &st); err != nil {
+			t.Fatalf("operator status: %v\n%s", err, body)
+		}
+		return st
+	}
 	derpMap := testtailnet.DERPRegion(p.HTTPSPort, p.STUNPort, p.CertName)
 	ctlA, ctlB, ctlC := testtailnet.NewControl(t, derpMap), testtailnet.NewControl(t, derpMap), testtailnet.NewControl(t, derpMap)
 
@@ -134,8 +149,8 @@ func TestSeveralTailnets(t *testing.T) {
 				t.Errorf("status over %s names another tailnet's node %s", v.tailnet, other)
 			}
 		}
-		if st.ClientsTotal < len(st.Clients)+2 {
-			t.Errorf("status over %s: %d clients in all, want the other tailnet's counted too (own %d)", v.tailnet, st.ClientsTotal, len(st.Clients))
+		if st.ClientsTotal != len(st.Clients) {
+			t.Errorf("status over %s: %d clients in all, want its own only (%d)", v.tailnet, st.ClientsTotal, len(st.Clients))
 		}
 		// The same on the client page.
 		clients, err := fetchOverTailnet(ctx, v.via, "http://"+peerIP(ctx, t, v.via, v.relayHost)+"/debug/clients")
@@ -150,9 +165,12 @@ func TestSeveralTailnets(t *testing.T) {
 	}
 
 	// C's rejected key: said on the status page, the relay goes on.
-	st, _ := statusVia(a2, "127-0-0-1")
+	st := operatorStatus()
 	if !hasProblem(st, "tailnet c: stopped", "invalid authkey", "auth_key_file of tailnet \"c\"") {
-		t.Errorf("status does not say what is wrong with C: %q", st.Problems)
+		t.Errorf("operator's status does not say what is wrong with C: %q", st.Problems)
+	}
+	if st, _ := statusVia(a2, "127-0-0-1"); len(st.Problems) != 0 {
+		t.Errorf("A's status shows problems of other tailnets: %q", st.Problems)
 	}
 
 	// B's control server goes away: A's admission is untouched, and the
@@ -163,13 +181,14 @@ func TestSeveralTailnets(t *testing.T) {
 	if err := sayHello(ctx, a1, a3, "a3"); err != nil {
 		t.Errorf("A after B's control server stopped: %v", err)
 	}
-	relayA := peerIP(ctx, t, a2, "127-0-0-1")
+	relayB := peerIP(ctx, t, b2, "127-0-0-1-b")
 	for {
 		var st debugsrv.Status
-		if body, err := fetchOverTailnet(ctx, a2, "http://"+relayA+"/debug/status"); err == nil {
+		if body, err := fetchOverTailnet(ctx, b2, "http://"+relayB+"/debug/status"); err == nil {
 			json.Unmarshal([]byte(body), &st)
 		}
-		if hasProblem(st, "tailnet b: control server "+ctlB.URL+" not reachable") {
+		if hasProblem(st, "tailnet b: control server "+ctlB.URL+" not reachable") &&
+			hasProblem(operatorStatus(), "tailnet b: control server "+ctlB.URL+" not reachable") {
 			break
 		}
 		if ctx.Err() != nil {

@@ -90,7 +90,7 @@ type admissionCtxKey struct{}
 // admissionCtx is what the /derp handler hands the admission RoundTripper
 // through the request context.
 type admissionCtx struct {
-	admitter Admitter // with Tenants, set by the tenant handler
+	admitter Admitter     // with Tenants, set by the tenant handler
 	conn     *trackedConn // this connection, to be registered under its key
 	conns    *connTracker
 }

@@ -294,3 +294,34 @@ func sourceString(p netip.Prefix) string {
 	}
 	return p.String()
 }
+
+// CapsStatus is what the connection caps are and did, for a status page.
+type CapsStatus struct {
+	MaxConnsPerIP int
+	RefusedPerIP  int64         // refused over MaxConnsPerIP since Start
+	TopSources    []SourceConns // the sources with the most connections open (at most 5)
+
+	MaxConnsPerTenant int
+	Tenants           []TenantConns // with Tenants, in their order
+}
+
+// TenantConns is one tenant's share of the relay.
+type TenantConns struct {
+	Name        string
+	Conns       int   // client connections open now
+	RefusedFull int64 // refused over MaxConnsPerTenant since Start
+}
+
+// Caps reports the connection caps and what they did.
+func (s *Server) Caps() CapsStatus {
+	cs := CapsStatus{MaxConnsPerIP: s.MaxConnsPerIP, MaxConnsPerTenant: s.MaxConnsPerTenant, TopSources: s.ConnsBySource(5)}
+	if s.lnHTTPS != nil && s.lnHTTPS.gate != nil && s.lnHTTPS.gate.caps != nil {
+		cs.RefusedPerIP = s.lnHTTPS.gate.caps.refusedTotal.Value()
+	}
+	if len(s.Tenants) > 0 {
+		for _, t := range s.tenants {
+			cs.Tenants = append(cs.Tenants, TenantConns{Name: t.Name, Conns: s.conns.tenantCount(t.Name), RefusedFull: t.refusedFull.Value()})
+		}
+	}
+	return cs
+}

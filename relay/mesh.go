@@ -211,7 +211,7 @@ type MeshPeerStatus struct {
 	// Tenant is the tenant (tailnet) whose clients the link carries: a
 	// relay with Tenants has one link per tenant and peer. "" without.
 	Tenant string
-	State MeshState
+	State  MeshState
 	// Since is when State began.
 	Since time.Time
 	// LastError is the last dial or connection error, kept after the link

@@ -262,6 +262,10 @@ func TestTenantCap(t *testing.T) {
 			t.Fatalf("b's client %d while a is full: admitted=%v err=%v", i+1, ok, err)
 		}
 	}
+	if c := s.Caps(); c.MaxConnsPerTenant != 2 || len(c.Tenants) != 2 ||
+		c.Tenants[0] != (relay.TenantConns{Name: "a", Conns: 2, RefusedFull: 1}) || c.Tenants[1] != (relay.TenantConns{Name: "b", Conns: 2}) {
+		t.Errorf("Caps() = %+v, want a: 2 open, 1 refused; b: 2 open", c)
+	}
 	// One of a's clients leaves: a new one fits.
 	if n := s.Revoke(aKeys[0]); n != 1 {
 		t.Fatalf("Revoke closed %d", n)

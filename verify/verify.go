@@ -385,7 +385,9 @@ type TailnetAdmitter struct {
 // keeps the tailnets apart (Isolated): it admits a client only if that
 // tailnet, and no other, knows its key, and then asks the URL as Admit
 // does.
-func (v *Verifier) ForTailnet(name string) *TailnetAdmitter { return &TailnetAdmitter{v: v, name: name} }
+func (v *Verifier) ForTailnet(name string) *TailnetAdmitter {
+	return &TailnetAdmitter{v: v, name: name}
+}
 
 // Admit reports whether the client may relay as a member of the tailnet.
 func (a *TailnetAdmitter) Admit(ctx context.Context, clientKey key.NodePublic, src netip.Addr) bool {

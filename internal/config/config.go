@@ -389,10 +389,6 @@ func (c *Config) Validate() error {
 	if c.MaxConnsPerTailnet < 0 {
 		return fmt.Errorf("%s %d: want a number of connections per tailnet, or 0 for no cap", SettingName("max-conns-per-tailnet"), c.MaxConnsPerTailnet)
 	}
-	if c.MaxConnsPerTailnet > 0 && (len(c.extraTailnets) == 0 || !c.VerifyClients) {
-		return fmt.Errorf("%s %d: a tailnet's share applies when the relay serves several tailnets (%s); with one, bound the relay with %s or %s instead",
-			SettingName("max-conns-per-tailnet"), c.MaxConnsPerTailnet, SettingName("tailnets"), SettingName("max-conns-per-ip"), SettingName("accept-connection-limit"))
-	}
 	if c.DrainTimeout < 0 {
 		return fmt.Errorf("%s %v: a duration cannot be negative: give one like 5s, or 0 to exit at once", SettingName("drain-timeout"), c.DrainTimeout)
 	}

@@ -81,6 +81,10 @@ func Load(p Purpose, fs *flag.FlagSet, args []string, env []string) (*Config, er
 	if err := c.readTailnetsFile(); err != nil {
 		return nil, err
 	}
+	if c.MaxConnsPerTailnet > 0 && (len(c.extraTailnets) == 0 || !c.VerifyClients) {
+		return nil, fmt.Errorf("%s %d: a tailnet's share applies when the relay serves several tailnets (%s); with one, bound the relay with %s or %s instead",
+			SettingName("max-conns-per-tailnet"), c.MaxConnsPerTailnet, SettingName("tailnets"), SettingName("max-conns-per-ip"), SettingName("accept-connection-limit"))
+	}
 	if err := c.checkRateConfig(); err != nil {
 		return nil, err
 	}

@@ -238,6 +238,7 @@ func (d *Debug) Status(viewer *Tailnet) debugsrv.Status {
 		d.admission(&st, viewer)
 	}
 	d.certAndMesh(&st, viewer, now)
+	st.Caps = d.caps(viewer)
 	return st
 }
 
@@ -262,6 +263,11 @@ func (d *Debug) admission(st *debugsrv.Status, viewer *Tailnet) {
 			continue // another tailnet's decision
 		case owns(viewer, e.Key) || e.Tailnet == viewer.Name:
 			dec.Name, dec.Key, dec.From = e.Name, e.Key.ShortString(), addrString(e.From)
+			if d.isolated(viewer) {
+				// As the viewer's tailnet names it, never another's name
+				// for a key both list.
+				dec.Name = viewer.Node.NodeName(e.Key)
+			}
 		case e.What != "refused":
 			continue // another tailnet's client
 		case len(d.Tailnets) == 1:
@@ -271,6 +277,25 @@ func (d *Debug) admission(st *debugsrv.Status, viewer *Tailnet) {
 		// another tailnet's node, so it is shown without key or address.
 		st.Admission.Recent = append(st.Admission.Recent, dec)
 	}
+}
+
+// caps are the connection caps as viewer may see them: on a relay of
+// several tailnets, its own share only.
+func (d *Debug) caps(viewer *Tailnet) debugsrv.Caps {
+	rc := d.Relay.Caps()
+	c := debugsrv.Caps{MaxConnsPerIP: rc.MaxConnsPerIP, MaxConnsPerTailnet: rc.MaxConnsPerTenant}
+	if !d.isolated(viewer) {
+		c.RefusedPerIP = rc.RefusedPerIP
+		for _, src := range rc.TopSources {
+			c.TopSources = append(c.TopSources, debugsrv.SourceConns{Source: src.Source.String(), Conns: src.Conns})
+		}
+	}
+	for _, tc := range rc.Tenants {
+		if !d.isolated(viewer) || tc.Name == viewer.Name {
+			c.Tailnets = append(c.Tailnets, debugsrv.TailnetConns{Name: tc.Name, Conns: tc.Conns, RefusedFull: tc.RefusedFull})
+		}
+	}
+	return c
 }
 
 // certAndMesh fills in the certificate and the mesh, with their problems.
