@@ -340,6 +340,9 @@ func (s *Server) peekMeshKey(br *bufio.Reader, clientKey key.NodePublic) key.DER
 		return key.DERPMesh{}
 	}
 	fl := int(uint32(hdr[1])<<24 | uint32(hdr[2])<<16 | uint32(hdr[3])<<8 | uint32(hdr[4]))
+	if derp.FrameType(hdr[0]) != derp.FrameClientInfo || fl < derp.KeyLen+derp.NonceLen {
+		return key.DERPMesh{}
+	}
 	if fl > br.Size()-derp.FrameHeaderLen {
 		return key.DERPMesh{} // larger than any mesh peer's ClientInfo
 	}
