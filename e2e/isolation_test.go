@@ -250,4 +250,28 @@ func TestTenantIsolationMeshed(t *testing.T) {
 	for _, p := range []*relayProc{r1, r2} {
 		p.waitLog(`relay: mesh peer connected" tailnet=b`, 10*time.Second)
 	}
+
+	// B's /debug on relay1: its own mesh link, nothing of A.
+	viewB := ctlB.NewNode(t, "viewer-b")
+	relay1B := peerIP(ctx, t, viewB, "relay1-b")
+	for _, path := range []string{"/debug/status", "/debug/mesh", "/debug/vars"} {
+		body, err := fetchOverTailnet(ctx, viewB, "http://"+relay1B+path)
+		if err != nil {
+			t.Fatalf("B's %s on relay1: %v", path, err)
+		}
+		for _, a := range []string{ctlA.URL, `"default"`, "tailnet=default", "acorp", kA1.Public().ShortString(), kA2.Public().ShortString()} {
+			if strings.Contains(body, a) {
+				t.Errorf("B's %s on relay1 names %q, of tailnet A", path, a)
+			}
+		}
+		if path == "/debug/status" {
+			var st debugsrv.Status
+			if err := json.Unmarshal([]byte(body), &st); err != nil {
+				t.Fatal(err)
+			}
+			if len(st.Mesh) != 1 || st.Mesh[0].State != "connected" || !strings.Contains(st.Mesh[0].Peer, fmt.Sprint(r2.HTTPSPort)) {
+				t.Errorf("B's mesh links on relay1: %+v, want its one link to relay2, connected", st.Mesh)
+			}
+		}
+	}
 }
