@@ -37,6 +37,18 @@ func twoTailnets(t *testing.T, p *relayProc, ctlA, ctlB *testtailnet.Control, ho
 	p.cmd.Env = append(p.cmd.Env, "TAILSCALE_AUTH_KEY="+ctlA.AuthKey, "TAILSCALE_CONTROL_URL="+ctlA.URL, "TAILNETS_FILE="+file)
 }
 
+// twoClientsEach makes two clients of tailnet A (named *.acorp.example.)
+// and two of B (*.bcorp.example.), registered with their control servers.
+func twoClientsEach(t *testing.T, ctlA, ctlB *testtailnet.Control) (kA1, kA2, kB1, kB2 key.NodePrivate) {
+	t.Helper()
+	kA1, kA2, kB1, kB2 = key.NewNode(), key.NewNode(), key.NewNode(), key.NewNode()
+	ctlA.AddNode(t, kA1.Public(), "alpha1.acorp.example.")
+	ctlA.AddNode(t, kA2.Public(), "alpha2.acorp.example.")
+	ctlB.AddNode(t, kB1.Public(), "beta1.bcorp.example.")
+	ctlB.AddNode(t, kB2.Public(), "beta2.bcorp.example.")
+	return kA1, kA2, kB1, kB2
+}
+
 // discoLike is a payload derpserver takes for a disco message: the only
 // kind it answers with PeerGone when the destination is not there.
 func discoLike(tag byte) []byte {
@@ -128,11 +140,8 @@ func TestTenantIsolation(t *testing.T) {
 	p.waitLog(`debug: serving on the tailnet only" tailnet=default`, 30*time.Second)
 	p.waitLog(`debug: serving on the tailnet only" tailnet=b`, 30*time.Second)
 
-	kA1, kA2, kB1, kB2, kBoth := key.NewNode(), key.NewNode(), key.NewNode(), key.NewNode(), key.NewNode()
-	ctlA.AddNode(t, kA1.Public(), "alpha1.acorp.example.")
-	ctlA.AddNode(t, kA2.Public(), "alpha2.acorp.example.")
-	ctlB.AddNode(t, kB1.Public(), "beta1.bcorp.example.")
-	ctlB.AddNode(t, kB2.Public(), "beta2.bcorp.example.")
+	kA1, kA2, kB1, kB2 := twoClientsEach(t, ctlA, ctlB)
+	kBoth := key.NewNode()
 	ctlA.AddNode(t, kBoth.Public(), "both.acorp.example.")
 	ctlB.AddNode(t, kBoth.Public(), "both.bcorp.example.")
 	a1, a2 := mustAdmit(ctx, t, p, kA1), mustAdmit(ctx, t, p, kA2)
@@ -232,11 +241,7 @@ func TestTenantIsolationMeshed(t *testing.T) {
 		p.waitLog(`debug: serving on the tailnet only" tailnet=b`, 30*time.Second)
 	}
 
-	kA1, kA2, kB1, kB2 := key.NewNode(), key.NewNode(), key.NewNode(), key.NewNode()
-	ctlA.AddNode(t, kA1.Public(), "alpha1.acorp.example.")
-	ctlA.AddNode(t, kA2.Public(), "alpha2.acorp.example.")
-	ctlB.AddNode(t, kB1.Public(), "beta1.bcorp.example.")
-	ctlB.AddNode(t, kB2.Public(), "beta2.bcorp.example.")
+	kA1, kA2, kB1, kB2 := twoClientsEach(t, ctlA, ctlB)
 	a1, b1 := mustAdmit(ctx, t, r1, kA1), mustAdmit(ctx, t, r1, kB1)
 	a2, b2 := mustAdmit(ctx, t, r2, kA2), mustAdmit(ctx, t, r2, kB2)
 

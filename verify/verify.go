@@ -289,14 +289,7 @@ func (v *Verifier) admit(ctx context.Context, clientKey key.NodePublic, src neti
 	v.init()
 	tailnet := ""
 	if len(v.Tailnets) > 0 {
-		tn, anyReady, twice := v.lookupAll(clientKey)
-		if tn == nil && !twice {
-			// Not admitted now; maybe once a tailnet's answers arrive.
-			tn, anyReady = v.hold(ctx, clientKey, anyReady)
-			if tn == nil {
-				_, _, twice = v.lookupAll(clientKey)
-			}
-		}
+		tn, anyReady, twice := v.find(ctx, clientKey)
 		switch {
 		case tn != nil && (only == "" || tn.Name == only):
 			tailnet = tn.Name
@@ -339,6 +332,20 @@ func (v *Verifier) admit(ctx context.Context, clientKey key.NodePublic, src neti
 	return true
 }
 
+// find is the tailnet that knows k, as lookupAll says, after holding the
+// client (hold) while answers that might know it settle.
+func (v *Verifier) find(ctx context.Context, k key.NodePublic) (tn *Tailnet, anyReady, twice bool) {
+	tn, anyReady, twice = v.lookupAll(k)
+	if tn == nil && !twice {
+		// Not known now; maybe once a tailnet's answers arrive.
+		tn, anyReady = v.hold(ctx, k, anyReady)
+		if tn == nil {
+			_, _, twice = v.lookupAll(k)
+		}
+	}
+	return tn, anyReady, twice
+}
+
 // TenantOf names the tailnet of the client announcing clientKey from src,
 // for a relay that keeps the tailnets apart (relay.Server.TenantOf, with
 // Isolated): the one tailnet that knows the key, holding the client as
@@ -352,13 +359,7 @@ func (v *Verifier) TenantOf(ctx context.Context, clientKey key.NodePublic, src n
 	if len(v.Tailnets) == 0 {
 		return ""
 	}
-	tn, anyReady, twice := v.lookupAll(clientKey)
-	if tn == nil && !twice {
-		tn, anyReady = v.hold(ctx, clientKey, anyReady)
-		if tn == nil {
-			_, _, twice = v.lookupAll(clientKey)
-		}
-	}
+	tn, anyReady, twice := v.find(ctx, clientKey)
 	switch {
 	case tn != nil:
 		return tn.Name
