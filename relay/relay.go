@@ -17,7 +17,8 @@
 // debugsrv). Who may relay is decided by the Admitter (see package
 // verify); Revoke closes the connections of a client that may no longer
 // relay. A program that sets an Admitter calls RegisterAdmissionScheme
-// once first.
+// once first. A relay of several tailnets keeps them apart: Tenants gives
+// each its own DERP server and Admitter behind the one port (tenants.go).
 package relay
 
 import (
