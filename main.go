@@ -335,7 +335,7 @@ func run(ctx context.Context, cfg *config.Config, logger *slog.Logger, out io.Wr
 		}
 		go (&policy.Keeper{Client: pc, Logger: logger, Advice: config.PolicyAdvice}).Run(ctx, rs.WatchRegion(ctx))
 	}
-	d := &tailnets.Debug{Port: cfg.DebugPort, Version: version, Tailnets: tns, Relay: rs, Verifier: verifier, Started: time.Now(), Readiness: rel.Readiness}
+	d := &tailnets.Debug{Relay: rel, Port: cfg.DebugPort, Version: version}
 	if cfg.DebugListen != "" {
 		ln, err := debugsrv.ListenLoopback(cfg.DebugListen)
 		if err != nil {

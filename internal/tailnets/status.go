@@ -21,20 +21,14 @@ import (
 	"github.com/tailderp/tailderp/verify"
 )
 
-// Debug is what /debug and its status page are made of. Each tailnet
-// gets /debug on its own address, showing the whole relay's numbers and
-// health but only its own clients (debugsrv.Status).
+// Debug is what /debug and its status page are made of: the relay's
+// parts (Relay: the tailnets, admission, the server, readiness) and the
+// pages' own settings. Each tailnet gets /debug on its own address; what
+// it shows is config's to say.
 type Debug struct {
-	Port     int // -debug-port
-	Version  string
-	Tailnets []*Tailnet
-	Relay    *relay.Server
-	Verifier *verify.Verifier
-	Started  time.Time
-	// Readiness is the relay's readiness (Relay.Readiness of the same
-	// Tailnets; required): the status page judges it as `tailderp check
-	// -local` does.
-	Readiness func() readiness.Readiness
+	*Relay
+	Port    int // -debug-port
+	Version string
 }
 
 // Serve serves /debug on t's tailnet address until ctx ends: on the
@@ -96,15 +90,15 @@ func (d *Debug) config(viewer *Tailnet) debugsrv.Config {
 		Vars:        map[string]expvar.Var{},
 		Status:      func() debugsrv.Status { return d.Status(viewer) },
 		NodeName:    d.nodeName(viewer),
-		Connected:   d.Relay.Connected,
+		Connected:   d.Server.Connected,
 		MeshPeers:   func() []relay.MeshPeerStatus { return d.meshPeers(viewer) },
 	}
 	if d.Verifier != nil {
 		c.Recent = func() []verify.Admission { return d.recent(viewer) }
 	}
 	if whole {
-		c.Vars["tailderp_relay"] = d.Relay.ExpVar()
-		c.DERP = d.Relay.DERP()
+		c.Vars["tailderp_relay"] = d.Server.ExpVar()
+		c.DERP = d.Server.DERP()
 		if d.Verifier != nil {
 			c.Vars["tailderp_admission"] = d.Verifier.ExpVar()
 		}
@@ -114,8 +108,8 @@ func (d *Debug) config(viewer *Tailnet) debugsrv.Config {
 		}
 		return c
 	}
-	c.Vars["tailderp_relay"] = d.Relay.TenantExpVar(viewer.Name)
-	c.DERP = d.Relay.TenantDERP(viewer.Name)
+	c.Vars["tailderp_relay"] = d.Server.TenantExpVar(viewer.Name)
+	c.DERP = d.Server.TenantDERP(viewer.Name)
 	c.Vars["tailderp_admission"] = d.Verifier.TailnetExpVar(viewer.Name)
 	c.Vars["tailderp_node"] = viewer.Node.ExpVar()
 	c.Vars["tailderp_tailnet"] = d.tailnetVars([]*Tailnet{viewer})
@@ -129,7 +123,7 @@ func (d *Debug) isolated(viewer *Tailnet) bool { return viewer != nil && len(d.T
 // meshPeers are the mesh links viewer may see: its tailnet's, on a relay
 // of several.
 func (d *Debug) meshPeers(viewer *Tailnet) []relay.MeshPeerStatus {
-	all := d.Relay.MeshPeers()
+	all := d.Server.MeshPeers()
 	if !d.isolated(viewer) {
 		return all
 	}
@@ -223,7 +217,7 @@ func (d *Debug) Status(viewer *Tailnet) debugsrv.Status {
 		}
 	}
 
-	clients := d.Relay.Clients()
+	clients := d.Server.Clients()
 	for _, c := range clients {
 		if owns(viewer, c.Key) && (!d.isolated(viewer) || c.Tenant == viewer.Name) {
 			st.Clients = append(st.Clients, debugsrv.Client{Name: d.nodeName(viewer)(c.Key), Key: c.Key.ShortString(), From: c.From.String(), Since: c.Since.UTC()})
@@ -282,7 +276,7 @@ func (d *Debug) admission(st *debugsrv.Status, viewer *Tailnet) {
 // caps are the connection caps as viewer may see them: on a relay of
 // several tailnets, its own share only.
 func (d *Debug) caps(viewer *Tailnet) debugsrv.Caps {
-	rc := d.Relay.Caps()
+	rc := d.Server.Caps()
 	c := debugsrv.Caps{MaxConnsPerIP: rc.MaxConnsPerIP, MaxConnsPerTailnet: rc.MaxConnsPerTenant}
 	if !d.isolated(viewer) {
 		c.RefusedPerIP = rc.RefusedPerIP
@@ -300,7 +294,7 @@ func (d *Debug) caps(viewer *Tailnet) debugsrv.Caps {
 
 // certAndMesh fills in the certificate and the mesh, with their problems.
 func (d *Debug) certAndMesh(st *debugsrv.Status, viewer *Tailnet, now time.Time) {
-	cs := d.Relay.CertStatus()
+	cs := d.Server.CertStatus()
 	st.Certificate = debugsrv.Certificate{Serving: cs.Serving, Subject: cs.Subject, CertName: cs.CertName, NotAfter: cs.NotAfter.UTC(),
 		DaysLeft: cs.DaysLeft, Problem: string(cs.Problem), Fix: cs.Fix}
 	if cs.Serving && cs.Problem != relay.CertOK {
