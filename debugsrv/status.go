@@ -138,6 +138,7 @@ type Certificate struct {
 // MeshPeer is one mesh peer's link.
 type MeshPeer struct {
 	Peer      string    `json:"peer"`
+	Tailnet   string    `json:"tailnet,omitempty"` // whose link, on a relay of several tailnets
 	State     string    `json:"state"`
 	Since     time.Time `json:"since"`
 	LastError string    `json:"last_error,omitempty"`
@@ -228,9 +229,9 @@ func serveStatusPage(w http.ResponseWriter, st Status) {
 		p("<p>%s, valid until %s (%d days left)%s</p>\n", e(c.Subject), c.NotAfter.UTC().Format(time.RFC3339), c.DaysLeft, e(problemText(c.Problem, c.Fix)))
 	}
 	if len(st.Mesh) > 0 {
-		p("<h2>Mesh peers</h2>\n<table border=1><tr><th>peer</th><th>state</th><th>since</th><th>last error</th></tr>\n")
+		p("<h2>Mesh peers</h2>\n<table border=1><tr><th>peer</th><th>tailnet</th><th>state</th><th>since</th><th>last error</th></tr>\n")
 		for _, m := range st.Mesh {
-			p("<tr><td>%s</td><td>%s</td><td>%s</td><td>%s</td></tr>\n", e(m.Peer), e(m.State), m.Since.UTC().Format(time.RFC3339), e(m.LastError))
+			p("<tr><td>%s</td><td>%s</td><td>%s</td><td>%s</td><td>%s</td></tr>\n", e(m.Peer), e(m.Tailnet), e(m.State), m.Since.UTC().Format(time.RFC3339), e(m.LastError))
 		}
 		p("</table>\n")
 	}

@@ -2,8 +2,9 @@
 // its job, in one value: per tailnet, whether its members are admitted
 // (from a live network map, from the known-peers cache, or not at all,
 // and why); whether the admission URL answers; with -mesh-with, whether
-// the mesh is up; the certificate's dates; whether the relay is draining. The server publishes it (serving.json
-// beside its state, /debug/status), and `tailderp check -local` judges it
+// the mesh is up; the certificate's dates; whether the relay is draining.
+// The server publishes it (serving.json beside its state, /debug/status),
+// and `tailderp check -local` judges it
 // by the one rule here (Judge), so the container's healthcheck, the
 // Kubernetes probes and the status page can never disagree.
 //
@@ -81,6 +82,9 @@ type Mesh struct {
 // itself is left out by the server.
 type MeshPeer struct {
 	Peer string `json:"peer"` // as -mesh-with names it
+	// Tailnet is the tailnet whose link this is, on a relay of several
+	// (one link per tailnet and peer); "" with one.
+	Tailnet string `json:"tailnet,omitempty"`
 	// Connected: the link is up now (the peer has listed its clients).
 	Connected bool `json:"connected"`
 	// ConnectedOnce: the link has been up at least once since the start.
@@ -195,6 +199,15 @@ func (r *Readiness) Ready(now time.Time) bool {
 	return true
 }
 
+// name is the link as a finding names it: the peer, and its tailnet on a
+// relay of several.
+func (p MeshPeer) name() string {
+	if p.Tailnet == "" {
+		return p.Peer
+	}
+	return p.Peer + " (tailnet " + p.Tailnet + ")"
+}
+
 // judge is the mesh's finding; none without peers.
 func (m *Mesh) judge(now time.Time) (Finding, bool) {
 	if m == nil || len(m.Peers) == 0 {
@@ -207,9 +220,9 @@ func (m *Mesh) judge(now time.Time) (Finding, bool) {
 		case p.Connected:
 			continue
 		case !p.ConnectedOnce:
-			never = append(never, p.Peer)
+			never = append(never, p.name())
 		default:
-			down = append(down, p.Peer+" (down for "+ago(now, p.Since)+")")
+			down = append(down, p.name()+" (down for "+ago(now, p.Since)+")")
 		}
 		if lastErr == "" && p.Err != "" {
 			lastErr = "; last error: " + p.Err

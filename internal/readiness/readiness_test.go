@@ -56,6 +56,9 @@ func TestJudge(t *testing.T) {
 			[]string{"ok tailnet default:", "warn mesh: 0 of 2 peers connected; a, b never connected in 15s: ready anyway"}},
 		{"mesh peer lost after connecting, within the wait", Readiness{Tailnets: []Tailnet{live}, Mesh: &Mesh{Started: now.Add(-5 * time.Second), Peers: []MeshPeer{up("a"), lost("b")}}}, true,
 			[]string{"ok tailnet default:", "warn mesh: 1 of 2 peers connected; not connected now: b (down for 2s)"}},
+		{"mesh links of two tailnets", Readiness{Tailnets: []Tailnet{live}, Mesh: &Mesh{Started: now.Add(-time.Minute), Peers: []MeshPeer{
+			{Peer: "p:443", Tailnet: "default", Connected: true, ConnectedOnce: true}, {Peer: "p:443", Tailnet: "b", Since: now.Add(-time.Minute)}}}}, true,
+			[]string{"ok tailnet default:", "warn mesh: 1 of 2 peers connected; p:443 (tailnet b) never connected in 1m0s"}},
 		{"mesh of itself only", Readiness{Tailnets: []Tailnet{live}, Mesh: &Mesh{Started: now}}, true,
 			[]string{"ok tailnet default:"}},
 		{"draining", Readiness{Tailnets: []Tailnet{live}, Draining: true, DrainingSince: now.Add(-2 * time.Second)}, false,

@@ -109,6 +109,7 @@ func (r *Relay) mesh() *readiness.Mesh {
 		}
 		m.Peers = append(m.Peers, readiness.MeshPeer{
 			Peer:          p.Peer.String(),
+			Tailnet:       p.Tenant,
 			Connected:     p.State == relay.MeshConnected,
 			ConnectedOnce: !p.ServerKey.IsZero(),
 			Since:         p.Since.UTC(),
