@@ -28,6 +28,16 @@
 //     vsPairTailnet), so every connect costs derper a LocalAPI WhoIsNodeKey
 //     call to tailscaled.
 //
+// And two that compare tailderp with itself (docs/PERFORMANCE.md, "Tenant
+// isolation: single-tailnet unchanged"), each with a tailnet, ports and
+// state of its own:
+//
+//   - tailderp+admission@base: tailderp+admission running the binary of
+//     TAILDERP_BASE_BIN (the script's BASE_REV), an earlier tailderp.
+//   - tailderp+2tailnets: tailderp+admission with a second tailnet in a
+//     -tailnets file (its own test control server, no clients): the relay
+//     runs one DERP server per tailnet and routes every connect by node key.
+//
 // The storm part: N admitted clients connect and stay idle; the relay
 // process is restarted (tailderp, or derper alone: tailscaled stays up);
 // every client reconnects the way a Tailscale client's magicsock does
@@ -41,7 +51,7 @@
 // It is not a test of correctness and asserts nothing about time. Run it
 // with scripts/bench-vs-derper.sh, which builds the binaries:
 //
-//	TAILDERP_BIN=... DERPER_BIN=... TAILSCALED_BIN=... go test -tags derpbench -run '^TestVsDerper$' -v -timeout 60m ./check/ -args -rounds 3
+//	TAILDERP_BIN=... DERPER_BIN=... TAILSCALED_BIN=... [TAILDERP_BASE_BIN=...] go test -tags derpbench -run '^TestVsDerper$' -v -timeout 60m ./check/ -args -rounds 3
 package check_test
 
 import (
