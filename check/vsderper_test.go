@@ -28,6 +28,16 @@
 //     vsPairTailnet), so every connect costs derper a LocalAPI WhoIsNodeKey
 //     call to tailscaled.
 //
+// And two that compare tailderp with itself (docs/PERFORMANCE.md, "Tenant
+// isolation: single-tailnet unchanged"), each with a tailnet, ports and
+// state of its own:
+//
+//   - tailderp+admission@base: tailderp+admission running the binary of
+//     TAILDERP_BASE_BIN (the script's BASE_REV), an earlier tailderp.
+//   - tailderp+2tailnets: tailderp+admission with a second tailnet in a
+//     -tailnets file (its own test control server, no clients): the relay
+//     runs one DERP server per tailnet and routes every connect by node key.
+//
 // The storm part: N admitted clients connect and stay idle; the relay
 // process is restarted (tailderp, or derper alone: tailscaled stays up);
 // every client reconnects the way a Tailscale client's magicsock does
@@ -41,7 +51,7 @@
 // It is not a test of correctness and asserts nothing about time. Run it
 // with scripts/bench-vs-derper.sh, which builds the binaries:
 //
-//	TAILDERP_BIN=... DERPER_BIN=... TAILSCALED_BIN=... go test -tags derpbench -run '^TestVsDerper$' -v -timeout 60m ./check/ -args -rounds 3
+//	TAILDERP_BIN=... DERPER_BIN=... TAILSCALED_BIN=... [TAILDERP_BASE_BIN=...] go test -tags derpbench -run '^TestVsDerper$' -v -timeout 60m ./check/ -args -rounds 3
 package check_test
 
 import (
@@ -231,8 +241,9 @@ func admitInTailnet(ctl *testtailnet.Control, keys []key.NodePrivate) {
 
 func TestVsDerper(t *testing.T) {
 	tailderpBin, derperBin, tailscaledBin := os.Getenv("TAILDERP_BIN"), os.Getenv("DERPER_BIN"), os.Getenv("TAILSCALED_BIN")
-	if tailderpBin == "" || derperBin == "" {
-		t.Skip("set TAILDERP_BIN and DERPER_BIN, and TAILSCALED_BIN for derper+tailscaled (scripts/bench-vs-derper.sh builds them)")
+	tailderpBaseBin := os.Getenv("TAILDERP_BASE_BIN")
+	if tailderpBin == "" {
+		t.Skip("set TAILDERP_BIN, DERPER_BIN for derper, TAILSCALED_BIN for derper+tailscaled, TAILDERP_BASE_BIN for tailderp+admission@base (scripts/bench-vs-derper.sh builds them)")
 	}
 	testtailnet.SetTestEnv(t) // inherited by tailderp+admission's embedded node and by tailscaled
 	work := t.TempDir()
@@ -268,11 +279,6 @@ func TestVsDerper(t *testing.T) {
 		pool.keys = append(pool.keys, key.NewNode())
 	}
 
-	// The tailnet for tailderp+admission: its DERP map names the relay,
-	// which keeps its ports and state across rounds.
-	admDERP, admSTUN := testutil.FreePort(t, "tcp"), testutil.FreePort(t, "udp")
-	admState := filepath.Join(work, "tailderp-admission-state")
-	var ctl *testtailnet.Control
 	// The tailnet for derper+tailscaled, the same way (see vsPairTailnet).
 	pairDERP, pairSTUN := testutil.FreePort(t, "tcp"), testutil.FreePort(t, "udp")
 	pairDir := filepath.Join(work, "tailscaled")
@@ -286,8 +292,80 @@ func TestVsDerper(t *testing.T) {
 		return []string{"-certmode", "manual", "-certdir", certDir, "-hostname", "127.0.0.1",
 			"-a", fmt.Sprintf("127.0.0.1:%d", derpPort), "-stun-port", fmt.Sprint(stunPort), "-http-port", "-1"}
 	}
+	// admission is a tailderp server with admission on, the way tailderp
+	// runs in production: its embedded node is logged in to a tailnet of
+	// its own (a test control server in this process whose DERP map names
+	// only this relay, and whose members are the load's keys), on ports
+	// and a state directory of its own, kept across rounds. more, if not
+	// nil, is called at every start with the relay's ports and returns
+	// extra flags, and then waits for what those flags start.
+	admission := func(name, bin string, more func(t *testing.T, derpPort, stunPort int, log func() string) (args []string, wait func())) vsServer {
+		derpPort, stunPort := testutil.FreePort(t, "tcp"), testutil.FreePort(t, "udp")
+		state := filepath.Join(work, strings.NewReplacer("+", "-", "@", "-").Replace(name)+"-state")
+		var ctl *testtailnet.Control
+		return vsServer{name, func(t *testing.T) *vsProc {
+			if bin == "" {
+				t.Fatalf("%s: no binary (TAILDERP_BASE_BIN: scripts/bench-vs-derper.sh builds it when BASE_REV is set)", name)
+			}
+			if ctl == nil {
+				ctl = testtailnet.NewControl(t, testtailnet.DERPRegion(derpPort, stunPort, pin))
+				admitInTailnet(ctl, pool.keys)
+				t.Logf("%s's tailnet: %d nodes before the relay's own", name, len(ctl.Server.AllNodes()))
+			}
+			env := []string{"TAILSCALE_AUTH_KEY=" + ctl.AuthKey, "TAILSCALE_CONTROL_URL=" + ctl.URL}
+			args := append(common(derpPort, stunPort), "-state-dir", state)
+			var p *vsProc
+			var wait func()
+			if more != nil {
+				var extra []string
+				extra, wait = more(t, derpPort, stunPort, func() string {
+					b, _ := os.ReadFile(p.logPath)
+					return string(b)
+				})
+				args = append(args, extra...)
+			}
+			p = vsStart(t, logDir, name, bin, env, derpPort, stunPort, args...)
+			if wait != nil {
+				wait()
+			}
+			return p
+		}}
+	}
+	// secondTailnet gives a relay a second tailnet, B: a -tailnets file
+	// naming a test control server of its own (the same DERP region: this
+	// relay), with no clients; the load's keys are all in the default
+	// tailnet. The relay then runs one DERP server per tailnet and routes
+	// every connect by its node key (relay/tenants.go). The start waits
+	// until B's node is running, so B's node is part of what is measured.
+	var ctlB *testtailnet.Control
+	secondTailnet := func(t *testing.T, derpPort, stunPort int, log func() string) ([]string, func()) {
+		file := filepath.Join(work, "tailnets.json")
+		if ctlB == nil {
+			ctlB = testtailnet.NewControl(t, testtailnet.DERPRegion(derpPort, stunPort, pin))
+			keyFile := filepath.Join(work, "tailnet-b.key")
+			if err := os.WriteFile(keyFile, []byte(ctlB.AuthKey+"\n"), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(file, fmt.Appendf(nil, `{"tailnets": [{"name": "b", "control_url": %q, "auth_key_file": %q}]}`, ctlB.URL, keyFile), 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}
+		return []string{"-tailnets", file}, func() {
+			const running = `serving on the tailnet only" tailnet=b`
+			deadline := time.Now().Add(90 * time.Second)
+			for !strings.Contains(log(), running) {
+				if time.Now().After(deadline) {
+					t.Fatalf("tailderp+2tailnets: tailnet b's node not running after 90s (no %q in the log):\n%s", running, tail([]byte(log()), 4000))
+				}
+				time.Sleep(50 * time.Millisecond)
+			}
+		}
+	}
 	servers := map[string]vsServer{
 		"derper": {"derper", func(t *testing.T) *vsProc {
+			if derperBin == "" {
+				t.Fatal("derper needs DERPER_BIN (scripts/bench-vs-derper.sh builds it)")
+			}
 			d, s := testutil.FreePort(t, "tcp"), testutil.FreePort(t, "udp")
 			return vsStart(t, logDir, "derper", derperBin, nil, d, s, append(common(d, s), "-c", filepath.Join(work, "derper.key"))...)
 		}},
@@ -296,19 +374,12 @@ func TestVsDerper(t *testing.T) {
 			return vsStart(t, logDir, "tailderp", tailderpBin, nil, d, s,
 				append(common(d, s), "-state-dir", filepath.Join(work, "tailderp-state"), "-verify-clients=false")...)
 		}},
-		"tailderp+admission": {"tailderp+admission", func(t *testing.T) *vsProc {
-			if ctl == nil {
-				ctl = testtailnet.NewControl(t, testtailnet.DERPRegion(admDERP, admSTUN, pin))
-				admitInTailnet(ctl, pool.keys)
-				t.Logf("tailderp+admission's tailnet: %d nodes before the relay's own", len(ctl.Server.AllNodes()))
-			}
-			env := []string{"TAILSCALE_AUTH_KEY=" + ctl.AuthKey, "TAILSCALE_CONTROL_URL=" + ctl.URL}
-			return vsStart(t, logDir, "tailderp+admission", tailderpBin, env, admDERP, admSTUN,
-				append(common(admDERP, admSTUN), "-state-dir", admState)...)
-		}},
+		"tailderp+admission":      admission("tailderp+admission", tailderpBin, nil),
+		"tailderp+admission@base": admission("tailderp+admission@base", tailderpBaseBin, nil),
+		"tailderp+2tailnets":      admission("tailderp+2tailnets", tailderpBin, secondTailnet),
 		"derper+tailscaled": {"derper+tailscaled", func(t *testing.T) *vsProc {
-			if tailscaledBin == "" {
-				t.Fatal("derper+tailscaled needs TAILSCALED_BIN (scripts/bench-vs-derper.sh builds it)")
+			if tailscaledBin == "" || derperBin == "" {
+				t.Fatal("derper+tailscaled needs DERPER_BIN and TAILSCALED_BIN (scripts/bench-vs-derper.sh builds them)")
 			}
 			if pairCtl == nil {
 				pairCtl = vsPairTailnet(t, pairDERP, pairSTUN, pin, pool.keys)

@@ -35,6 +35,22 @@
 #   LOAD_CPUS=0 ROUNDS=3 scripts/bench-vs-derper.sh -server-cpus 1 \
 #       -servers derper+tailscaled,tailderp+admission,derper -parts connect -idle 2000 -storm 2000
 #
+# A change against an earlier tailderp: BASE_REV=REV builds that revision's
+# tailderp too (a detached git worktree in the scratch directory, removed
+# after the build) and passes it to the test, whose server
+# tailderp+admission@base runs it exactly like tailderp+admission (a
+# tailnet, ports and state of its own). tailderp+2tailnets is the current
+# tailderp with admission and a second tailnet (-tailnets, a second test
+# control server with no clients; the load's clients are all in the
+# first). Tenant isolation's "single tailnet unchanged" (docs/PERFORMANCE.md):
+#
+#   BASE_REV=cd0d8ea ROUNDS=5 OUT=/tmp/tenants-bench.md scripts/bench-vs-derper.sh \
+#       -servers tailderp+admission@base,tailderp+admission,tailderp+2tailnets \
+#       -parts connect,throughput
+#
+# derper and tailscaled are built only when a server named in -servers
+# needs them (all four by default).
+#
 # Extra arguments go to the test: -rounds, -servers, -parts
 # (idle,storm,connect,throughput,stun), -idle, -storm, -storm-timeout,
 # -load-duration, -in-flight, -out, -logs DIR (keep the servers' logs),
@@ -51,6 +67,7 @@
 # would probe controlplane.tailscale.com and login.tailscale.com.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+repo=$PWD
 export GOTOOLCHAIN=local
 
 ROUNDS=${ROUNDS:-3}
@@ -58,37 +75,73 @@ OUT=${OUT:-}
 NETNS=${NETNS:-auto}
 LOAD_CPUS=${LOAD_CPUS:-}
 work=$(mktemp -d "${TMPDIR:-/tmp}/tailderp-bench.XXXXXX")
-trap 'rm -rf "$work"' EXIT
+# The BASE_REV worktree is removed right after its build; if that build
+# failed, remove it here so the repository keeps no stale worktree.
+trap 'if [ -d "$work/base-src" ]; then git -C "$repo" worktree remove --force "$work/base-src" || true; fi; rm -rf "$work"' EXIT
+
+# The servers the test will run (its -servers flag, else its default), so
+# that derper and tailscaled are built only when needed.
+servers=derper,tailderp,tailderp+admission,derper+tailscaled
+prev=
+for a in "$@"; do
+	case "$prev" in -servers | --servers) servers=$a ;; esac
+	case "$a" in -servers=* | --servers=*) servers=${a#*=} ;; esac
+	prev=$a
+done
+need_derper=0 need_tailscaled=0
+case ",$servers," in *,derper,* | *,derper+tailscaled,*) need_derper=1 ;; esac
+case ",$servers," in *,derper+tailscaled,*) need_tailscaled=1 ;; esac
 
 ver=$(go list -m -f '{{.Version}}' tailscale.com)
-echo "== building tailderp ($(git describe --always --dirty 2>/dev/null || echo unknown)), derper and tailscaled (tailscale.com $ver) in $work" >&2
+echo "== building tailderp ($(git describe --always --dirty 2>/dev/null || echo unknown)) in $work" >&2
 go build -o "$work/tailderp" .
+env_bins=(TAILDERP_BIN="$work/tailderp")
 
-# derper is a tool dependency in go.mod (its tool block), at the same
-# tailscale.com version as tailderp, so it builds from this module as is;
-# the modules only derper uses (setec, prometheus) are not linked into
-# tailderp (TestDeps).
-go build -o "$work/derper" tailscale.com/cmd/derper
-# tailscaled imports modules tailderp does not, and this script must not
-# touch go.mod: build it in a scratch module that starts from tailderp's
-# go.mod and go.sum, so every module it shares with tailderp is at the
-# same version.
-mkdir "$work/tsdbuild"
-cp go.mod go.sum "$work/tsdbuild/"
-(
-	cd "$work/tsdbuild"
-	sed -i 's#^module .*#module tsdbuild#' go.mod
-	GOFLAGS=-mod=mod go get "tailscale.com/cmd/tailscaled@$ver" 2>&1 | grep -v '^go: downloading' >&2 || true
-	go build -tags ts_omit_captiveportal -o "$work/tailscaled" tailscale.com/cmd/tailscaled
-)
-# Say so if resolving it moved any module tailderp uses.
-changed=$(join <(go list -m all | sort) <(cd "$work/tsdbuild" && go list -m all | sort) | awk '$2 != $3 {print $1 ": tailderp " $2 ", tailscaled " $3}')
-if [ -n "$changed" ]; then
-	echo "warning: tailscaled is built with other versions of modules tailderp's go.mod also lists:" >&2
-	echo "$changed" >&2
+# BASE_REV: that revision's tailderp, built from a detached worktree of
+# this repository (removed at once; the branch checked out here is not
+# touched).
+if [ -n "${BASE_REV:-}" ]; then
+	rev=$(git rev-parse --verify "$BASE_REV^{commit}")
+	echo "== building tailderp at BASE_REV=$BASE_REV ($(git log -1 --format='%h %s' "$rev" | cut -c1-80))" >&2
+	git worktree add --quiet --detach "$work/base-src" "$rev"
+	(cd "$work/base-src" && go build -o "$work/tailderp-base" .)
+	git worktree remove --force "$work/base-src"
+	env_bins+=(TAILDERP_BASE_BIN="$work/tailderp-base")
 fi
-"$work/derper" -version >&2
-"$work/tailscaled" -version | head -1 >&2
+
+if [ "$need_derper" = 1 ]; then
+	# derper is a tool dependency in go.mod (its tool block), at the same
+	# tailscale.com version as tailderp, so it builds from this module as
+	# is; the modules only derper uses (setec, prometheus) are not linked
+	# into tailderp (TestDeps).
+	echo "== building derper (tailscale.com $ver)" >&2
+	go build -o "$work/derper" tailscale.com/cmd/derper
+	"$work/derper" -version >&2
+	env_bins+=(DERPER_BIN="$work/derper")
+fi
+if [ "$need_tailscaled" = 1 ]; then
+	echo "== building tailscaled (tailscale.com $ver)" >&2
+	# tailscaled imports modules tailderp does not, and this script must
+	# not touch go.mod: build it in a scratch module that starts from
+	# tailderp's go.mod and go.sum, so every module it shares with
+	# tailderp is at the same version.
+	mkdir "$work/tsdbuild"
+	cp go.mod go.sum "$work/tsdbuild/"
+	(
+		cd "$work/tsdbuild"
+		sed -i 's#^module .*#module tsdbuild#' go.mod
+		GOFLAGS=-mod=mod go get "tailscale.com/cmd/tailscaled@$ver" 2>&1 | grep -v '^go: downloading' >&2 || true
+		go build -tags ts_omit_captiveportal -o "$work/tailscaled" tailscale.com/cmd/tailscaled
+	)
+	# Say so if resolving it moved any module tailderp uses.
+	changed=$(join <(go list -m all | sort) <(cd "$work/tsdbuild" && go list -m all | sort) | awk '$2 != $3 {print $1 ": tailderp " $2 ", tailscaled " $3}')
+	if [ -n "$changed" ]; then
+		echo "warning: tailscaled is built with other versions of modules tailderp's go.mod also lists:" >&2
+		echo "$changed" >&2
+	fi
+	"$work/tailscaled" -version | head -1 >&2
+	env_bins+=(TAILSCALED_BIN="$work/tailscaled")
+fi
 
 # The test binary, built here (with the network) and run below (maybe
 # without).
@@ -132,5 +185,5 @@ if [ -n "$LOAD_CPUS" ]; then
 	echo "== the load (test process) on CPUs $LOAD_CPUS" >&2
 fi
 cd check
-TAILDERP_BIN="$work/tailderp" DERPER_BIN="$work/derper" TAILSCALED_BIN="$work/tailscaled" TS_NO_LOGS_NO_SUPPORT=true \
+env "${env_bins[@]}" TS_NO_LOGS_NO_SUPPORT=true \
 	"${isolate[@]}" "${pin[@]}" "$work/check.test" "${args[@]}" "$@"
