@@ -330,6 +330,11 @@ func (s *Server) tenantFull(t *tenant) {
 	}
 }
 
+// minMeshClientInfo is the shortest ClientInfo frame that can hold a mesh
+// key: the client's key, the box's nonce and tag, and the shortest JSON
+// with one, {"meshKey":"<64 hex digits>"} (78 bytes).
+const minMeshClientInfo = derp.KeyLen + derp.NonceLen + 16 + len(`{"meshKey":""}`) + 64
+
 // peekMeshKey is the mesh key in the ClientInfo waiting in br, if the
 // client sent one: the frame is opened with the relay's key, as
 // derpserver opens it (recvClientKey, derpserver.go:1731-1760), without
@@ -341,6 +346,11 @@ func (s *Server) peekMeshKey(br *bufio.Reader, clientKey key.NodePublic) key.DER
 	}
 	fl := int(uint32(hdr[1])<<24 | uint32(hdr[2])<<16 | uint32(hdr[3])<<8 | uint32(hdr[4]))
 	if derp.FrameType(hdr[0]) != derp.FrameClientInfo || fl < derp.KeyLen+derp.NonceLen {
+		return key.DERPMesh{}
+	}
+	if fl < minMeshClientInfo {
+		// Too short to hold a mesh key: a client's usual ClientInfo
+		// ({"version":2,"CanAckPings":true}) is, so it costs no opening.
 		return key.DERPMesh{}
 	}
 	if fl > br.Size()-derp.FrameHeaderLen {

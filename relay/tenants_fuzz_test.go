@@ -5,7 +5,9 @@ import (
 	"bytes"
 	"encoding/json"
 	"io"
+	"net"
 	"testing"
+	"time"
 
 	"go4.org/mem"
 	"tailscale.com/derp"
@@ -49,4 +51,34 @@ func FuzzTenantClientInfo(f *testing.F) {
 			t.Fatalf("peeking consumed input: %d of %d bytes left", len(rest), len(in))
 		}
 	})
+}
+
+// TestMinMeshClientInfo: the ClientInfo derp's own client sends is shorter
+// than minMeshClientInfo without a mesh key (so routing a client costs no
+// opening of it) and at least as long with one (so a mesh peer is never
+// missed).
+func TestMinMeshClientInfo(t *testing.T) {
+	server := key.NewNode()
+	mesh := key.DERPMeshFromRaw32(mem.B(bytes.Repeat([]byte{9}, 32)))
+	for _, withMesh := range []bool{false, true} {
+		c1, c2 := net.Pipe()
+		go func() {
+			opts := []derp.ClientOpt{derp.ServerPublicKey(server.Public()), derp.CanAckPings(true)}
+			if withMesh {
+				opts = append(opts, derp.MeshKey(mesh))
+			}
+			derp.NewClient(key.NewNode(), c1, bufio.NewReadWriter(bufio.NewReader(c1), bufio.NewWriter(c1)), t.Logf, opts...)
+			c1.Close()
+		}()
+		c2.SetDeadline(time.Now().Add(10 * time.Second))
+		hdr := make([]byte, derp.FrameHeaderLen)
+		if _, err := io.ReadFull(c2, hdr); err != nil {
+			t.Fatal(err)
+		}
+		c2.Close()
+		fl := int(hdr[1])<<24 | int(hdr[2])<<16 | int(hdr[3])<<8 | int(hdr[4])
+		if derp.FrameType(hdr[0]) != derp.FrameClientInfo || (fl >= minMeshClientInfo) != withMesh {
+			t.Errorf("mesh key %v: ClientInfo frame type %v of %d bytes; the shortest with a mesh key is %d", withMesh, hdr[0], fl, minMeshClientInfo)
+		}
+	}
 }
