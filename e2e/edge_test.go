@@ -302,6 +302,15 @@ func TestProxyProtocolFrom(t *testing.T) {
 	}
 	a.Close()
 	b.Close()
+	// The relay frees their slots once it sees the connections close:
+	// wait until its status page counts none open.
+	if !pollFor(10*time.Second, func() bool {
+		_, body := get(ctx, t, http.DefaultClient, "http://"+debugAddr+"/debug/status")
+		var st debugsrv.Status
+		return json.Unmarshal([]byte(body), &st) == nil && len(st.Caps.TopSources) == 0
+	}) {
+		t.Fatal("the relay still counts the closed clients' connections after 10s")
+	}
 
 	// The cap counts the header's address: a second client claiming
 	// 203.0.113.7 is refused while a first holds it.
