@@ -4,14 +4,19 @@ import (
 	"bufio"
 	"context"
 	"crypto/tls"
+	"expvar"
 	"fmt"
+	"net/http/httptest"
 	"net/netip"
+	"regexp"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"tailscale.com/derp"
 	"tailscale.com/disco"
+	"tailscale.com/tsweb/varz"
 	"tailscale.com/types/key"
 	"tailscale.com/types/logger"
 
@@ -366,5 +371,39 @@ func waitMeshConnected(t *testing.T, s *relay.Server, n int) {
 			t.Fatalf("mesh links %+v, want %d connected", peers, n)
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// TestTenantMetricNames: the whole relay's metrics of a relay with tenants
+// are valid Prometheus names, a tailnet's dashes included, and each
+// tenant's DERP server is in them.
+func TestTenantMetricNames(t *testing.T) {
+	certs, _ := selfSigned(t)
+	book := newTenantBook()
+	s := startRelay(t, certs, func(s *relay.Server) {
+		s.Tenants = book.tenants("default", "my-corp")
+		s.TenantOf = book.tenantOf
+	})
+	rec := httptest.NewRecorder()
+	varz.ExpvarDoHandler(func(f func(expvar.KeyValue)) {
+		f(expvar.KeyValue{Key: "tailderp_relay", Value: s.ExpVar()})
+	})(rec, httptest.NewRequest("GET", "/metrics", nil))
+	name := regexp.MustCompile(`^[a-zA-Z_:][a-zA-Z0-9_:]*(\{[^}]*\})? `)
+	seen := map[string]bool{}
+	for line := range strings.SplitSeq(rec.Body.String(), "\n") {
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		if !name.MatchString(line) {
+			t.Errorf("not a Prometheus sample line: %q", line)
+		}
+		for _, tn := range []string{"default", "my_corp"} {
+			if strings.HasPrefix(line, "tailderp_relay_tenant_"+tn+"_derp_") {
+				seen[tn] = true
+			}
+		}
+	}
+	if !seen["default"] || !seen["my_corp"] {
+		t.Errorf("tenants' DERP metrics found: %v, want default and my_corp", seen)
 	}
 }
