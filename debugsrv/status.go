@@ -18,9 +18,12 @@ import (
 // certificate, the mesh. /debug/ shows it as a page, /debug/status as
 // JSON for scripts.
 //
-// It is built for one viewer: the tailnet the page is served on. Numbers
-// are the whole relay's; clients, their names and addresses are only the
-// viewer's own, so a tailnet never sees another's node keys, names or IPs.
+// It is built for one viewer: the tailnet the page is served on. On a
+// relay of one tailnet it shows the whole relay; on a relay of several,
+// each tailnet's shows that tailnet only (its node, clients, admissions,
+// mesh links, share of the caps), so a tailnet never sees another's node
+// keys, names, addresses, control server or counts. The operator's view
+// (-debug-listen) is the whole relay.
 type Status struct {
 	Version string    `json:"version"`
 	Started time.Time `json:"started"`
@@ -36,7 +39,8 @@ type Status struct {
 	Problems []string        `json:"problems"`
 	Tailnets []TailnetStatus `json:"tailnets"`
 	// Clients are the viewer's tailnet's clients connected now;
-	// ClientsTotal counts every tailnet's.
+	// ClientsTotal counts every tailnet's, except on a tailnet's own page
+	// of a relay of several (its own).
 	Clients      []Client     `json:"clients"`
 	ClientsTotal int          `json:"clients_total"`
 	Admission    Admission    `json:"admission"`
@@ -104,7 +108,8 @@ type Client struct {
 // the viewer may see.
 type Admission struct {
 	// Admitted counts the viewer's tailnet's clients admitted;
-	// AdmittedAll every tailnet's.
+	// AdmittedAll every tailnet's (its own on a tailnet's page of a relay
+	// of several, where Refused, not attributable, is left out).
 	Admitted    int64            `json:"admitted"`
 	AdmittedAll int64            `json:"admitted_all_tailnets"`
 	Refused     map[string]int64 `json:"refused_by_reason"`

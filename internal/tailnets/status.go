@@ -241,7 +241,7 @@ func (d *Debug) Status(viewer *Tailnet) debugsrv.Status {
 	if d.Verifier != nil {
 		d.admission(&st, viewer)
 	}
-	d.certAndMesh(&st, viewer, now)
+	d.certAndMesh(&st, viewer)
 	st.Caps = d.caps(viewer)
 	return st
 }
@@ -302,8 +302,9 @@ func (d *Debug) caps(viewer *Tailnet) debugsrv.Caps {
 	return c
 }
 
-// certAndMesh fills in the certificate and the mesh, with their problems.
-func (d *Debug) certAndMesh(st *debugsrv.Status, viewer *Tailnet, now time.Time) {
+// certAndMesh fills in the certificate, with its problem, and the mesh
+// links viewer may see.
+func (d *Debug) certAndMesh(st *debugsrv.Status, viewer *Tailnet) {
 	cs := d.Server.CertStatus()
 	st.Certificate = debugsrv.Certificate{Serving: cs.Serving, Subject: cs.Subject, CertName: cs.CertName, NotAfter: cs.NotAfter.UTC(),
 		DaysLeft: cs.DaysLeft, Problem: string(cs.Problem), Fix: cs.Fix}
