@@ -205,6 +205,13 @@ func TestTenantIsolation(t *testing.T) {
 	if body, err := fetchOverTailnet(ctx, viewA, "http://"+relayA+"/debug/pprof/"); err != nil || !strings.Contains(body, "goroutine") {
 		t.Errorf("A's /debug/pprof/: %v %.200s", err, body)
 	}
+	// `check URL` proves a member of B is admitted (routed to B's server
+	// and admitted there), as it does for a relay of one tailnet.
+	url := args(p.url(""), "-cert-name", p.CertName, "-stun-port", fmt.Sprint(p.STUNPort), "-pings", "3")
+	r := runCheck(t, []string{"TAILSCALE_AUTH_KEY=" + ctlB.AuthKey}, append(url, "-control-url", ctlB.URL)...)
+	if r.code != 0 || lastLineOf(r.out) != "all good" || !strings.Contains(lineWith(r.out, "✓ member: "), "a member of the tailnet is admitted") {
+		t.Errorf("check URL with B's auth key: exit %d:\n%s", r.code, r.out)
+	}
 	statusA, err := fetchOverTailnet(ctx, viewA, "http://"+relayA+"/debug/status")
 	if err != nil {
 		t.Fatal(err)
