@@ -37,6 +37,19 @@ func decodeStrictly(t *testing.T, b []byte, v any) {
 // derpmap` prints inside "derpMap", and is all a tailnet needs: clients
 // whose control server hands out only that map (nothing added by hand)
 // reach each other through the relay.
+// servedDERPMap is p's /derpmap.json, served over HTTPS and decoded
+// strictly, and its text.
+func servedDERPMap(ctx context.Context, t *testing.T, p *relayProc) (tailcfg.DERPMap, string) {
+	t.Helper()
+	status, body := get(ctx, t, publicClient(), p.url(relay.DERPMapPath))
+	if status != http.StatusOK {
+		t.Fatalf("GET %s: %d %s", relay.DERPMapPath, status, body)
+	}
+	var served tailcfg.DERPMap
+	decodeStrictly(t, []byte(body), &served)
+	return served, body
+}
+
 func TestDERPMapJSONIsTheRegion(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
@@ -44,13 +57,7 @@ func TestDERPMapJSONIsTheRegion(t *testing.T) {
 	p := newRelay(t, relayOpts{args: []string{"-verify-clients=false"}})
 	p.start()
 
-	// Served over HTTPS, decoded strictly.
-	status, body := get(ctx, t, publicClient(), p.url(relay.DERPMapPath))
-	if status != http.StatusOK {
-		t.Fatalf("GET %s: %d %s", relay.DERPMapPath, status, body)
-	}
-	var served tailcfg.DERPMap
-	decodeStrictly(t, []byte(body), &served)
+	served, body := servedDERPMap(ctx, t, p)
 
 	// The same region as `tailderp derpmap` prints for this relay (it
 	// finds the running server's serving.json in the state directory).

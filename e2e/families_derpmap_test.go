@@ -2,13 +2,8 @@ package e2e
 
 import (
 	"context"
-	"net/http"
 	"testing"
 	"time"
-
-	"tailscale.com/tailcfg"
-
-	"github.com/tailderp/tailderp/relay"
 )
 
 // TestDERPMapJSONBothFamilies: a relay started with -ipv4 and -ipv6
@@ -19,12 +14,7 @@ func TestDERPMapJSONBothFamilies(t *testing.T) {
 	defer cancel()
 	p := newRelay(t, relayOpts{args: []string{"-verify-clients=false", "-ipv4", "127.0.0.1", "-ipv6", "::1"}})
 	p.start()
-	status, body := get(ctx, t, publicClient(), p.url(relay.DERPMapPath))
-	if status != http.StatusOK {
-		t.Fatalf("GET %s: %d %s", relay.DERPMapPath, status, body)
-	}
-	var served tailcfg.DERPMap
-	decodeStrictly(t, []byte(body), &served)
+	served, body := servedDERPMap(ctx, t, p)
 	r := served.Regions[900]
 	if r == nil || len(r.Nodes) != 1 {
 		t.Fatalf("want region 900 with one node: %s", body)
