@@ -128,26 +128,13 @@ func TestDERPMapPublished(t *testing.T) {
 // its own region as package main does.
 func fleetMember(t *testing.T, ca *fleetCA, port int, mk key.DERPMesh, peers []relay.MeshPeer, poll, ttl time.Duration) *relay.Server {
 	t.Helper()
-	dir := t.TempDir()
-	ca.issue(t, dir, "127.0.0.1")
-	certs, err := relay.LoadManualCerts(dir, "127.0.0.1", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := &relay.Server{
-		Addr: loopbackAddr(port), HTTPPort: -1, Certs: certs, PrivateKey: key.NewNode(),
-		MeshKey: mk, MeshWith: peers, MeshRootCAs: ca.pool, Logger: testLogger(),
-		FleetPollEvery: poll, FleetPeerTTL: ttl,
-	}
-	if err := s.PublishRegion(relay.DERPRegion(relay.RegionConfig{RegionID: 900, RegionCode: "fleet", RegionName: "fleet"},
-		relay.NodeInfo{HostName: "127.0.0.1", DERPPort: port, STUNPort: -1})); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { s.Close(context.Background()) })
-	return s
+	return startTailderpWith(t, ca, port, key.NewNode(), mk, peers, func(s *relay.Server) {
+		s.FleetPollEvery, s.FleetPeerTTL = poll, ttl
+		if err := s.PublishRegion(relay.DERPRegion(relay.RegionConfig{RegionID: 900, RegionCode: "fleet", RegionName: "fleet"},
+			relay.NodeInfo{HostName: "127.0.0.1", DERPPort: port, STUNPort: -1})); err != nil {
+			t.Fatal(err)
+		}
+	}).Server
 }
 
 // regionPorts are the DERP ports of the nodes s publishes, in order.
