@@ -495,38 +495,25 @@ func (n *Node) run() {
 // follows the node's IPN bus until Close.
 func (n *Node) follow() {
 	n.Logger.Info("node: reaching the control server", "url", n.controlURL())
-	backoff := time.Second
-	for {
-		ts := n.newTsnet()
-		err := ts.Start()
-		if err == nil {
-			n.mu.Lock()
-			n.ts = ts
-			n.mu.Unlock()
-			close(n.started)
-			break
-		}
-		// No Close: tsnet cleans up after a failed Start itself, and its
-		// Close panics on a server whose Start failed early (v1.102.5).
+	started := n.startTsnet(func(err error, wait time.Duration) bool {
 		msg := n.redact(err.Error())
 		var netErr net.Error
 		var urlErr *url.Error
 		if !errors.As(err, &netErr) && !errors.As(err, &urlErr) {
 			n.stop(fmt.Errorf("node: start: %s", msg))
-			return
+			return false
 		}
 		n.control.mu.Lock()
 		n.control.startFailed = true
 		n.control.mu.Unlock()
-		n.Logger.Debug("node: start failed; retrying", "err", msg, "in", backoff)
-		select {
-		case <-n.ctx.Done():
-			n.setState(StateStopped)
-			return
-		case <-time.After(backoff):
-		}
-		backoff = min(2*backoff, 30*time.Second)
+		n.Logger.Debug("node: start failed; retrying", "err", msg, "in", wait)
+		return true
+	})
+	if !started {
+		n.setState(StateStopped) // said already if stop was called
+		return
 	}
+	close(n.started)
 	for n.ctx.Err() == nil {
 		err := n.watch()
 		if n.ctx.Err() != nil {
@@ -894,24 +881,39 @@ func (n *Node) relogin() {
 	} else if moved != "" {
 		n.Logger.Info("node: the old node's state was kept aside", "path", moved)
 	}
-	for backoff := time.Second; ; backoff = min(2*backoff, 30*time.Second) {
+	// Start fails only before tsnet contacts control (an OAuth exchange,
+	// say): retried like follow's first start, whatever the error.
+	n.startTsnet(func(err error, _ time.Duration) bool {
+		n.control.mu.Lock()
+		n.control.reloginFail = n.redact(err.Error())
+		n.control.mu.Unlock()
+		return true
+	})
+}
+
+// startTsnet starts a new tsnet server as n.ts. After a failed Start it
+// asks retry, with the wait before the next try (1 s, doubling up to
+// 30 s), and tries again if retry says so, until n.ctx ends. It reports
+// whether a server started.
+func (n *Node) startTsnet(retry func(err error, wait time.Duration) bool) bool {
+	for wait := time.Second; ; wait = min(2*wait, 30*time.Second) {
 		ts := n.newTsnet()
 		err := ts.Start()
 		if err == nil {
 			n.mu.Lock()
 			n.ts = ts
 			n.mu.Unlock()
-			return
+			return true
 		}
-		// Start fails only before tsnet contacts control (an OAuth
-		// exchange, say): retried like follow's first start; no Close.
-		n.control.mu.Lock()
-		n.control.reloginFail = n.redact(err.Error())
-		n.control.mu.Unlock()
+		// No Close: tsnet cleans up after a failed Start itself, and its
+		// Close panics on a server whose Start failed early (v1.102.5).
+		if !retry(err, wait) {
+			return false
+		}
 		select {
 		case <-n.ctx.Done():
-			return
-		case <-time.After(backoff):
+			return false
+		case <-time.After(wait):
 		}
 	}
 }
