@@ -87,13 +87,7 @@ func TestDERPMapJSONIsTheRegion(t *testing.T) {
 	ctl := testtailnet.NewControl(t, &served)
 	a := ctl.NewNode(t, "a")
 	b := ctl.NewNode(t, "b")
-	serveHello(t, a, "a")
-	if err := testtailnet.AwaitPeer(ctx, b, testtailnet.NodeKey(t, a)); err != nil {
-		t.Fatal(err)
-	}
-	if err := sayHello(ctx, b, a, "a"); err != nil {
-		t.Fatal(err)
-	}
+	mustSayHello(ctx, t, b, a, "a")
 	// Cheap to poll: the ETag answers 304.
 	res, err := publicClient().Do(func() *http.Request {
 		req, _ := http.NewRequestWithContext(ctx, "GET", p.url(relay.DERPMapPath), nil)

@@ -75,13 +75,7 @@ func TestMeshedTailderps(t *testing.T) {
 	r1.start()
 	r1.waitNodeRunning()
 	a := ctl.NewNode(t, "a")
-	serveHello(t, a, "a")
-	if err := testtailnet.AwaitPeer(ctx, b, testtailnet.NodeKey(t, a)); err != nil {
-		t.Fatal(err)
-	}
-	if err := sayHello(ctx, b, a, "a"); err != nil {
-		t.Fatal(err)
-	}
+	mustSayHello(ctx, t, b, a, "a")
 
 	// Each node is on its own relay, and the packets crossed the mesh.
 	aKey, bKey := testtailnet.NodeKey(t, a).ShortString(), testtailnet.NodeKey(t, b).ShortString()

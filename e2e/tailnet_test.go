@@ -64,6 +64,20 @@ func sayHello(ctx context.Context, from, to *tsnet.Server, name string) error {
 	return nil
 }
 
+// mustSayHello serves hello on to (as name) and fetches it from from,
+// through the relay once from sees to as a peer; it fails the test if
+// either does not happen within ctx.
+func mustSayHello(ctx context.Context, t *testing.T, from, to *tsnet.Server, name string) {
+	t.Helper()
+	serveHello(t, to, name)
+	if err := testtailnet.AwaitPeer(ctx, from, testtailnet.NodeKey(t, to)); err != nil {
+		t.Fatal(err)
+	}
+	if err := sayHello(ctx, from, to, name); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // fetchOverTailnet GETs url through node, retrying until it answers 200 or
 // ctx ends: the relay must first have both ends connected.
 func fetchOverTailnet(ctx context.Context, node *tsnet.Server, url string) (string, error) {
@@ -162,13 +176,7 @@ func TestTailnetThroughTailderp(t *testing.T) {
 
 	a := ctl.NewNode(t, "a")
 	b := ctl.NewNode(t, "b")
-	serveHello(t, a, "a")
-	if err := testtailnet.AwaitPeer(ctx, b, testtailnet.NodeKey(t, a)); err != nil {
-		t.Fatal(err)
-	}
-	if err := sayHello(ctx, b, a, "a"); err != nil {
-		t.Fatal(err)
-	}
+	mustSayHello(ctx, t, b, a, "a")
 
 	// /debug from the tailnet.
 	relayIP := relayTailnetIP(ctx, t, b)
