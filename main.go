@@ -248,12 +248,13 @@ func run(ctx context.Context, cfg *config.Config, logger *slog.Logger, out io.Wr
 		}
 		rs.TenantOf = verifier.TenantOf
 		rs.MaxConnsPerTenant = cfg.MaxConnsPerTailnet
-		verifier.Conns = rs
 		logger.Info("several tailnets: each has a DERP server of its own behind the one port, so the clients of one can neither reach nor see another's",
 			"tailnets", len(tns), "max_conns_per_tailnet", cfg.MaxConnsPerTailnet)
 	case verifier != nil:
 		rs.Admitter = verifier
-		verifier.Conns = rs
+	}
+	if verifier != nil {
+		verifier.Conns = rs // revocations close the relay's connections
 	}
 	// Each node reads its known-peers cache before the relay serves, so a
 	// restart's first clients are answered from it (or held until the

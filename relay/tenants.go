@@ -308,8 +308,8 @@ func (s *Server) routeTenant(ctx context.Context, br *bufio.Reader, clientKey ke
 		}
 	}
 	name := s.TenantOf(ctx, clientKey, src)
-	t := s.tenantNamed(name)
-	if t == nil || name == "" {
+	t := s.tenantNamed(name) // nil for "": every tenant has a name
+	if t == nil {
 		return nil
 	}
 	if !s.conns.joinTenant(ac.conn, t.Name, s.MaxConnsPerTenant) {

@@ -178,8 +178,7 @@ func sameFile(a, b string) bool {
 // running reports whether pid is a process that has not exited: a zombie
 // (exited, not yet reaped by its parent) has.
 func running(pid int) bool {
-	err := syscall.Kill(pid, 0)
-	if err != nil && !errors.Is(err, syscall.EPERM) {
+	if !serving.ProcessAlive(pid) {
 		return false
 	}
 	if runtime.GOOS != "linux" {

@@ -92,13 +92,15 @@ func Read(path string) (*Serving, error) {
 	if s.Region == nil || len(s.Region.Nodes) == 0 || s.HTTPSAddr == "" {
 		return nil, fmt.Errorf("%s: incomplete", path)
 	}
-	if !processAlive(s.PID) {
+	if !ProcessAlive(s.PID) {
 		return nil, fmt.Errorf("%s: pid %d: %w", path, s.PID, ErrNotServing)
 	}
 	return &s, nil
 }
 
-func processAlive(pid int) bool {
+// ProcessAlive reports whether a process with pid exists (this user may
+// not be allowed to signal it). A zombie exists.
+func ProcessAlive(pid int) bool {
 	if pid <= 0 {
 		return false
 	}
